@@ -1,0 +1,53 @@
+"""Exception types.
+
+Every error a user can meet names the input and says what is wrong with it in terms of the
+image (slices, orientation, spacing, segments), not in terms of our code.  The converter catches
+:class:`SourceError` per input, reports it and moves on; anything else is a bug and is reported
+as a failure with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LivercubeError(Exception):
+    """Base class of all livercube errors."""
+
+
+class SourceError(LivercubeError):
+    """An input file or series cannot be converted as it is; the rest of the collection can."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class UnreadableFileError(SourceError):
+    """A file is truncated, corrupt or not in the format its name promises."""
+
+
+class GeometryError(SourceError):
+    """Slice positions or orientations do not describe one regular 3-D grid."""
+
+
+class MaskMismatchError(SourceError):
+    """A mask does not lie on the grid of the CT it annotates."""
+
+
+class StoreError(LivercubeError):
+    """The store is missing, incomplete or does not follow the livercube contract."""
+
+
+class VolumeNotFoundError(StoreError, KeyError):
+    """No complete volume with this key or index in the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class SegmentLimitError(LivercubeError):
+    """More source segments than the store's segment bit field can hold (64)."""
+
+
+class UsageError(LivercubeError):
+    """The command line or API call is inconsistent (exit status 2)."""

@@ -1,0 +1,163 @@
+"""The in-memory form of one converted volume, shared by every source reader and the writer.
+
+A reader's whole job is to produce a :class:`Volume`: canonical LPS HU array, its grid, the
+source segments as a bit field, and the metadata the catalog needs.  The writer never looks at
+source files, so every collection is stored the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from livercube.errors import SegmentLimitError
+from livercube.schema import PHASES, label_precedence
+from livercube.volumes.geometry import Grid
+
+MAX_SEGMENTS = 64
+
+
+def bits_dtype(n_segments: int) -> np.dtype:
+    """Smallest unsigned integer type with one bit per segment (at least uint8)."""
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if n_segments <= np.dtype(dt).itemsize * 8:
+            return np.dtype(dt)
+    raise SegmentLimitError(
+        f"{n_segments} segments exceed the {MAX_SEGMENTS}-bit segment field of the store contract"
+    )
+
+
+@dataclass
+class SegmentInfo:
+    """Everything about one source segment except its voxels (which live in the bit field).
+
+    ``label`` is the source SegmentLabel verbatim; ``unified`` the unified label it paints
+    (``None``: paints nothing, e.g. CRLM's liver remnant; ``0``: unknown to the schema).
+    ``codes`` keeps the source's coded concepts and algorithm information losslessly.
+    """
+
+    bit: int
+    label: str
+    number: int
+    unified: int | None
+    codes: dict[str, Any] = field(default_factory=dict)
+    voxels: int = 0
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "bit": self.bit,
+            "label": self.label,
+            "number": self.number,
+            "unified_label": self.unified,
+            "codes": self.codes,
+            "voxels": self.voxels,
+        }
+
+
+class SegmentField:
+    """Accumulates binary segment masks into one bit field on a fixed grid.
+
+    Masks are added one at a time so a CRLM SEG with 40 overlapping segments never needs 40
+    full-size boolean arrays at once.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], n_segments: int) -> None:
+        self.dtype = bits_dtype(max(n_segments, 1))
+        self.bits = np.zeros(shape, dtype=self.dtype)
+        self.segments: list[SegmentInfo] = []
+        self._capacity = n_segments
+
+    def add(
+        self,
+        mask: np.ndarray,
+        *,
+        label: str,
+        number: int,
+        unified: int | None,
+        codes: dict[str, Any] | None = None,
+    ) -> SegmentInfo:
+        """OR a boolean mask (same grid) into the field as the next segment bit."""
+        if len(self.segments) >= self._capacity:
+            raise SegmentLimitError(f"segment field was sized for {self._capacity} segments")
+        if mask.shape != self.bits.shape:
+            raise ValueError(f"mask shape {mask.shape} != grid shape {self.bits.shape}")
+        bit = len(self.segments)
+        m = np.asarray(mask, dtype=bool)
+        self.bits |= m.astype(self.dtype) << self.dtype.type(bit)
+        info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(m.sum()))
+        self.segments.append(info)
+        return info
+
+    def mask(self, bit: int) -> np.ndarray:
+        return ((self.bits >> self.dtype.type(bit)) & self.dtype.type(1)).astype(bool)
+
+
+def unified_label_map(bits: np.ndarray, segments: list[SegmentInfo]) -> np.ndarray:
+    """Paint the unified uint8 label volume from the bit field, honouring precedence."""
+    label = np.zeros(bits.shape, dtype=np.uint8)
+    dt = bits.dtype.type
+    for value in reversed(label_precedence()):  # lowest precedence first, overwritten later
+        selector = dt(0)
+        for s in segments:
+            if s.unified == value:
+                selector |= dt(1) << dt(s.bit)
+        if selector:
+            label[(bits & selector) != 0] = value
+    return label
+
+
+@dataclass
+class Volume:
+    """One CT volume on its canonical grid, ready to be written.
+
+    ``image`` is int16 HU in (z, y, x) LPS order.  ``meta`` holds the catalog fields and
+    provenance (study date, series number, intensity and geometry flags, source fingerprint);
+    ``clinical`` the patient's covariates keyed by the original column names.
+    """
+
+    collection: str
+    patient_id: str
+    study: str
+    series: str
+    image: np.ndarray
+    grid: Grid
+    phase: str = "unknown"
+    source_direction: tuple[tuple[float, float, float], ...] = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+    segments: SegmentField | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    clinical: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase {self.phase!r} is not in the vocabulary {PHASES}")
+        if self.image.dtype != np.int16:
+            raise TypeError(f"image must be int16 HU, got {self.image.dtype}")
+        if tuple(self.image.shape) != tuple(self.grid.shape):
+            raise ValueError(f"image shape {self.image.shape} != grid {self.grid.shape}")
+
+    @property
+    def annotated(self) -> bool:
+        return self.segments is not None and len(self.segments.segments) > 0
+
+    def label(self) -> np.ndarray | None:
+        if not self.annotated:
+            return None
+        assert self.segments is not None
+        return unified_label_map(self.segments.bits, self.segments.segments)
+
+
+def content_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over named arrays' shapes, dtypes and C-order bytes, in name order.
+
+    Computed from decoded voxels, so it identifies content independently of codecs and
+    chunking: a store re-encoded with other compressors keeps its checksums.
+    """
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return "sha256:" + h.hexdigest()
