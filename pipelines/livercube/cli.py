@@ -1,0 +1,180 @@
+"""The ``livercube`` command line: synth, convert, demo, info, catalog, preview.
+
+Exit status: 0 everything converted; 3 some inputs skipped or failed (the report says which
+and why, everything else is in the store); 2 usage errors; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from livercube.convert import EXIT_FATAL, EXIT_OK, EXIT_USAGE, convert
+from livercube.errors import LivercubeError, UsageError
+from livercube.schema import COLLECTIONS
+
+
+def _kv(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they can be (``anon=true``, ``5``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
+    opts = _kv(items)
+    return opts or None
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    report = convert(
+        a.source, a.dest, a.collection, clinical=a.clinical, overrides=a.overrides,
+        storage_options=_storage_options(a.storage_option),
+        source_options=_storage_options(a.source_option),
+        scheduler=a.scheduler, workers=a.workers, progress=not a.quiet,
+    )
+    print(report.summary())
+    return report.exit_code
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from livercube.synth import collections as synth
+
+    out = synth.write_examples(Path(a.dest), collections=a.collection, n=a.subjects,
+                               size=a.size, seed=a.seed)
+    for name, path in out.items():
+        print(f"{name}: {path}")
+    return EXIT_OK
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    import livercube
+
+    import pandas as pd
+
+    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    cat = store.catalog
+    table = cat[[n for n, v in cat.data_vars.items() if v.dims == ("volume",)]].to_dataframe()
+    table["extent"] = ["x".join(str(int(v)) for v in row) for row in cat["extent"].values]
+    table["spacing_mm"] = ["x".join(f"{v:g}" for v in row) for row in cat["spacing"].values]
+    if a.where:
+        try:
+            table = table.query(a.where)
+        except Exception as exc:
+            raise UsageError(f"--where {a.where!r}: {exc}") from exc
+    columns = ["path", "phase", "annotated", "extent", "spacing_mm"]
+    with pd.option_context("display.max_rows", None, "display.width", 160):
+        print(table[columns].to_string(index=False))
+    print(f"{len(table)} of {cat.sizes['volume']} volumes")
+    return EXIT_OK
+
+
+def cmd_catalog(a: argparse.Namespace) -> int:
+    from livercube.store.catalog import write_catalog
+
+    ds = write_catalog(a.url, _storage_options(a.storage_option))
+    print(f"catalog rebuilt: {ds.sizes['volume']} complete volumes")
+    return EXIT_OK
+
+
+def cmd_preview(a: argparse.Namespace) -> int:
+    import livercube
+    from livercube.preview import volume_preview
+
+    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    keys = a.volumes or list(range(min(a.max, store.catalog.sizes["volume"])))
+    keys = [int(k) if isinstance(k, str) and k.isdigit() else k for k in keys]
+    print(volume_preview(store, keys, a.out))
+    return EXIT_OK
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from livercube.demo import run_demo
+
+    return run_demo(Path(a.workdir), size=a.size, scheduler=a.scheduler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livercube", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a collection into a store (local path or URL)")
+    c.add_argument("source", help="collection root (local path or fsspec URL)")
+    c.add_argument("dest", help="store URL: a path, s3://bucket/prefix, …")
+    c.add_argument("--collection", required=True, choices=COLLECTIONS)
+    c.add_argument("--clinical", help="clinical spreadsheet / patient_data.csv (default: found in SOURCE)")
+    c.add_argument("--overrides", help="per-volume overrides CSV (PLC-CECT slice order, spacing)")
+    c.add_argument("--scheduler", default="threads",
+                   help="threads (default), local (process LocalCluster) or tcp://HOST:PORT")
+    c.add_argument("--workers", type=int, default=None)
+    c.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for DEST, e.g. endpoint_url=http://127.0.0.1:9000")
+    c.add_argument("--source-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for SOURCE, e.g. anon=true")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("synth", help="write miniature example collections in their real forms")
+    s.add_argument("dest")
+    s.add_argument("--collection", action="append", choices=COLLECTIONS,
+                   help="repeatable; default all three")
+    s.add_argument("--subjects", type=int, default=3)
+    s.add_argument("--size", default="tiny", choices=("tiny", "small", "full"))
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("demo", help="synthesize examples, convert them, summarize, write a preview")
+    d.add_argument("--workdir", default="livercube-demo")
+    d.add_argument("--size", default="small", choices=("tiny", "small", "full"))
+    d.add_argument("--scheduler", default="threads")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="print the catalog as a table")
+    i.add_argument("url")
+    i.add_argument("--where", help="pandas query on the table, e.g. \"phase == 'arterial'\"")
+    i.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser("catalog", help="rebuild the catalog from the volumes' own metadata")
+    k.add_argument("url")
+    k.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    k.set_defaults(func=cmd_catalog)
+
+    v = sub.add_parser("preview", help="PNG of axial/coronal/sagittal slices with labels")
+    v.add_argument("url")
+    v.add_argument("--out", default="preview.png")
+    v.add_argument("--volumes", nargs="*", help="paths or indices (default: the first --max)")
+    v.add_argument("--max", type=int, default=4)
+    v.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    v.set_defaults(func=cmd_preview)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"livercube: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LivercubeError as exc:
+        print(f"livercube: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

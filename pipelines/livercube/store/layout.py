@@ -1,0 +1,73 @@
+"""Where things live in a store, and how to open one anywhere fsspec reaches.
+
+Layout (see ``schemas/store-contract.md``)::
+
+    <root>/zarr.json                         root group, consolidated metadata
+    <root>/catalog/                          xarray Dataset, dim ``volume``
+    <root>/<collection>/<patient>/<study>/<series>/   one OME-Zarr image per volume
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import fsspec
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize(name: str | int | None, *, fallback: str = "NA") -> str:
+    """A path component safe on every object store and file system.
+
+    DICOM text such as ``"Recon 2: LIVER 3 PHASE (AP)"`` may hold slashes, colons or ``..``;
+    anything outside ``[A-Za-z0-9._-]`` becomes ``_`` and leading dots are removed, so no key
+    can escape its parent group.
+    """
+    text = "" if name is None else str(name).strip()
+    text = _UNSAFE.sub("_", text).strip("_")
+    text = text.lstrip(".")
+    if not text or set(text) <= {"."}:
+        return fallback
+    return text[:120]
+
+
+def volume_path(collection: str, patient: str, study: str, series: str) -> str:
+    """Group path of one volume: ``<collection>/<patient>/<study>/<series>``, sanitized."""
+    return "/".join(sanitize(p) for p in (collection, patient, study, series))
+
+
+def is_remote(url: str) -> bool:
+    protocol = fsspec.utils.get_protocol(str(url))
+    return protocol not in ("file", "local")
+
+
+def open_zarr_store(url: str, storage_options: dict[str, Any] | None = None,
+                    *, read_only: bool = False) -> zarr.abc.store.Store:
+    """A zarr store for a local path or any fsspec URL (``s3://``, ``https://``, ``memory://``)."""
+    url = str(url)
+    if not is_remote(url):
+        path = url.removeprefix("file://")
+        return LocalStore(path, read_only=read_only)
+    opts = dict(storage_options or {})
+    return FsspecStore.from_url(url, storage_options=opts or None, read_only=read_only)
+
+
+def open_root(url: str, storage_options: dict[str, Any] | None = None,
+              *, mode: str = "r") -> zarr.Group:
+    """Open the root group of a store (``mode='a'`` creates it)."""
+    store = open_zarr_store(url, storage_options, read_only=(mode == "r"))
+    if mode == "r":
+        try:
+            return zarr.open_consolidated(store, zarr_format=3)
+        except Exception:  # no consolidated metadata (store still being written)
+            return zarr.open_group(store, mode="r", zarr_format=3)
+    return zarr.open_group(store, mode=mode, zarr_format=3)
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None):
+    """The fsspec filesystem and root path of ``url`` (for non-zarr files such as reports)."""
+    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    return fs, path

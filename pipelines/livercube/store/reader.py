@@ -1,0 +1,97 @@
+"""Read side of the store contract: ``livercube.open(url).catalog / .volume() / .segments()``."""
+
+from __future__ import annotations
+
+import warnings
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from livercube.errors import StoreError, VolumeNotFoundError
+from livercube.schema import CATALOG_GROUP
+from livercube.store.layout import open_root, open_zarr_store
+
+
+class Store:
+    """A livercube store at a local path or fsspec URL (opened read-only)."""
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        self.url = str(url)
+        self.storage_options = storage_options
+        self._zstore = open_zarr_store(self.url, storage_options, read_only=True)
+        try:
+            self.root = open_root(self.url, storage_options, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(f"no livercube store at {self.url}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"<livercube.Store {self.url} ({self.catalog.sizes.get('volume', 0)} volumes)>"
+
+    @cached_property
+    def catalog(self) -> xr.Dataset:
+        """The catalog Dataset (dim ``volume``), loaded into memory (it is small)."""
+        if CATALOG_GROUP not in self.root:
+            raise StoreError(
+                f"{self.url} has no catalog group; run `livercube catalog {self.url}` to rebuild it"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = xr.open_zarr(self._zstore, group=CATALOG_GROUP, zarr_format=3,
+                              consolidated=False).load()
+        # numpy StringDType -> object, so pandas, .astype(str) and older numpy code just work
+        return ds.map(lambda v: v.astype(object) if v.dtype.kind == "T" else v,
+                      keep_attrs=True).assign_coords(
+            {k: c.astype(object) for k, c in ds.coords.items() if c.dtype.kind == "T"})
+
+    def paths(self) -> list[str]:
+        return [str(p) for p in self.catalog["path"].values]
+
+    def _path(self, key: str | int) -> str:
+        paths = self.paths()
+        if isinstance(key, (int, np.integer)):
+            if not -len(paths) <= int(key) < len(paths):
+                raise VolumeNotFoundError(f"volume index {key} out of range (store has {len(paths)})")
+            return paths[int(key)]
+        key = str(key).strip("/")
+        if key not in paths:
+            raise VolumeNotFoundError(f"no complete volume {key!r} in {self.url}")
+        return key
+
+    def volume(self, key: str | int) -> xr.Dataset:
+        """One volume as a lazy xarray Dataset (``image``, ``label``, ``segments``, z/y/x in mm)."""
+        path = self._path(key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return xr.open_zarr(self._zstore, group=path, zarr_format=3, consolidated=False)
+
+    def volume_attrs(self, key: str | int) -> dict[str, Any]:
+        """The ``livercube`` metadata of one volume (provenance, flags, segment table)."""
+        return dict(self.root[self._path(key)].attrs["livercube"])
+
+    def segments(self, key: str | int) -> dict[str, np.ndarray]:
+        """Every source segment of a volume as a boolean (z, y, x) mask, keyed by its label.
+
+        Overlaps and separate tumour instances survive: each segment is its own bit.  Two
+        segments with the same label get `` (2)``, `` (3)`` … suffixes in source order.
+        """
+        group = self.root[self._path(key)]
+        meta = group.attrs["livercube"]
+        if not meta.get("segments"):
+            return {}
+        bits = np.asarray(group["segments"][...])
+        dt = bits.dtype.type
+        out: dict[str, np.ndarray] = {}
+        for seg in meta["segments"]:
+            name, k = seg["label"], 2
+            while name in out:
+                name, k = f"{seg['label']} ({k})", k + 1
+            out[name] = ((bits >> dt(seg["bit"])) & dt(1)).astype(bool)
+        return out
+
+
+def open(url: str, **storage_options: Any) -> Store:  # noqa: A001 - the public API name
+    """Open a livercube store: ``livercube.open("s3://bucket/prefix", anon=True)``."""
+    return Store(url, **storage_options)

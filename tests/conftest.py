@@ -1,0 +1,93 @@
+"""Shared fixtures: generated collections, converted stores, and a real S3 endpoint on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from livercube.convert import convert
+from livercube.synth.plc_cect import write_plc_cect
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def plc_release(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny PLC-CECT release (3 subjects: HCC, ICC, CN control) and its truth."""
+    root = tmp_path_factory.mktemp("plc") / "PLC-CECT"
+    return root, write_plc_cect(root, n_subjects=3, size="tiny", seed=7)
+
+
+@pytest.fixture(scope="session")
+def plc_overrides(plc_release, tmp_path_factory) -> Path:
+    _, truth = plc_release
+    path = tmp_path_factory.mktemp("ov") / "overrides.csv"
+    path.write_text(truth.overrides_csv)
+    return path
+
+
+@pytest.fixture(scope="session")
+def plc_store(plc_release, plc_overrides, tmp_path_factory) -> tuple[str, object]:
+    """The tiny release converted (with the slice-order override for the one exception)."""
+    root, truth = plc_release
+    dest = str(tmp_path_factory.mktemp("store") / "store.zarr")
+    report = convert(str(root), dest, "plc-cect", overrides=str(plc_overrides), progress=False)
+    assert report.exit_code == 0, report.summary()
+    return dest, truth
+
+
+@pytest.fixture()
+def release_copy(plc_release, tmp_path) -> tuple[Path, object]:
+    """A private, mutable copy of the tiny release for bad-input tests."""
+    root, truth = plc_release
+    dst = tmp_path / "PLC-CECT"
+    shutil.copytree(root, dst)
+    return dst, truth
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real moto S3 server process on loopback (as s3fs and zarr test themselves)."""
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint) -> tuple[str, dict]:
+    """A fresh bucket on the moto endpoint and the fsspec options to reach it."""
+    import s3fs
+
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
+    fs = s3fs.S3FileSystem(**opts)
+    name = f"lc-{time.monotonic_ns()}"
+    fs.mkdir(name)
+    return name, opts
