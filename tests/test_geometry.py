@@ -68,7 +68,7 @@ def test_small_tilt_is_snapped_and_reported():
 
 def test_degenerate_direction_is_a_clear_error():
     d = np.array([[1, 1, 0], [0, 0, 0], [0, 0, 1]], dtype=float)
-    with pytest.raises(GeometryError, match="do not map one-to-one|zero column"):
+    with pytest.raises(GeometryError, match=r"do not map one-to-one|zero column"):
         canonical_reorientation((2, 2, 2), d, (1, 1, 1), (0, 0, 0))
 
 
@@ -79,5 +79,6 @@ def test_nonpositive_spacing_is_refused():
 
 def test_nifti_identity_is_right_anterior_in_lps():
     d, spacing, origin = decompose_affine(ras_to_lps_affine(np.eye(4)))
+    assert origin == (0.0, 0.0, 0.0)
     np.testing.assert_array_equal(d, np.diag([-1.0, -1.0, 1.0]))
     assert spacing == (1.0, 1.0, 1.0)

@@ -17,8 +17,10 @@ from livercube.sources.plc_cect import hu_from_window, read_patient_table, windo
 
 def _by_key(store):
     cat = store.catalog
-    return {(str(p), str(s)): i for i, (p, s) in
-            enumerate(zip(cat.patient_id.values, cat.series.values, strict=True))}
+    return {
+        (str(p), str(s)): i
+        for i, (p, s) in enumerate(zip(cat.patient_id.values, cat.series.values, strict=True))
+    }
 
 
 def test_every_volume_equals_truth(plc_store):
@@ -79,8 +81,9 @@ def test_reorientation_matches_simpleitk(plc_store, plc_release):
         np.testing.assert_allclose(ds.z.values[0], lps.GetOrigin()[2])
         np.testing.assert_allclose(ds.y.values[0], lps.GetOrigin()[1])
         np.testing.assert_allclose(ds.x.values[0], lps.GetOrigin()[0])
-        np.testing.assert_allclose(store.catalog.spacing.values[index[(pid, code)]],
-                                   lps.GetSpacing()[::-1])
+        np.testing.assert_allclose(
+            store.catalog.spacing.values[index[(pid, code)]], lps.GetSpacing()[::-1]
+        )
         checked += 1
     assert checked >= 6
 
@@ -88,13 +91,15 @@ def test_reorientation_matches_simpleitk(plc_store, plc_release):
 def test_without_override_the_exception_is_flipped(plc_release, tmp_path):
     """The one header-ordered volume is (wrongly) reversed unless the overrides file says so."""
     root, truth = plc_release
-    (key, t), = [(k, t) for k, t in truth.volumes.items() if t.slice_order == "header"]
+    ((key, t),) = [(k, t) for k, t in truth.volumes.items() if t.slice_order == "header"]
     dest = str(tmp_path / "s.zarr")
     assert convert(str(root), dest, "plc-cect", progress=False).exit_code == 0
     store = livercube.open(dest)
     got = store.volume(_by_key(store)[key]).image.values
     np.testing.assert_array_equal(got, t.image[::-1])
-    assert store.volume_attrs(_by_key(store)[key])["geometry_flags"]["slice_order"] == "superior_first"
+    assert (
+        store.volume_attrs(_by_key(store)[key])["geometry_flags"]["slice_order"] == "superior_first"
+    )
 
 
 def test_spacing_override_is_used_and_trusted(plc_release, tmp_path):
@@ -108,7 +113,9 @@ def test_spacing_override_is_used_and_trusted(plc_release, tmp_path):
     np.testing.assert_allclose(store.catalog.spacing.values[i], [2.5, 0.78125, 0.78125])
     assert bool(store.catalog.spacing_trusted.values[i])
     np.testing.assert_allclose(np.diff(store.volume(i).z.values), 2.5)
-    np.testing.assert_array_equal(store.volume(i).image.values, truth.volumes[("P0002", "C2")].image)
+    np.testing.assert_array_equal(
+        store.volume(i).image.values, truth.volumes[("P0002", "C2")].image
+    )
 
 
 def test_clinical_covariates_in_catalog(plc_store):
@@ -160,14 +167,18 @@ def test_missing_mask_keeps_ct_marks_annotation_incomplete(release_copy, tmp_pat
     i = _by_key(store)[("P0001", "C2")]
     assert not bool(store.catalog.annotation_complete.values[i])
     assert list(store.segments(i)) == ["Liver"]
-    np.testing.assert_array_equal(store.volume(i).image.values, truth.volumes[("P0001", "C2")].image)
+    np.testing.assert_array_equal(
+        store.volume(i).image.values, truth.volumes[("P0001", "C2")].image
+    )
 
 
 def test_unknown_phase_code_converts_as_unknown(release_copy, tmp_path):
     root, _ = release_copy
-    for sub, old, new in (("ct_files", "P0001_ct_C3", "P0001_ct_C4"),
-                          ("mask_files", "P0001_mask_C3", "P0001_mask_C4"),
-                          ("liver_mask_files", "P0001-livermask_C3", "P0001-livermask_C4")):
+    for sub, old, new in (
+        ("ct_files", "P0001_ct_C3", "P0001_ct_C4"),
+        ("mask_files", "P0001_mask_C3", "P0001_mask_C4"),
+        ("liver_mask_files", "P0001-livermask_C3", "P0001-livermask_C4"),
+    ):
         (root / sub / f"{old}.nii.gz").rename(root / sub / f"{new}.nii.gz")
     dest = str(tmp_path / "s.zarr")
     report = convert(str(root), dest, "plc-cect", progress=False)
@@ -185,11 +196,13 @@ def test_csv_with_bom_and_old_header(plc_release):
     bom = read_patient_table("\ufeff" + text)
     assert bom.header_version == "current"
     assert {k: v["cancer_type"] for k, v in bom.covariates.items()} == {
-        k: v["cancer_type"] for k, v in truth.patients.items()}
+        k: v["cancer_type"] for k, v in truth.patients.items()
+    }
     old = read_patient_table(
         "\ufeffPatient ID,Stage,Cancer Type,CT File,Mask File,Liver Mask File\n"
         "P0001,II,HCC,P0001_ct_C1.nii.gz,P0001_mask_C1.nii.gz,P0001-livermask_C1.nii.gz\n"
-        "P0003,,CN,P0003_ct_P.nii.gz,,P0003-livermask_P.nii.gz\n")
+        "P0003,,CN,P0003_ct_P.nii.gz,,P0003-livermask_P.nii.gz\n"
+    )
     assert old.header_version == "old"
     assert old.covariates["P0001"] == {"Stage": "II", "cancer_type": "HCC"}
     assert old.files[("P0003", "P")]["mask"] == ""
@@ -203,8 +216,13 @@ def test_old_header_release_converts(tmp_path):
     root = tmp_path / "PLC"
     truth = write_plc_cect(root, n_subjects=2, size="tiny", seed=3, header_version="old")
     (tmp_path / "ov.csv").write_text(truth.overrides_csv)
-    report = convert(str(root), str(tmp_path / "s.zarr"), "plc-cect",
-                     overrides=str(tmp_path / "ov.csv"), progress=False)
+    report = convert(
+        str(root),
+        str(tmp_path / "s.zarr"),
+        "plc-cect",
+        overrides=str(tmp_path / "ov.csv"),
+        progress=False,
+    )
     assert report.exit_code == 0, report.summary()
     cat = livercube.open(str(tmp_path / "s.zarr")).catalog
     assert set(cat.plc_cancer_type.values.astype(str)) == {"HCC", "CN"}

@@ -38,10 +38,16 @@ def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     report = convert(
-        a.source, a.dest, a.collection, clinical=a.clinical, overrides=a.overrides,
+        a.source,
+        a.dest,
+        a.collection,
+        clinical=a.clinical,
+        overrides=a.overrides,
         storage_options=_storage_options(a.storage_option),
         source_options=_storage_options(a.source_option),
-        scheduler=a.scheduler, workers=a.workers, progress=not a.quiet,
+        scheduler=a.scheduler,
+        workers=a.workers,
+        progress=not a.quiet,
     )
     print(report.summary())
     return report.exit_code
@@ -50,17 +56,18 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_synth(a: argparse.Namespace) -> int:
     from livercube.synth import collections as synth
 
-    out = synth.write_examples(Path(a.dest), collections=a.collection, n=a.subjects,
-                               size=a.size, seed=a.seed)
+    out = synth.write_examples(
+        Path(a.dest), collections=a.collection, n=a.subjects, size=a.size, seed=a.seed
+    )
     for name, path in out.items():
         print(f"{name}: {path}")
     return EXIT_OK
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    import livercube
-
     import pandas as pd
+
+    import livercube
 
     store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
     cat = store.catalog
@@ -112,22 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="collection root (local path or fsspec URL)")
     c.add_argument("dest", help="store URL: a path, s3://bucket/prefix, …")
     c.add_argument("--collection", required=True, choices=COLLECTIONS)
-    c.add_argument("--clinical", help="clinical spreadsheet / patient_data.csv (default: found in SOURCE)")
+    c.add_argument(
+        "--clinical", help="clinical spreadsheet / patient_data.csv (default: found in SOURCE)"
+    )
     c.add_argument("--overrides", help="per-volume overrides CSV (PLC-CECT slice order, spacing)")
-    c.add_argument("--scheduler", default="threads",
-                   help="threads (default), local (process LocalCluster) or tcp://HOST:PORT")
+    c.add_argument(
+        "--scheduler",
+        default="threads",
+        help="threads (default), local (process LocalCluster) or tcp://HOST:PORT",
+    )
     c.add_argument("--workers", type=int, default=None)
-    c.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec option for DEST, e.g. endpoint_url=http://127.0.0.1:9000")
-    c.add_argument("--source-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec option for SOURCE, e.g. anon=true")
+    c.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec option for DEST, e.g. endpoint_url=http://127.0.0.1:9000",
+    )
+    c.add_argument(
+        "--source-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec option for SOURCE, e.g. anon=true",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("synth", help="write miniature example collections in their real forms")
     s.add_argument("dest")
-    s.add_argument("--collection", action="append", choices=COLLECTIONS,
-                   help="repeatable; default all three")
+    s.add_argument(
+        "--collection", action="append", choices=COLLECTIONS, help="repeatable; default all three"
+    )
     s.add_argument("--subjects", type=int, default=3)
     s.add_argument("--size", default="tiny", choices=("tiny", "small", "full"))
     s.add_argument("--seed", type=int, default=0)

@@ -42,37 +42,61 @@ class ConvertReport:
         return EXIT_PARTIAL if (self.skipped or self.failed) else EXIT_OK
 
     def to_json(self) -> str:
-        body = {k: getattr(self, k) for k in ("collection", "source", "dest", "started_at",
-                                              "finished_at", "converted", "skipped", "failed",
-                                              "warnings")}
+        body = {
+            k: getattr(self, k)
+            for k in (
+                "collection",
+                "source",
+                "dest",
+                "started_at",
+                "finished_at",
+                "converted",
+                "skipped",
+                "failed",
+                "warnings",
+            )
+        }
         body["exit_code"] = self.exit_code
         return json.dumps(body, indent=2, default=str)
 
     def summary(self) -> str:
-        lines = [f"{self.collection}: {len(self.converted)} volumes converted, "
-                 f"{len(self.skipped)} inputs skipped, {len(self.failed)} failed -> {self.dest}"]
+        lines = [
+            f"{self.collection}: {len(self.converted)} volumes converted, "
+            f"{len(self.skipped)} inputs skipped, {len(self.failed)} failed -> {self.dest}"
+        ]
         lines += [f"  SKIPPED {s['input']}: {s['reason']}" for s in self.skipped]
         lines += [f"  FAILED  {f['input']}: {f['reason']}" for f in self.failed]
         lines += [f"  warning {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
-def _plc_task(task: Any, dest: str, storage_options: dict | None,
-              source_options: dict | None) -> dict[str, Any]:
+def _plc_task(
+    task: Any, dest: str, storage_options: dict | None, source_options: dict | None
+) -> dict[str, Any]:
     """One PLC-CECT volume: decode, write, return a record (runs on a worker)."""
     from livercube.sources.plc_cect import read_volume
 
     try:
         volume, skipped = read_volume(task, source_options)
-        record = write_volume(dest, volume, storage_options=storage_options,
-                              fingerprint=f"plc-cect:{task.ct}")
-        return {"status": "converted", "input": task.ct, **record, "skipped": skipped,
-                "notes": volume.meta.get("notes", [])}
+        record = write_volume(
+            dest, volume, storage_options=storage_options, fingerprint=f"plc-cect:{task.ct}"
+        )
+        return {
+            "status": "converted",
+            "input": task.ct,
+            **record,
+            "skipped": skipped,
+            "notes": volume.meta.get("notes", []),
+        }
     except SourceError as exc:
         return {"status": "skipped", "input": exc.source, "reason": exc.reason}
     except Exception as exc:  # a bug or an unforeseen file: quarantine this input only
-        return {"status": "failed", "input": task.ct, "reason": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc()}
+        return {
+            "status": "failed",
+            "input": task.ct,
+            "reason": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
 
 
 def _client(scheduler: str, workers: int | None):
@@ -83,18 +107,28 @@ def _client(scheduler: str, workers: int | None):
         return Client(scheduler)
     n = workers or 2
     if scheduler == "threads":
-        cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
-                               dashboard_address=":0")
+        cluster = LocalCluster(
+            n_workers=1, threads_per_worker=n, processes=False, dashboard_address=":0"
+        )
     elif scheduler == "local":
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=":0")
+        cluster = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
     else:
         raise UsageError(f"unknown scheduler {scheduler!r}: use threads, local or tcp://HOST:PORT")
     return Client(cluster)
 
 
-def run_tasks(fn: Callable, tasks: list[Any], keys: list[str], args: tuple, *, scheduler: str,
-              workers: int | None, progress: bool) -> Iterable[dict[str, Any]]:
+def run_tasks(
+    fn: Callable,
+    tasks: list[Any],
+    keys: list[str],
+    args: tuple,
+    *,
+    scheduler: str,
+    workers: int | None,
+    progress: bool,
+) -> Iterable[dict[str, Any]]:
     """Map ``fn(task, *args)`` over tasks on a Dask cluster; yields records as they finish."""
     from distributed import as_completed
     from tqdm import tqdm
@@ -110,8 +144,9 @@ def run_tasks(fn: Callable, tasks: list[Any], keys: list[str], args: tuple, *, s
         bar.close()
 
 
-def _prepare_root(dest: str, storage_options: dict | None, collection: str,
-                  clinical_columns: dict[str, Any]) -> None:
+def _prepare_root(
+    dest: str, storage_options: dict | None, collection: str, clinical_columns: dict[str, Any]
+) -> None:
     root = open_root(dest, storage_options, mode="a")
     meta = dict(root.attrs.get("livercube", {}))
     meta["schema_version"] = STORE_SCHEMA_VERSION
@@ -129,31 +164,52 @@ def write_report(dest: str, storage_options: dict | None, report: ConvertReport)
     return target
 
 
-def convert(source: str, dest: str, collection: str, *, clinical: str | None = None,
-            overrides: str | None = None, storage_options: dict | None = None,
-            source_options: dict | None = None, scheduler: str = "threads",
-            workers: int | None = None, progress: bool = True) -> ConvertReport:
+def convert(
+    source: str,
+    dest: str,
+    collection: str,
+    *,
+    clinical: str | None = None,
+    overrides: str | None = None,
+    storage_options: dict | None = None,
+    source_options: dict | None = None,
+    scheduler: str = "threads",
+    workers: int | None = None,
+    progress: bool = True,
+) -> ConvertReport:
     """Convert one collection at ``source`` into the store at ``dest``; returns the report."""
     if collection not in COLLECTIONS:
-        raise UsageError(f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}")
-    report = ConvertReport(collection, str(source), str(dest),
-                           dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        raise UsageError(
+            f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}"
+        )
+    report = ConvertReport(
+        collection, str(source), str(dest), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
     if collection == "plc-cect":
         from livercube.sources import plc_cect
 
-        plan = plc_cect.plan(source, clinical=clinical, overrides=overrides,
-                             storage_options=source_options)
+        plan = plc_cect.plan(
+            source, clinical=clinical, overrides=overrides, storage_options=source_options
+        )
         report.skipped.extend(plan.skipped)
         report.warnings.extend(plan.warnings)
         fn, tasks, columns = _plc_task, plan.tasks, plan.clinical_columns
         keys = [f"plc-cect-{t.key}" for t in tasks]
     else:
         raise UsageError(
-            f"--collection {collection}: DICOM ingest is not implemented yet (see issue 3)")
+            f"--collection {collection}: DICOM ingest is not implemented yet (see issue 3)"
+        )
 
     _prepare_root(dest, storage_options, collection, columns)
-    for rec in run_tasks(fn, tasks, keys, (dest, storage_options, source_options),
-                         scheduler=scheduler, workers=workers, progress=progress):
+    for rec in run_tasks(
+        fn,
+        tasks,
+        keys,
+        (dest, storage_options, source_options),
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+    ):
         status = rec.pop("status")
         if status == "converted":
             report.skipped.extend(rec.pop("skipped", []))

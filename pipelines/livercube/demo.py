@@ -29,12 +29,15 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
         except (ImportError, AttributeError) as exc:
             print(f"[synth] {collection}: generator not available in this version ({exc})")
             continue
-        print(f"[synth] {collection}: {examples / FOLDER[collection]} "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"[synth] {collection}: {examples / FOLDER[collection]} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         t0 = time.perf_counter()
         try:
-            report = convert(str(examples / FOLDER[collection]), store_url, collection,
-                             scheduler=scheduler)
+            report = convert(
+                str(examples / FOLDER[collection]), store_url, collection, scheduler=scheduler
+            )
         except UsageError as exc:
             print(f"[convert] {collection}: not converted: {exc}")
             continue
@@ -47,14 +50,18 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
     print(f"\n[store] {store_url}: {cat.sizes['volume']} volumes")
     for i in range(cat.sizes["volume"]):
         ext = "x".join(str(int(v)) for v in cat["extent"].values[i])
-        print(f"  {str(cat['path'].values[i]):45s} {str(cat['phase'].values[i]):14s} {ext:>12s}"
-              f"  annotated={bool(cat['annotated'].values[i])}")
+        print(
+            f"  {cat['path'].values[i]!s:45s} {cat['phase'].values[i]!s:14s} {ext:>12s}"
+            f"  annotated={bool(cat['annotated'].values[i])}"
+        )
     first = str(cat["path"].values[0])
     ds = xr.open_zarr(store_url, group=first, zarr_format=3)
     patch = ds[["image", "label"]].isel(z=slice(0, 8), y=slice(0, 32), x=slice(0, 32)).load()
-    print(f"\n[xarray] {first}: patch {dict(patch.sizes)}, HU range "
-          f"{int(patch.image.min())}..{int(patch.image.max())}, labels "
-          f"{sorted(np.unique(patch.label.values).tolist())}")
+    print(
+        f"\n[xarray] {first}: patch {dict(patch.sizes)}, HU range "
+        f"{int(patch.image.min())}..{int(patch.image.max())}, labels "
+        f"{sorted(np.unique(patch.label.values).tolist())}"
+    )
 
     import livercube
     from livercube.preview import volume_preview

@@ -51,3 +51,7 @@ class SegmentLimitError(LivercubeError):
 
 class UsageError(LivercubeError):
     """The command line or API call is inconsistent (exit status 2)."""
+
+
+class IntensityError(SourceError):
+    """Stored pixel values cannot be turned into exact int16 HU (non-integer or out of range)."""

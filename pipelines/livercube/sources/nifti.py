@@ -26,7 +26,9 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
         raise UnreadableFileError(url, "file not found") from exc
 
 
-def load_nifti(url: str, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_nifti(
+    url: str, storage_options: dict | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(data in nibabel's (i, j, k, …) order, RAS affine, header facts) of a .nii / .nii.gz."""
     raw = read_bytes(url, storage_options)
     if raw[:2] == b"\x1f\x8b":
@@ -66,8 +68,12 @@ def to_scalar_volume(data: np.ndarray, source: str) -> tuple[np.ndarray, list[st
         notes.append("dropped a singleton trailing axis")
     if data.ndim == 4 and data.shape[-1] in (3, 4):
         rgb = data[..., :3]
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            raise UnreadableFileError(source, "true-colour RGB CT: channels differ, no HU recoverable")
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        ):
+            raise UnreadableFileError(
+                source, "true-colour RGB CT: channels differ, no HU recoverable"
+            )
         data = rgb[..., 0]
         notes.append("RGB channels identical: kept one")
     if data.ndim != 3:

@@ -45,8 +45,16 @@ CLINICAL_COLUMNS: dict[str, dict[str, Any]] = {
     "cancer_type": {"dtype": "str", "coding": "HCC, ICC, CHCC (combined), CN (control)"},
     "Stage": {"dtype": "str", "description": "older patient_data.csv header only"},
 }
-CURRENT_HEADER = ["patient_id", "age", "gender", "phase", "cancer_type", "ct_path", "mask_path",
-                  "liver_mask_path"]
+CURRENT_HEADER = [
+    "patient_id",
+    "age",
+    "gender",
+    "phase",
+    "cancer_type",
+    "ct_path",
+    "mask_path",
+    "liver_mask_path",
+]
 OLD_HEADER = ["Patient ID", "Stage", "Cancer Type", "CT File", "Mask File", "Liver Mask File"]
 
 
@@ -126,14 +134,22 @@ def read_patient_table(text: str, source: str = "patient_data.csv") -> PatientTa
             gender = _clean(row["gender"]).lower() or None
             cov = {"age": age, "gender": gender, "cancer_type": _clean(row["cancer_type"]) or None}
             code = _clean(row["phase"])
-            paths = {"ct": _clean(row["ct_path"]), "mask": _clean(row["mask_path"]),
-                     "liver_mask": _clean(row["liver_mask_path"])}
+            paths = {
+                "ct": _clean(row["ct_path"]),
+                "mask": _clean(row["mask_path"]),
+                "liver_mask": _clean(row["liver_mask_path"]),
+            }
         else:
             pid = _clean(row["Patient ID"])
-            cov = {"Stage": _clean(row["Stage"]) or None,
-                   "cancer_type": _clean(row["Cancer Type"]) or None}
-            paths = {"ct": _clean(row["CT File"]), "mask": _clean(row["Mask File"]),
-                     "liver_mask": _clean(row["Liver Mask File"])}
+            cov = {
+                "Stage": _clean(row["Stage"]) or None,
+                "cancer_type": _clean(row["Cancer Type"]) or None,
+            }
+            paths = {
+                "ct": _clean(row["CT File"]),
+                "mask": _clean(row["Mask File"]),
+                "liver_mask": _clean(row["Liver Mask File"]),
+            }
             m = CT_NAME.match(PurePosixPath(paths["ct"]).name)
             code = m["code"] if m else ""
         if not pid:
@@ -184,8 +200,13 @@ class PlcPlan:
     clinical_columns: dict[str, dict[str, Any]]
 
 
-def plan(source: str, *, clinical: str | None = None, overrides: str | None = None,
-         storage_options: dict | None = None) -> PlcPlan:
+def plan(
+    source: str,
+    *,
+    clinical: str | None = None,
+    overrides: str | None = None,
+    storage_options: dict | None = None,
+) -> PlcPlan:
     """List the volumes of a PLC-CECT release from file names and ``patient_data.csv``."""
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     root = root.rstrip("/")
@@ -206,10 +227,13 @@ def plan(source: str, *, clinical: str | None = None, overrides: str | None = No
     skipped: list[dict[str, str]] = []
 
     table: PatientTable | None = None
-    csv_path = clinical or (f"{root}/patient_data.csv" if fs.exists(f"{root}/patient_data.csv") else None)
+    csv_path = clinical or (
+        f"{root}/patient_data.csv" if fs.exists(f"{root}/patient_data.csv") else None
+    )
     if csv_path:
-        with fsspec.open(csv_path if clinical else prefix + csv_path, "rb",
-                         **(storage_options or {})) as f:
+        with fsspec.open(
+            csv_path if clinical else prefix + csv_path, "rb", **(storage_options or {})
+        ) as f:
             text = f.read().decode("utf-8-sig", errors="replace")
         table = read_patient_table(text, str(csv_path))
         warnings.extend(table.notes)
@@ -226,7 +250,9 @@ def plan(source: str, *, clinical: str | None = None, overrides: str | None = No
     for name in sorted(cts):
         m = CT_NAME.match(name)
         if not m:
-            skipped.append({"input": cts[name], "reason": "file name is not P####_ct_<phase>.nii.gz"})
+            skipped.append(
+                {"input": cts[name], "reason": "file name is not P####_ct_<phase>.nii.gz"}
+            )
             continue
         pid, code = m["pid"], m["code"]
         key = (pid, code)
@@ -248,26 +274,35 @@ def plan(source: str, *, clinical: str | None = None, overrides: str | None = No
         mask_name = by_key_mask.get(key)
         liver_name = by_key_liver.get(key)
         o = ov.get(key, {})
-        tasks.append(PlcVolumeTask(
-            patient_id=pid, code=code, ct=cts[name],
-            mask=masks[mask_name] if mask_name else None,
-            liver_mask=livers[liver_name] if liver_name else None,
-            lesion_expected=lesion_expected and not (table is None and mask_name is None),
-            clinical=cov, slice_order=o.get("slice_order", "superior_first"),
-            spacing_zyx=o.get("spacing_zyx"), notes=notes,
-        ))
+        tasks.append(
+            PlcVolumeTask(
+                patient_id=pid,
+                code=code,
+                ct=cts[name],
+                mask=masks[mask_name] if mask_name else None,
+                liver_mask=livers[liver_name] if liver_name else None,
+                lesion_expected=lesion_expected and not (table is None and mask_name is None),
+                clinical=cov,
+                slice_order=o.get("slice_order", "superior_first"),
+                spacing_zyx=o.get("spacing_zyx"),
+                notes=notes,
+            )
+        )
     if table:
         have = {(t.patient_id, t.code) for t in tasks}
         for (pid, code), _paths in sorted(table.files.items()):
             if (pid, code) not in have:
-                skipped.append({"input": f"patient_data.csv {pid} {code}",
-                                "reason": "listed in patient_data.csv but its CT file is missing"})
+                skipped.append(
+                    {
+                        "input": f"patient_data.csv {pid} {code}",
+                        "reason": "listed in patient_data.csv but its CT file is missing",
+                    }
+                )
     ct_keys = {(t.patient_id, t.code) for t in tasks}
     for k, n in sorted({**by_key_mask, **by_key_liver}.items()):
         if k not in ct_keys:
             warnings.append(f"{n}: mask without a CT file; ignored")
-    columns = {k: v for k, v in CLINICAL_COLUMNS.items()
-               if any(k in t.clinical for t in tasks)}
+    columns = {k: v for k, v in CLINICAL_COLUMNS.items() if any(k in t.clinical for t in tasks)}
     return PlcPlan(tasks, skipped, warnings, columns)
 
 
@@ -277,8 +312,9 @@ def _reorient_plan(data_shape_ijk, affine_ras, task: PlcVolumeTask, source: str)
         world = np.argmax(np.abs(direction), axis=0)  # world axis (0=x) of index axes i, j, k
         user_xyz = task.spacing_zyx[::-1]
         spacing_ijk = tuple(float(user_xyz[w]) for w in world)
-    return canonical_reorientation(tuple(data_shape_ijk[::-1]), direction, spacing_ijk, origin,
-                                   source=source), spacing_ijk
+    return canonical_reorientation(
+        tuple(data_shape_ijk[::-1]), direction, spacing_ijk, origin, source=source
+    ), spacing_ijk
 
 
 def _load_kji(url: str, storage_options: dict | None, slice_order: str):
@@ -290,7 +326,9 @@ def _load_kji(url: str, storage_options: dict | None, slice_order: str):
     return kji, affine, facts, notes
 
 
-def read_volume(task: PlcVolumeTask, storage_options: dict | None = None) -> tuple[Volume, list[dict]]:
+def read_volume(
+    task: PlcVolumeTask, storage_options: dict | None = None
+) -> tuple[Volume, list[dict]]:
     """Decode one CT with its masks into a canonical :class:`Volume`; returns (volume, skipped).
 
     A missing or unreadable mask does not lose the CT: the volume is written with what exists,
@@ -301,10 +339,15 @@ def read_volume(task: PlcVolumeTask, storage_options: dict | None = None) -> tup
     reo, spacing_ijk = _reorient_plan(kji.shape[::-1], affine, task, task.ct)
     if kji.dtype == np.uint8:
         image = hu_from_window(reo.apply(kji))
-        intensity = {"exact": False, "windowed": True, "window_hu": list(WINDOW_HU),
-                     "source_dtype": "uint8", "to_hu": "round(v * 400 / 255 - 200)",
-                     "from_hu": "round((hu + 200) * 255 / 400)",
-                     "note": "values outside the window saturate; HU are approximate"}
+        intensity = {
+            "exact": False,
+            "windowed": True,
+            "window_hu": list(WINDOW_HU),
+            "source_dtype": "uint8",
+            "to_hu": "round(v * 400 / 255 - 200)",
+            "from_hu": "round((hu + 200) * 255 / 400)",
+            "note": "values outside the window saturate; HU are approximate",
+        }
     elif np.issubdtype(kji.dtype, np.integer) and kji.min() >= -32768 and kji.max() <= 32767:
         image = reo.apply(kji).astype(np.int16)
         intensity = {"exact": True, "windowed": False, "source_dtype": str(kji.dtype)}
@@ -313,35 +356,52 @@ def read_volume(task: PlcVolumeTask, storage_options: dict | None = None) -> tup
 
     seg_specs = []
     annotation_complete = True
-    for kind, url, label in (("liver mask", task.liver_mask, "Liver"),
-                             ("lesion mask", task.mask, "Lesion")):
+    for kind, url, label in (
+        ("liver mask", task.liver_mask, "Liver"),
+        ("lesion mask", task.mask, "Lesion"),
+    ):
         if url is None:
             if kind == "liver mask" or task.lesion_expected:
                 annotation_complete = False
-                skipped.append({"input": f"{task.key} {kind}",
-                                "reason": f"{kind} file missing for {task.ct}"})
+                skipped.append(
+                    {"input": f"{task.key} {kind}", "reason": f"{kind} file missing for {task.ct}"}
+                )
             continue
         try:
-            mk, _, _, mnotes = _load_kji(url, storage_options, task.slice_order)
+            mk, _, _, _ = _load_kji(url, storage_options, task.slice_order)
             if mk.shape != kji.shape:
-                raise MaskMismatchError(url, f"mask shape {mk.shape[::-1]} differs from CT "
-                                             f"shape {kji.shape[::-1]} (i, j, k)")
+                raise MaskMismatchError(
+                    url,
+                    f"mask shape {mk.shape[::-1]} differs from CT "
+                    f"shape {kji.shape[::-1]} (i, j, k)",
+                )
         except SourceError as exc:
             annotation_complete = False
             skipped.append({"input": url, "reason": exc.reason})
             continue
         values = np.unique(mk)
-        seg_specs.append((label, reo.apply(mk) > 0, {
-            "source_file": PurePosixPath(url).name,
-            "source_values": [int(v) for v in values[values != 0][:16]],
-            "binarised": "value > 0",
-        }))
+        seg_specs.append(
+            (
+                label,
+                reo.apply(mk) > 0,
+                {
+                    "source_file": PurePosixPath(url).name,
+                    "source_values": [int(v) for v in values[values != 0][:16]],
+                    "binarised": "value > 0",
+                },
+            )
+        )
     segments = None
     if seg_specs:
         segments = SegmentField(image.shape, len(seg_specs))
         for number, (label, mask, codes) in enumerate(seg_specs, start=1):
-            info = segments.add(mask, label=label, number=number,
-                                unified=map_segment_label(COLLECTION, label), codes=codes)
+            info = segments.add(
+                mask,
+                label=label,
+                number=number,
+                unified=map_segment_label(COLLECTION, label),
+                codes=codes,
+            )
             if info.voxels == 0:
                 notes.append(f"{label} mask is empty")
 
@@ -354,14 +414,20 @@ def read_volume(task: PlcVolumeTask, storage_options: dict | None = None) -> tup
         "series_description": f"PLC-CECT phase {task.code}",
         "acquisition_number": None,
         "phase_evidence": f"file name phase code {task.code}",
-        "source": {"ct": task.ct, "mask": task.mask, "liver_mask": task.liver_mask,
-                   "nifti_header": facts},
+        "source": {
+            "ct": task.ct,
+            "mask": task.mask,
+            "liver_mask": task.liver_mask,
+            "nifti_header": facts,
+        },
         "intensity": intensity,
         "geometry_flags": {
             "spacing_trusted": task.spacing_zyx is not None,
             "origin_trusted": False,
             "slice_order": task.slice_order,
-            "spacing_source": "overrides file" if task.spacing_zyx else "NIfTI header (declared 1 mm)",
+            "spacing_source": "overrides file"
+            if task.spacing_zyx
+            else "NIfTI header (declared 1 mm)",
             "declared_spacing_ijk": list(spacing_ijk),
         },
         "annotation_complete": annotation_complete and bool(seg_specs),
@@ -370,9 +436,16 @@ def read_volume(task: PlcVolumeTask, storage_options: dict | None = None) -> tup
         "sex": gender if gender in ("male", "female") else None,
     }
     vol = Volume(
-        collection=COLLECTION, patient_id=task.patient_id, study=STUDY, series=task.code,
-        image=image, grid=reo.grid, phase=PHASE_OF_CODE.get(task.code, "unknown"),
-        source_direction=reo.source_direction, segments=segments, meta=meta,
+        collection=COLLECTION,
+        patient_id=task.patient_id,
+        study=STUDY,
+        series=task.code,
+        image=image,
+        grid=reo.grid,
+        phase=PHASE_OF_CODE.get(task.code, "unknown"),
+        source_direction=reo.source_direction,
+        segments=segments,
+        meta=meta,
         clinical=dict(task.clinical),
     )
     return vol, skipped

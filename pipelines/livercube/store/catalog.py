@@ -93,8 +93,11 @@ def build_catalog(root: zarr.Group) -> xr.Dataset:
     def triple(key: str, dtype: type) -> np.ndarray:
         return np.array([m[key] for m in metas], dtype=dtype).reshape(n, 3)
 
-    dates = pd.to_datetime(pd.Series([m.get("study_date") or None for m in metas], dtype=object),
-                           errors="coerce", format="mixed").to_numpy(dtype="datetime64[ns]")
+    dates = pd.to_datetime(
+        pd.Series([m.get("study_date") or None for m in metas], dtype=object),
+        errors="coerce",
+        format="mixed",
+    ).to_numpy(dtype="datetime64[ns]")
     data: dict[str, Any] = {
         "path": ("volume", np.array([p for p, _ in vols], dtype=object)),
         "collection": ("volume", col("collection")),
@@ -109,28 +112,58 @@ def build_catalog(root: zarr.Group) -> xr.Dataset:
         "acquisition_number": ("volume", col("acquisition_number", kind=int)),
         "phase": ("volume", col("phase")),
         "phase_evidence": ("volume", col("phase_evidence")),
-        "spacing": (("volume", "axis"), triple("spacing_zyx", np.float64),
-                    {"units": "mm", "long_name": "voxel spacing (z, y, x)"}),
-        "origin": (("volume", "axis"), triple("origin_zyx", np.float64),
-                   {"units": "mm", "long_name": "LPS position of voxel (0, 0, 0)"}),
-        "extent": (("volume", "axis"), triple("shape_zyx", np.int64),
-                   {"units": "voxels"}),
+        "spacing": (
+            ("volume", "axis"),
+            triple("spacing_zyx", np.float64),
+            {"units": "mm", "long_name": "voxel spacing (z, y, x)"},
+        ),
+        "origin": (
+            ("volume", "axis"),
+            triple("origin_zyx", np.float64),
+            {"units": "mm", "long_name": "LPS position of voxel (0, 0, 0)"},
+        ),
+        "extent": (("volume", "axis"), triple("shape_zyx", np.int64), {"units": "voxels"}),
         "annotated": ("volume", col("annotated", kind=bool)),
-        "annotation_complete": ("volume", np.array(
-            [bool(m.get("annotation_complete", m.get("annotated"))) for m in metas], dtype=bool)),
-        "n_segments": ("volume", np.array([len(m.get("segments", [])) for m in metas], dtype=np.int64)),
-        "segment_labels": ("volume", np.array(
-            ["|".join(s["label"] for s in m.get("segments", [])) for m in metas], dtype=object)),
-        "intensity_exact": ("volume", np.array(
-            [bool((m.get("intensity") or {}).get("exact", True)) for m in metas], dtype=bool)),
-        "spacing_trusted": ("volume", np.array(
-            [bool((m.get("geometry_flags") or {}).get("spacing_trusted", True)) for m in metas],
-            dtype=bool)),
+        "annotation_complete": (
+            "volume",
+            np.array(
+                [bool(m.get("annotation_complete", m.get("annotated"))) for m in metas], dtype=bool
+            ),
+        ),
+        "n_segments": (
+            "volume",
+            np.array([len(m.get("segments", [])) for m in metas], dtype=np.int64),
+        ),
+        "segment_labels": (
+            "volume",
+            np.array(
+                ["|".join(s["label"] for s in m.get("segments", [])) for m in metas], dtype=object
+            ),
+        ),
+        "intensity_exact": (
+            "volume",
+            np.array(
+                [bool((m.get("intensity") or {}).get("exact", True)) for m in metas], dtype=bool
+            ),
+        ),
+        "spacing_trusted": (
+            "volume",
+            np.array(
+                [bool((m.get("geometry_flags") or {}).get("spacing_trusted", True)) for m in metas],
+                dtype=bool,
+            ),
+        ),
         "checksum": ("volume", col("checksum")),
-        "age": ("volume", np.array([np.nan if m.get("age") is None else float(m["age"])
-                                    for m in metas]), {"units": "years"}),
-        "sex": ("volume", np.array([m.get("sex") or "" for m in metas], dtype=object),
-                {"coding": "male | female | '' unknown"}),
+        "age": (
+            "volume",
+            np.array([np.nan if m.get("age") is None else float(m["age"]) for m in metas]),
+            {"units": "years"},
+        ),
+        "sex": (
+            "volume",
+            np.array([m.get("sex") or "" for m in metas], dtype=object),
+            {"coding": "male | female | '' unknown"},
+        ),
     }
     columns = dict(root.attrs.get("livercube", {}).get("clinical_columns", {}))
     for name, (values, attrs) in _clinical_variables(metas, columns).items():

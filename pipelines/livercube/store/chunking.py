@@ -20,5 +20,7 @@ def chunk_and_shard(shape: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple
     nz = max(1, shape[0])
     shard_z = min(SHARD_SLICES, math.ceil(nz / chunks[0]) * chunks[0])
     shard_z = max(chunks[0], (shard_z // chunks[0]) * chunks[0])
-    shard_yx = tuple(math.ceil(max(1, n) / c) * c for n, c in zip(shape[1:], chunks[1:], strict=True))
+    shard_yx = tuple(
+        math.ceil(max(1, n) / c) * c for n, c in zip(shape[1:], chunks[1:], strict=True)
+    )
     return chunks, (shard_z, *shard_yx)

@@ -23,13 +23,12 @@ def sanitize(name: str | int | None, *, fallback: str = "NA") -> str:
     """A path component safe on every object store and file system.
 
     DICOM text such as ``"Recon 2: LIVER 3 PHASE (AP)"`` may hold slashes, colons or ``..``;
-    anything outside ``[A-Za-z0-9._-]`` becomes ``_`` and leading dots are removed, so no key
-    can escape its parent group.
+    anything outside ``[A-Za-z0-9._-]`` becomes ``_``, runs of dots collapse to one and edge
+    dots/underscores are stripped, so no key can escape its parent group or hide.
     """
     text = "" if name is None else str(name).strip()
-    text = _UNSAFE.sub("_", text).strip("_")
-    text = text.lstrip(".")
-    if not text or set(text) <= {"."}:
+    text = re.sub(r"\.{2,}", ".", _UNSAFE.sub("_", text)).strip("._")
+    if not text:
         return fallback
     return text[:120]
 
@@ -44,8 +43,9 @@ def is_remote(url: str) -> bool:
     return protocol not in ("file", "local")
 
 
-def open_zarr_store(url: str, storage_options: dict[str, Any] | None = None,
-                    *, read_only: bool = False) -> zarr.abc.store.Store:
+def open_zarr_store(
+    url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = False
+) -> zarr.abc.store.Store:
     """A zarr store for a local path or any fsspec URL (``s3://``, ``https://``, ``memory://``)."""
     url = str(url)
     if not is_remote(url):
@@ -55,8 +55,9 @@ def open_zarr_store(url: str, storage_options: dict[str, Any] | None = None,
     return FsspecStore.from_url(url, storage_options=opts or None, read_only=read_only)
 
 
-def open_root(url: str, storage_options: dict[str, Any] | None = None,
-              *, mode: str = "r") -> zarr.Group:
+def open_root(
+    url: str, storage_options: dict[str, Any] | None = None, *, mode: str = "r"
+) -> zarr.Group:
     """Open the root group of a store (``mode='a'`` creates it)."""
     store = open_zarr_store(url, storage_options, read_only=(mode == "r"))
     if mode == "r":
@@ -64,7 +65,8 @@ def open_root(url: str, storage_options: dict[str, Any] | None = None,
             return zarr.open_consolidated(store, zarr_format=3)
         except Exception:  # no consolidated metadata (store still being written)
             return zarr.open_group(store, mode="r", zarr_format=3)
-    return zarr.open_group(store, mode=mode, zarr_format=3)
+    # writers must see the volumes as they are now, never a stale consolidated snapshot
+    return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):

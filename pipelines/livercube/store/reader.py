@@ -39,12 +39,13 @@ class Store:
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = xr.open_zarr(self._zstore, group=CATALOG_GROUP, zarr_format=3,
-                              consolidated=False).load()
+            ds = xr.open_zarr(
+                self._zstore, group=CATALOG_GROUP, zarr_format=3, consolidated=False
+            ).load()
         # numpy StringDType -> object, so pandas, .astype(str) and older numpy code just work
-        return ds.map(lambda v: v.astype(object) if v.dtype.kind == "T" else v,
-                      keep_attrs=True).assign_coords(
-            {k: c.astype(object) for k, c in ds.coords.items() if c.dtype.kind == "T"})
+        return ds.map(
+            lambda v: v.astype(object) if v.dtype.kind == "T" else v, keep_attrs=True
+        ).assign_coords({k: c.astype(object) for k, c in ds.coords.items() if c.dtype.kind == "T"})
 
     def paths(self) -> list[str]:
         return [str(p) for p in self.catalog["path"].values]
@@ -53,7 +54,9 @@ class Store:
         paths = self.paths()
         if isinstance(key, (int, np.integer)):
             if not -len(paths) <= int(key) < len(paths):
-                raise VolumeNotFoundError(f"volume index {key} out of range (store has {len(paths)})")
+                raise VolumeNotFoundError(
+                    f"volume index {key} out of range (store has {len(paths)})"
+                )
             return paths[int(key)]
         key = str(key).strip("/")
         if key not in paths:
@@ -92,6 +95,6 @@ class Store:
         return out
 
 
-def open(url: str, **storage_options: Any) -> Store:  # noqa: A001 - the public API name
+def open(url: str, **storage_options: Any) -> Store:
     """Open a livercube store: ``livercube.open("s3://bucket/prefix", anon=True)``."""
     return Store(url, **storage_options)

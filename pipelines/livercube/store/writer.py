@@ -33,7 +33,9 @@ def ome_multiscales(volume: Volume) -> dict[str, Any]:
         "version": "0.5",
         "multiscales": [
             {
-                "name": volume_path(volume.collection, volume.patient_id, volume.study, volume.series),
+                "name": volume_path(
+                    volume.collection, volume.patient_id, volume.study, volume.series
+                ),
                 "axes": [
                     {"name": ax, "type": "space", "unit": "millimeter"} for ax in ("z", "y", "x")
                 ],
@@ -75,8 +77,14 @@ def volume_attrs(volume: Volume, *, checksum: str, label_present: bool) -> dict[
     }
 
 
-def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...],
-            compressor: BloscCodec, attrs: dict[str, Any]) -> None:
+def _create(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray,
+    dims: tuple[str, ...],
+    compressor: BloscCodec,
+    attrs: dict[str, Any],
+) -> None:
     chunks, shards = chunk_and_shard(data.shape)  # type: ignore[arg-type]
     arr = group.create_array(
         name,
@@ -88,13 +96,17 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...
         dimension_names=dims,
         fill_value=0,
         attributes=attrs,
-        overwrite=True,
     )
     arr[...] = data
 
 
-def write_volume(url: str, volume: Volume, *, storage_options: dict[str, Any] | None = None,
-                 fingerprint: str = "") -> dict[str, Any]:
+def write_volume(
+    url: str,
+    volume: Volume,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    fingerprint: str = "",
+) -> dict[str, Any]:
     """Write ``volume`` into the store at ``url``; returns a small record for the report.
 
     An existing group at the same path is replaced: the caller decides whether to skip
@@ -111,26 +123,56 @@ def write_volume(url: str, volume: Volume, *, storage_options: dict[str, Any] | 
     checksum = content_checksum(arrays)
 
     attrs = volume_attrs(volume, checksum=checksum, label_present=label is not None)
+    # overwrite=True clears the whole prefix once; the arrays below are then created fresh
     group = root.create_group(path, overwrite=True, attributes={"livercube": attrs})
-    _create(group, "image", volume.image, ("z", "y", "x"), COMPRESSOR,
-            {"units": "HU", "long_name": "CT attenuation (Hounsfield units)"})
+    _create(
+        group,
+        "image",
+        volume.image,
+        ("z", "y", "x"),
+        COMPRESSOR,
+        {"units": "HU", "long_name": "CT attenuation (Hounsfield units)"},
+    )
     if label is not None:
         names = unified_labels()
-        _create(group, "label", label, ("z", "y", "x"), LABEL_COMPRESSOR, {
-            "long_name": "unified label (tumor > vessels > liver)",
-            "flag_values": list(names),
-            "flag_meanings": " ".join(names.values()),
-        })
-        _create(group, "segments", arrays["segments"], ("z", "y", "x"), LABEL_COMPRESSOR, {
-            "long_name": "source segments as a bit field: bit k set = voxel in segment k",
-            "segments": attrs["segments"],
-        })
+        _create(
+            group,
+            "label",
+            label,
+            ("z", "y", "x"),
+            LABEL_COMPRESSOR,
+            {
+                "long_name": "unified label (tumor > vessels > liver)",
+                "flag_values": list(names),
+                "flag_meanings": " ".join(names.values()),
+            },
+        )
+        _create(
+            group,
+            "segments",
+            arrays["segments"],
+            ("z", "y", "x"),
+            LABEL_COMPRESSOR,
+            {
+                "long_name": "source segments as a bit field: bit k set = voxel in segment k",
+                "segments": attrs["segments"],
+            },
+        )
     for axis, name in enumerate(("z", "y", "x")):
         coord = volume.grid.centres(axis)
-        arr = group.create_array(name, shape=coord.shape, dtype="float64", chunks=coord.shape,
-                                 dimension_names=(name,), fill_value=0.0, overwrite=True,
-                                 attributes={"units": "mm", "long_name": f"LPS {name} of voxel centres",
-                                             "standard_name": f"patient_lps_{name}"})
+        arr = group.create_array(
+            name,
+            shape=coord.shape,
+            dtype="float64",
+            chunks=coord.shape,
+            dimension_names=(name,),
+            fill_value=0.0,
+            attributes={
+                "units": "mm",
+                "long_name": f"LPS {name} of voxel centres",
+                "standard_name": f"patient_lps_{name}",
+            },
+        )
         arr[:] = coord
     # completion record last: the group becomes visible to readers only now
     done = dict(attrs)
@@ -141,5 +183,9 @@ def write_volume(url: str, volume: Volume, *, storage_options: dict[str, Any] | 
         "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     group.attrs.update({"ome": ome_multiscales(volume), "livercube": done})
-    return {"path": path, "checksum": checksum, "shape": list(volume.grid.shape),
-            "bytes": int(sum(a.nbytes for a in arrays.values()))}
+    return {
+        "path": path,
+        "checksum": checksum,
+        "shape": list(volume.grid.shape),
+        "bytes": int(sum(a.nbytes for a in arrays.values())),
+    }

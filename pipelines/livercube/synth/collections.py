@@ -23,8 +23,14 @@ def write_one(collection: str, dest: Path, *, n: int, size: str, seed: int) -> A
     return writer(root, n_patients=n, size=size, seed=seed)
 
 
-def write_examples(dest: Path, *, collections: list[str] | None = None, n: int = 3,
-                   size: str = "tiny", seed: int = 0) -> dict[str, Path]:
+def write_examples(
+    dest: Path,
+    *,
+    collections: list[str] | None = None,
+    n: int = 3,
+    size: str = "tiny",
+    seed: int = 0,
+) -> dict[str, Path]:
     """Write the requested collections (default all three); returns name → root folder."""
     out = {}
     for c in collections or list(COLLECTIONS):

@@ -1,4 +1,4 @@
-"""A deterministic abdominal CT phantom: body, spine, liver, tumours, portal and hepatic veins, aorta.
+"""A deterministic abdominal CT phantom: body, spine, liver, tumours, portal/hepatic veins, aorta.
 
 Anatomy lives in patient (LPS) millimetres, so the same patient rendered on different grids
 (phases, acquisitions, resolutions) is the same body; only the HU of contrast-taking tissue
@@ -61,8 +61,9 @@ class Anatomy:
     extent_z: tuple[float, float] = field(default=(-110.0, 110.0))
 
 
-def make_anatomy(seed: int, *, n_tumours: int = 2, tumour_kind: str = "tumor_hcc",
-                 overlapping: bool = False) -> Anatomy:
+def make_anatomy(
+    seed: int, *, n_tumours: int = 2, tumour_kind: str = "tumor_hcc", overlapping: bool = False
+) -> Anatomy:
     """Draw one patient's anatomy; everything depends only on ``seed`` and the arguments."""
     rng = np.random.default_rng(seed)
     j = lambda s: float(rng.uniform(-s, s))  # noqa: E731 - tiny jitter helper
@@ -77,15 +78,15 @@ def make_anatomy(seed: int, *, n_tumours: int = 2, tumour_kind: str = "tumor_hcc
         else:
             r = float(rng.uniform(9, 24))
             u = rng.uniform(-0.5, 0.5, size=3)
-            c = tuple(
-                float(liver_main.centre[i] + u[i] * liver_main.radii[i]) for i in range(3)
-            )
+            c = tuple(float(liver_main.centre[i] + u[i] * liver_main.radii[i]) for i in range(3))
         tumours.append(Ball(c, (r, r * float(rng.uniform(0.8, 1.2)), r)))  # type: ignore[arg-type]
     cx, cy, cz = liver_main.centre
     portal = (
         Tube((-15.0, 15.0, cz - 70), (cx + 20, cy + 10, cz - 5), 7.0),
         Tube((cx + 20, cy + 10, cz - 5), (cx - 30, cy + 5, cz + 10), 5.0),
-        Tube((cx + 20, cy + 10, cz - 5), (liver_left.centre[0], liver_left.centre[1], cz + 15), 4.5),
+        Tube(
+            (cx + 20, cy + 10, cz - 5), (liver_left.centre[0], liver_left.centre[1], cz + 15), 4.5
+        ),
     )
     ivc = (-25.0, 35.0, cz + 60)
     hepatic = tuple(
@@ -133,8 +134,15 @@ def _tube(P: tuple[np.ndarray, ...], t: Tube) -> np.ndarray:
     return dist2 <= t.radius**2
 
 
-def render(anatomy: Anatomy, grid: Grid, phase: str, *, seed: int = 0,
-           noise_hu: float = 8.0, slab: int = 16) -> Rendered:
+def render(
+    anatomy: Anatomy,
+    grid: Grid,
+    phase: str,
+    *,
+    seed: int = 0,
+    noise_hu: float = 8.0,
+    slab: int = 16,
+) -> Rendered:
     """Render ``anatomy`` on ``grid`` for a contrast phase, with seeded Gaussian noise."""
     pi = PHASE_INDEX[phase]
     hu = {k: v[pi] for k, v in PHASE_HU.items()}
@@ -181,7 +189,7 @@ def render(anatomy: Anatomy, grid: Grid, phase: str, *, seed: int = 0,
         sl = slice(z0, z1)
         masks["body"][sl] = body
         masks["liver"][sl] = liver
-        masks["remnant"][sl] = liver & (X > anatomy.remnant_x)
+        masks["remnant"][sl] = liver & (anatomy.remnant_x < X)
         masks["portal_vein"][sl] = portal
         masks["hepatic_vein"][sl] = hepatic
         masks["aorta"][sl] = aorta
@@ -190,8 +198,12 @@ def render(anatomy: Anatomy, grid: Grid, phase: str, *, seed: int = 0,
     return Rendered(grid, image, masks)
 
 
-def abdomen_grid(shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float],
-                 *, centre_z: float = 20.0) -> Grid:
+def abdomen_grid(
+    shape_zyx: tuple[int, int, int],
+    spacing_zyx: tuple[float, float, float],
+    *,
+    centre_z: float = 20.0,
+) -> Grid:
     """A grid of ``shape`` centred on the body in x/y and on ``centre_z`` (the liver) in z."""
     nz, ny, nx = shape_zyx
     sz, sy, sx = spacing_zyx

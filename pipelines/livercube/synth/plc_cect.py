@@ -84,8 +84,14 @@ def _save(data: np.ndarray, path: Path, form: str = "3d") -> None:
     nib.save(img, str(path))
 
 
-def write_plc_cect(root: str | Path, *, n_subjects: int = 3, size: str = "tiny", seed: int = 0,
-                   header_version: str = "current") -> PlcTruth:
+def write_plc_cect(
+    root: str | Path,
+    *,
+    n_subjects: int = 3,
+    size: str = "tiny",
+    seed: int = 0,
+    header_version: str = "current",
+) -> PlcTruth:
     """Write a PLC-CECT release of ``n_subjects`` under ``root``; returns the truth."""
     root = Path(root)
     n_xy, sxy = SIZES[size]
@@ -98,8 +104,11 @@ def write_plc_cect(root: str | Path, *, n_subjects: int = 3, size: str = "tiny",
     for s in range(n_subjects):
         pid = f"P{s + 1:04d}"
         ctype = _cancer_type(s, n_subjects)
-        anatomy = make_anatomy(seed * 1000 + s, n_tumours=0 if ctype == "CN" else 2,
-                               tumour_kind="tumor_hcc" if ctype in ("HCC", "CHCC") else "tumor_met")
+        anatomy = make_anatomy(
+            seed * 1000 + s,
+            n_tumours=0 if ctype == "CN" else 2,
+            tumour_kind="tumor_hcc" if ctype in ("HCC", "CHCC") else "tumor_met",
+        )
         age = None if s == 1 else int(rng.integers(35, 80))
         gender = None if s == 2 else ("male" if rng.random() < 0.7 else "female")
         truth.patients[pid] = {"age": age, "gender": gender, "cancer_type": ctype}
@@ -116,33 +125,75 @@ def write_plc_cect(root: str | Path, *, n_subjects: int = 3, size: str = "tiny",
             order = "header" if (s, code) in header_ordered else "superior_first"
             form = forms.get((s, code), "3d")
             _save(_to_file_order(v, order), root / "ct_files" / f"{pid}_ct_{code}.nii.gz", form)
-            _save(_to_file_order(liver.astype(np.uint8), order),
-                  root / "liver_mask_files" / f"{pid}-livermask_{code}.nii.gz")
+            _save(
+                _to_file_order(liver.astype(np.uint8), order),
+                root / "liver_mask_files" / f"{pid}-livermask_{code}.nii.gz",
+            )
             mask_rel = ""
             if ctype != "CN":
-                _save(_to_file_order(lesion.astype(np.uint8), order),
-                      root / "mask_files" / f"{pid}_mask_{code}.nii.gz")
+                _save(
+                    _to_file_order(lesion.astype(np.uint8), order),
+                    root / "mask_files" / f"{pid}_mask_{code}.nii.gz",
+                )
                 mask_rel = f"mask_files/{pid}_mask_{code}.nii.gz"
             truth.volumes[(pid, code)] = PlcVolumeTruth(
-                pid, code, hu_from_window(v), liver, None if ctype == "CN" else lesion, order,
-                form, (sz, sxy, sxy))
-            rows.append([pid, "" if age is None else str(age), gender or "", code, ctype,
-                         f"ct_files/{pid}_ct_{code}.nii.gz", mask_rel,
-                         f"liver_mask_files/{pid}-livermask_{code}.nii.gz"])
+                pid,
+                code,
+                hu_from_window(v),
+                liver,
+                None if ctype == "CN" else lesion,
+                order,
+                form,
+                (sz, sxy, sxy),
+            )
+            rows.append(
+                [
+                    pid,
+                    "" if age is None else str(age),
+                    gender or "",
+                    code,
+                    ctype,
+                    f"ct_files/{pid}_ct_{code}.nii.gz",
+                    mask_rel,
+                    f"liver_mask_files/{pid}-livermask_{code}.nii.gz",
+                ]
+            )
     rng.shuffle(rows)
     buf = io.StringIO()
     w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
     if header_version == "current":
-        w.writerow(["patient_id", "age", "gender", "phase", "cancer_type", "ct_path", "mask_path",
-                    "liver_mask_path"])
+        w.writerow(
+            [
+                "patient_id",
+                "age",
+                "gender",
+                "phase",
+                "cancer_type",
+                "ct_path",
+                "mask_path",
+                "liver_mask_path",
+            ]
+        )
         w.writerows(rows)
     else:
-        w.writerow(["Patient ID", "Stage", "Cancer Type", "CT File", "Mask File", "Liver Mask File"])
+        w.writerow(
+            ["Patient ID", "Stage", "Cancer Type", "CT File", "Mask File", "Liver Mask File"]
+        )
         for r_ in rows:
-            w.writerow([r_[0], "I" if r_[4] != "CN" else "", r_[4], Path(r_[5]).name,
-                        Path(r_[6]).name if r_[6] else "", Path(r_[7]).name])
+            w.writerow(
+                [
+                    r_[0],
+                    "I" if r_[4] != "CN" else "",
+                    r_[4],
+                    Path(r_[5]).name,
+                    Path(r_[6]).name if r_[6] else "",
+                    Path(r_[7]).name,
+                ]
+            )
     (root / "patient_data.csv").write_text(buf.getvalue())
     truth.overrides_csv = "patient_id,phase,slice_order,spacing_z,spacing_y,spacing_x\n" + "".join(
-        f"{pid},{code},header,,,\n" for (pid, code), t in truth.volumes.items()
-        if t.slice_order == "header")
+        f"{pid},{code},header,,,\n"
+        for (pid, code), t in truth.volumes.items()
+        if t.slice_order == "header"
+    )
     return truth

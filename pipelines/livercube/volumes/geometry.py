@@ -39,10 +39,12 @@ class Grid:
 
     def centres(self, axis: int) -> np.ndarray:
         """Patient coordinate (mm) of the voxel centres along array axis 0 (z), 1 (y) or 2 (x)."""
-        return self.origin[axis] + self.spacing[axis] * np.arange(self.shape[axis], dtype=np.float64)
+        return self.origin[axis] + self.spacing[axis] * np.arange(
+            self.shape[axis], dtype=np.float64
+        )
 
     def index_of(self, point_zyx: np.ndarray) -> np.ndarray:
-        """Continuous voxel index (z, y, x) of patient points given as ``(..., 3)`` in z, y, x order."""
+        """Continuous voxel index (z, y, x) of patient points given as ``(..., 3)``, z/y/x order."""
         return (np.asarray(point_zyx, dtype=np.float64) - np.asarray(self.origin)) / np.asarray(
             self.spacing
         )
@@ -92,7 +94,9 @@ def canonical_reorientation(
     spacing = np.asarray(spacing_ijk, dtype=np.float64)
     if np.any(~np.isfinite(spacing)) or np.any(spacing <= 0):
         raise GeometryError(source, f"voxel spacing must be positive, got {spacing.tolist()} mm")
-    world_of_index = np.argmax(np.abs(d), axis=0)  # for index axis a (i, j, k): world axis 0=x,1=y,2=z
+    world_of_index = np.argmax(
+        np.abs(d), axis=0
+    )  # for index axis a (i, j, k): world axis 0=x,1=y,2=z
     if sorted(world_of_index.tolist()) != [0, 1, 2]:
         raise GeometryError(
             source,
@@ -151,7 +155,9 @@ def ras_to_lps_affine(affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def decompose_affine(affine_lps: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float], tuple]:
+def decompose_affine(
+    affine_lps: np.ndarray,
+) -> tuple[np.ndarray, tuple[float, float, float], tuple]:
     """Split a 4×4 LPS affine into (direction, spacing_ijk, origin_xyz)."""
     a = np.asarray(affine_lps, dtype=np.float64)
     m = a[:3, :3]

@@ -1,0 +1,340 @@
+"""Assemble one scanned CT acquisition into a canonical int16 HU volume.
+
+Geometry comes from ImagePositionPatient and ImageOrientationPatient only:
+
+* the slice normal is cross(row cosines, column cosines); slices are sorted by the projection of
+  their position on it, so the source index axes are i = row cosines (columns), j = column
+  cosines (rows) and k = +normal;
+* the slice spacing is derived from position differences, never from SliceThickness or
+  SpacingBetweenSlices (both are reported in ``spacing_report`` for comparison);
+* a slice may deviate from the regular grid by ``max(0.01 mm, 1 % of the spacing)``
+  (:func:`livercube.sources.dicom_scan.analyse_spacing`).  A gap that is a whole multiple of
+  the spacing is a run of missing slices: they are filled with :data:`FILL_HU` (−1024 HU, air)
+  and their canonical indices listed in ``filled_slices`` — the volume is never closed up.  Any
+  other irregularity raises :class:`~livercube.errors.GeometryError` naming the series and the
+  positions;
+* the stacked ``(k, j, i)`` array is brought to canonical ``(z, y, x)`` LPS order by
+  :func:`livercube.volumes.geometry.canonical_reorientation` (permutations and flips only).
+
+Intensities are exact: HU = stored × RescaleSlope + RescaleIntercept, computed on the stored
+values as pydicom decodes them (PixelRepresentation 0 → unsigned, 1 → signed), per slice.  The
+result must be integral and inside int16, else :class:`~livercube.errors.IntensityError`.
+
+Padding: stored values equal to PixelPaddingValue (or inside [PixelPaddingValue,
+PixelPaddingRangeLimit]) are not measurements (GE writes −2000 outside the reconstruction
+circle).  They are set to :data:`PADDING_HU` (−1024 HU, air) rather than their rescaled value
+(−3024 or −2000 HU, which would pollute intensity statistics); how many voxels were replaced is
+recorded in ``attrs["padding_voxels"]`` along with ``attrs["padding_hu"]``.  Other values
+below −1024 HU without a padding declaration are kept as they are.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pydicom
+from fsspec.implementations.local import LocalFileSystem
+
+from livercube.errors import GeometryError, IntensityError, UnreadableFileError
+from livercube.sources.dicom_scan import (
+    ORIENTATION_TOL,
+    Acquisition,
+    SliceRef,
+    analyse_spacing,
+    plain_value,
+    slice_normal,
+)
+from livercube.volumes.geometry import Grid, Reorientation, canonical_reorientation
+
+#: HU written into missing slices (gaps of a whole number of slice spacings).
+FILL_HU = -1024
+#: HU written where the stored value is PixelPaddingValue.
+PADDING_HU = -1024
+
+_INT16 = np.iinfo(np.int16)
+
+
+@dataclass
+class CTVolume:
+    """One CT acquisition on its canonical grid.
+
+    ``image`` is int16 HU indexed ``(z, y, x)`` in LPS; ``grid`` its geometry.
+    ``slice_axis`` is the canonical axis the source slices are stacked along (0 for axial CT);
+    ``slice_positions`` the LPS position (x, y, z) of the first voxel of each source slice in
+    canonical order along that axis (computed for filled slices); ``filled_slices`` the
+    canonical indices along ``slice_axis`` that were filled with :data:`FILL_HU`;
+    ``sop_uids_by_canonical_z`` maps every canonical z index to the SOPInstanceUIDs of the
+    source slices crossing it (one per z for axial CT, none for a filled slice).
+    """
+
+    image: np.ndarray
+    grid: Grid
+    reorientation: Reorientation
+    source_direction: tuple[tuple[float, float, float], ...]
+    slice_axis: int
+    slice_positions: tuple[tuple[float, float, float], ...]
+    filled_slices: list[int]
+    spacing_report: dict[str, Any]
+    sop_uids_by_canonical_z: dict[int, tuple[str, ...]]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def stored_to_hu(
+    ds: pydicom.Dataset, stored: np.ndarray, *, source: str, padding_hu: int = PADDING_HU
+) -> tuple[np.ndarray, int]:
+    """Exact int16 HU of one decoded slice and the number of padding pixels replaced."""
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope.is_integer() and intercept.is_integer():
+        hu = stored.astype(np.int64) * int(slope) + int(intercept)
+    else:
+        exact = stored.astype(np.float64) * slope + intercept
+        hu_f = np.rint(exact)
+        err = float(np.max(np.abs(exact - hu_f))) if exact.size else 0.0
+        if err > 1e-3:
+            raise IntensityError(
+                source,
+                f"RescaleSlope {slope} and RescaleIntercept {intercept} give non-integer HU "
+                f"(off by up to {err:.3f}); int16 storage would lose information",
+            )
+        hu = hu_f.astype(np.int64)
+    mask = _padding_mask(ds, stored)
+    n_pad = int(mask.sum()) if mask is not None else 0
+    if n_pad:
+        hu[mask] = padding_hu
+    lo, hi = int(hu.min()), int(hu.max())
+    if lo < _INT16.min or hi > _INT16.max:
+        raise IntensityError(source, f"HU range [{lo}, {hi}] after rescaling does not fit int16")
+    return hu.astype(np.int16), n_pad
+
+
+def _signed(value: int, ds: pydicom.Dataset) -> int:
+    """A 16-bit padding value in the signedness of the pixel data (its VR may disagree)."""
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if signed and value >= 1 << 15:
+        return value - (1 << 16)
+    if not signed and value < 0:
+        return value + (1 << 16)
+    return value
+
+
+def _padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
+    pv = ds.get("PixelPaddingValue")
+    if pv is None or isinstance(pv, bytes):
+        return None
+    a = _signed(int(pv), ds)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None or isinstance(limit, bytes):
+        return stored == a
+    b = _signed(int(limit), ds)
+    lo, hi = min(a, b), max(a, b)
+    return (stored >= lo) & (stored <= hi)
+
+
+@dataclass
+class _SliceStats:
+    padding_voxels: int = 0
+    slopes: set[float] = field(default_factory=set)
+    intercepts: set[float] = field(default_factory=set)
+    pixel_representation: set[int] = field(default_factory=set)
+    padding_values: set[int] = field(default_factory=set)
+    thickness: set[float] = field(default_factory=set)
+
+
+def _read_slice(
+    ref: SliceRef,
+    k: int,
+    blob: bytes | Exception,
+    src: np.ndarray,
+    acq: Acquisition,
+    stats: _SliceStats,
+    *,
+    label: str,
+    padding_hu: int,
+) -> None:
+    """Decode one file into ``src[k]`` after checking it is the slice the scan saw."""
+    where = f"{label}: file {ref.path}"
+    rows, cols = acq.rows, acq.columns
+    try:
+        if isinstance(blob, Exception):
+            raise blob
+        ds = pydicom.dcmread(io.BytesIO(blob))
+    except Exception as exc:
+        raise UnreadableFileError(where, f"cannot read DICOM file: {exc}") from exc
+    if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
+        raise UnreadableFileError(
+            where, f"SOPInstanceUID {ds.get('SOPInstanceUID')} is not the scanned {ref.sop_uid}"
+        )
+    if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+        raise GeometryError(where, f"matrix {ds.Rows}×{ds.Columns} != {rows}×{cols}")
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    if max(abs(a - b) for a, b in zip(iop, acq.orientation, strict=True)) > ORIENTATION_TOL:
+        raise GeometryError(where, f"orientation {iop} differs from the series {acq.orientation}")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        raise UnreadableFileError(
+            where, f"pixel data cannot be decoded (truncated or unsupported codec): {exc}"
+        ) from exc
+    if stored.shape != (rows, cols):
+        raise UnreadableFileError(where, f"decoded pixel array has shape {stored.shape}")
+    hu, n_pad = stored_to_hu(ds, stored, source=where, padding_hu=padding_hu)
+    src[k] = hu
+    stats.padding_voxels += n_pad
+    stats.slopes.add(float(ds.get("RescaleSlope", 1) or 1))
+    stats.intercepts.add(float(ds.get("RescaleIntercept", 0) or 0))
+    stats.pixel_representation.add(int(ds.get("PixelRepresentation", 0) or 0))
+    if ds.get("PixelPaddingValue") is not None:
+        stats.padding_values.add(_signed(int(ds.PixelPaddingValue), ds))
+    if ds.get("SliceThickness") not in (None, ""):
+        stats.thickness.add(float(ds.SliceThickness))
+
+
+def read_acquisition(
+    acq: Acquisition,
+    storage_options: dict | None = None,
+    *,
+    fill_hu: int = FILL_HU,
+    padding_hu: int = PADDING_HU,
+    max_workers: int | None = None,
+) -> CTVolume:
+    """Read the pixels of one :class:`Acquisition` and return its canonical volume.
+
+    Files are fetched through fsspec (``max_workers`` in parallel; default 1 locally, 8 for
+    remote filesystems) and decoded by pydicom one at a time.
+    """
+    label = acq.label
+    fs, _ = fsspec.core.url_to_fs(acq.source, **(storage_options or {}))
+    normal = slice_normal(acq.orientation)
+    row_cos = np.asarray(acq.orientation[:3], dtype=np.float64)
+    col_cos = np.asarray(acq.orientation[3:], dtype=np.float64)
+    positions = np.asarray([s.position for s in acq.slices], dtype=np.float64)
+    offsets = positions @ normal
+    order = np.argsort(offsets, kind="stable")
+    slices = [acq.slices[i] for i in order]
+    positions, offsets = positions[order], offsets[order]
+
+    spacing = analyse_spacing(offsets, source=label)
+    dz = spacing.spacing
+    n_k = spacing.n_grid
+    rows, cols = acq.rows, acq.columns
+    # in-plane drift of the slice origins (gantry tilt shows up here)
+    expected = positions[0] + np.outer(np.asarray(spacing.grid_index) * dz, normal)
+    drift = float(np.max(np.linalg.norm(positions - expected, axis=1)))
+
+    src = np.full((n_k, rows, cols), fill_hu, dtype=np.int16)
+    stats = _SliceStats()
+
+    def fetch(ref: SliceRef) -> bytes | Exception:
+        try:
+            return _open_bytes(fs, ref.path)
+        except Exception as exc:  # reported with the file's name below
+            return exc
+
+    workers = max_workers or (1 if isinstance(fs, LocalFileSystem) else 8)
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    blobs = pool.map(fetch, slices) if pool else map(fetch, slices)
+    try:
+        for ref, k, blob in zip(slices, spacing.grid_index, blobs, strict=True):
+            _read_slice(ref, k, blob, src, acq, stats, label=label, padding_hu=padding_hu)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+    direction = np.column_stack([row_cos, col_cos, normal])
+    spacing_ijk = (float(acq.pixel_spacing[1]), float(acq.pixel_spacing[0]), float(dz))
+    reo = canonical_reorientation(
+        (n_k, rows, cols), direction, spacing_ijk, tuple(positions[0]), source=label
+    )
+    image = reo.apply(src)
+
+    slice_axis = reo.axes.index(0)  # canonical axis holding source k
+    flip_k = reo.flips[slice_axis]
+
+    def canon(k: int) -> int:
+        return n_k - 1 - k if flip_k else k
+
+    all_pos = positions[0] + np.outer(np.arange(n_k) * dz, normal)
+    canon_order = [canon(k) for k in range(n_k)]
+    slice_positions: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * n_k
+    for k in range(n_k):
+        slice_positions[canon_order[k]] = tuple(float(v) for v in all_pos[k])  # type: ignore[assignment]
+    for ref, k in zip(slices, spacing.grid_index, strict=True):
+        slice_positions[canon(k)] = tuple(float(v) for v in ref.position)  # type: ignore[assignment]
+    filled = sorted(canon(k) for k in spacing.missing)
+
+    uids_by_z: dict[int, tuple[str, ...]] = {}
+    if slice_axis == 0:
+        for z in range(n_k):
+            uids_by_z[z] = ()
+        for ref, k in zip(slices, spacing.grid_index, strict=True):
+            uids_by_z[canon(k)] = (ref.sop_uid,)
+    else:  # sagittal/coronal source: every slice crosses every canonical z
+        every = tuple(ref.sop_uid for ref in slices)
+        for z in range(image.shape[0]):
+            uids_by_z[z] = every
+
+    spacing_report = {
+        "slice_spacing_mm": dz,
+        "spacing_source": "ImagePositionPatient",
+        "pixel_spacing_mm": [float(v) for v in acq.pixel_spacing],
+        "n_source_slices": len(slices),
+        "n_grid_slices": n_k,
+        "n_filled": len(filled),
+        "filled_positions_mm": [list(slice_positions[z]) for z in filled],
+        "max_deviation_mm": spacing.max_deviation,
+        "tolerance_mm": spacing.tolerance,
+        "in_plane_drift_mm": drift,
+        "obliquity_deg": reo.obliquity_deg,
+        "slice_thickness_mm": sorted(stats.thickness),
+        "spacing_between_slices_mm": plain_value(acq.attrs.get("SpacingBetweenSlices")),
+        "thickness_differs_from_spacing": any(
+            abs(t - dz) > spacing.tolerance for t in stats.thickness
+        ),
+    }
+    attrs: dict[str, Any] = dict(acq.attrs)
+    attrs.update(
+        patient_id=acq.patient_id,
+        study_uid=acq.study_uid,
+        study_date=acq.study_date,
+        study_description=acq.study_description,
+        series_uid=acq.series_uid,
+        series_number=acq.series_number,
+        series_description=acq.series_description,
+        acquisition_number=acq.acquisition_number,
+        acquisition_time=acq.acquisition_time,
+        index_in_series=acq.index_in_series,
+        n_source_files=len(slices),
+        filled_slices=len(filled),
+        fill_hu=fill_hu,
+        padding_voxels=stats.padding_voxels,
+        padding_hu=padding_hu,
+        padding_values_stored=sorted(stats.padding_values),
+        rescale_slopes=sorted(stats.slopes),
+        rescale_intercepts=sorted(stats.intercepts),
+        pixel_representation=sorted(stats.pixel_representation),
+        obliquity_deg=reo.obliquity_deg,
+        scan_notes=[f"{n.path}: {n.reason}" for n in acq.notes],
+    )
+    return CTVolume(
+        image=image,
+        grid=reo.grid,
+        reorientation=reo,
+        source_direction=reo.source_direction,
+        slice_axis=slice_axis,
+        slice_positions=tuple(slice_positions),
+        filled_slices=filled,
+        spacing_report=spacing_report,
+        sop_uids_by_canonical_z=uids_by_z,
+        attrs=attrs,
+    )

@@ -1,0 +1,209 @@
+"""The store contract (schemas/store-contract.md), checked on a converted store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import livercube
+from livercube.errors import StoreError, VolumeNotFoundError
+from livercube.schema import PHASES, unified_labels
+from livercube.store.catalog import write_catalog
+from livercube.store.chunking import chunk_and_shard
+from livercube.store.layout import sanitize, volume_path
+from livercube.volumes.volume import SegmentField, content_checksum, unified_label_map
+
+PLAIN_XARRAY = r"""
+import sys, json, numpy as np, xarray as xr
+url = sys.argv[1]
+cat = xr.open_zarr(url, group="catalog", zarr_format=3)
+path = str(cat["path"].values[0])
+ds = xr.open_zarr(url, group=path, zarr_format=3)
+tree = xr.open_datatree(url, engine="zarr")
+print(json.dumps({
+    "livercube_imported": "livercube" in sys.modules,
+    "catalog_vars": sorted(cat.data_vars),
+    "catalog_dims": dict(cat.sizes),
+    "image_dims": list(ds.image.dims), "image_dtype": str(ds.image.dtype),
+    "label_dtype": str(ds.label.dtype),
+    "z_units": ds.z.attrs.get("units"),
+    "z0": float(ds.z.values[0]), "origin_z": float(cat.origin.values[0][0]),
+    "spacing_z": float(cat.spacing.values[0][0]), "dz": float(ds.z.values[1] - ds.z.values[0]),
+    "tree_has_volume": path in [n.path.strip("/") for n in tree.subtree],
+}))
+"""
+
+
+def test_plain_xarray_opens_everything_without_livercube(plc_store, tmp_path):
+    url, _ = plc_store
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_XARRAY)
+    out = subprocess.run(
+        [sys.executable, "-I", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["livercube_imported"] is False
+    required = {
+        "collection",
+        "patient_id",
+        "study_date",
+        "series_number",
+        "phase",
+        "spacing",
+        "origin",
+        "extent",
+        "annotated",
+        "path",
+        "checksum",
+    }
+    assert required <= set(info["catalog_vars"])
+    assert info["catalog_dims"] == {"volume": 12, "axis": 3}
+    assert info["image_dims"] == ["z", "y", "x"] and info["image_dtype"] == "int16"
+    assert info["label_dtype"] == "uint8" and info["z_units"] == "mm"
+    assert info["z0"] == pytest.approx(info["origin_z"])
+    assert info["dz"] == pytest.approx(info["spacing_z"])
+    assert info["tree_has_volume"]
+
+
+def test_volume_groups_are_valid_ome_zarr_05(plc_store):
+    from ome_zarr_models.v05.image import Image
+
+    url, _ = plc_store
+    store = livercube.open(url)
+    for path in store.paths()[:3]:
+        group = zarr.open_group(url, path=path, mode="r", zarr_format=3)
+        image = Image.from_zarr(group)  # raises on any contract violation
+        ms = group.attrs["ome"]["multiscales"][0]
+        assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+        assert all(a["unit"] == "millimeter" for a in ms["axes"])
+        scale, translation = ms["datasets"][0]["coordinateTransformations"]
+        i = store.paths().index(path)
+        np.testing.assert_allclose(scale["scale"], store.catalog.spacing.values[i])
+        np.testing.assert_allclose(translation["translation"], store.catalog.origin.values[i])
+        assert image is not None
+
+
+def test_arrays_are_sharded_and_chunked_for_patches(plc_store):
+    url, _ = plc_store
+    path = livercube.open(url).paths()[0]
+    arr = zarr.open_array(url, path=f"{path}/image", mode="r", zarr_format=3)
+    assert arr.shards is not None
+    assert arr.metadata.dimension_names == ("z", "y", "x")
+    chunks, shards = chunk_and_shard((100, 512, 512))
+    assert chunks == (32, 64, 64) and shards == (64, 512, 512)
+    chunks, shards = chunk_and_shard((7, 20, 30))
+    assert chunks == (7, 20, 30) and shards == (7, 20, 30)
+    for shape in [(1, 1, 1), (33, 65, 129), (240, 512, 512), (18, 512, 512)]:
+        c, s = chunk_and_shard(shape)
+        assert all(si % ci == 0 for si, ci in zip(s, c, strict=True))
+
+
+def test_catalog_fields_and_phase_vocabulary(plc_store):
+    url, _ = plc_store
+    cat = livercube.open(url).catalog
+    assert set(cat.phase.values.astype(str)) <= set(PHASES)
+    assert list(cat.axis.values) == ["z", "y", "x"]
+    assert cat.extent.dtype == np.int64 and cat.spacing.dtype == np.float64
+    assert all(str(c).startswith("sha256:") for c in cat.checksum.values)
+    assert set(cat.collection.values.astype(str)) == {"plc-cect"}
+
+
+def test_checksums_match_content(plc_store):
+    url, _ = plc_store
+    store = livercube.open(url)
+    for i in range(3):
+        ds = store.volume(i)
+        arrays = {n: ds[n].values for n in ("image", "label", "segments") if n in ds}
+        assert content_checksum(arrays) == str(store.catalog.checksum.values[i])
+
+
+def test_segments_recover_overlaps_and_instances():
+    """Two overlapping tumour instances inside a liver stay separable; label follows precedence."""
+    shape = (4, 6, 6)
+    liver = np.zeros(shape, bool)
+    liver[:, 1:5, 1:5] = True
+    t1 = np.zeros(shape, bool)
+    t1[1:3, 2:4, 2:4] = True
+    t2 = np.zeros(shape, bool)
+    t2[2:4, 3:5, 3:5] = True  # overlaps t1 and pokes outside the liver
+    aorta = np.zeros(shape, bool)
+    aorta[:, 0, 0] = True
+    f = SegmentField(shape, 4)
+    for m, lab, u in (
+        (liver, "Liver", 1),
+        (t1, "Tumor_1", 2),
+        (t2, "Tumor_2", 2),
+        (aorta, "Abdominal aorta", 5),
+    ):
+        f.add(m, label=lab, number=1, unified=u)
+    np.testing.assert_array_equal(f.mask(1), t1)
+    np.testing.assert_array_equal(f.mask(2), t2)
+    label = unified_label_map(f.bits, f.segments)
+    assert (label[t1 | t2] == 2).all() and (label[aorta] == 5).all()
+    assert (label[liver & ~(t1 | t2)] == 1).all() and (label[~(liver | t1 | t2 | aorta)] == 0).all()
+    assert unified_labels()[2] == "tumor"
+
+
+def test_segment_bits_grow_to_64_then_refuse():
+    from livercube.errors import SegmentLimitError
+    from livercube.volumes.volume import bits_dtype
+
+    assert bits_dtype(8) == np.uint8 and bits_dtype(9) == np.uint16 and bits_dtype(40) == np.uint64
+    with pytest.raises(SegmentLimitError):
+        bits_dtype(65)
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("Recon 2: LIVER 3 PHASE (AP)", "Recon_2_LIVER_3_PHASE_AP"),
+        ("../../etc", "etc"),
+        ("a/b\\c", "a_b_c"),
+        ("", "NA"),
+        ("..", "NA"),
+        (300, "300"),
+    ],
+)
+def test_names_are_sanitized(raw, expected):
+    assert sanitize(raw) == expected
+
+
+def test_volume_path_has_four_safe_components():
+    p = volume_path("crlm", "CRLM-CT-1001", "1.2.3/..", "Bind(17095/4/277..465)")
+    assert p.count("/") == 3 and ".." not in p.split("/")
+
+
+def test_incomplete_volume_is_invisible(plc_store, tmp_path):
+    """A group without its completion record (interrupted write) never reaches the catalog."""
+    import shutil
+
+    url, _ = plc_store
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(url, dst)
+    store = livercube.open(str(dst))
+    victim = store.paths()[0]
+    meta_file = Path(dst, victim, "zarr.json")
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["livercube"]["status"] = "writing"
+    del meta["attributes"]["livercube"]["complete"]
+    meta_file.write_text(json.dumps(meta))
+    write_catalog(str(dst))
+    again = livercube.open(str(dst))
+    assert victim not in again.paths() and len(again.paths()) == len(store.paths()) - 1
+    with pytest.raises(VolumeNotFoundError):
+        again.volume(victim)
+
+
+def test_store_errors_are_specific(tmp_path):
+    with pytest.raises(StoreError):
+        livercube.open(str(tmp_path / "nothing-here.zarr")).catalog  # noqa: B018
