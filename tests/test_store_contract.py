@@ -207,3 +207,30 @@ def test_incomplete_volume_is_invisible(plc_store, tmp_path):
 def test_store_errors_are_specific(tmp_path):
     with pytest.raises(StoreError):
         livercube.open(str(tmp_path / "nothing-here.zarr")).catalog  # noqa: B018
+
+
+def test_store_conforms_to_the_written_contract(plc_store):
+    from livercube.store.contract import check_store
+
+    url, _ = plc_store
+    assert check_store(url) == []
+
+
+def test_contract_checker_catches_violations(plc_store, tmp_path):
+    """The checker is not a rubber stamp: a wrong phase and a wrong coordinate are caught."""
+    import shutil
+
+    from livercube.store.contract import check_store
+
+    url, _ = plc_store
+    dst = tmp_path / "bad.zarr"
+    shutil.copytree(url, dst)
+    victim = livercube.open(str(dst)).paths()[0]
+    meta_file = Path(dst, victim, "zarr.json")
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["livercube"]["phase"] = "venous-ish"
+    meta_file.write_text(json.dumps(meta))
+    zarr.open_array(str(dst), path=f"{livercube.open(str(dst)).paths()[1]}/z", mode="r+")[0] = 999.0
+    problems = check_store(str(dst))
+    assert any("phase" in p and "venous-ish" in p for p in problems)
+    assert any("coordinate z disagrees" in p for p in problems)

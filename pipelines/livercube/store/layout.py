@@ -56,15 +56,23 @@ def open_zarr_store(
 
 
 def open_root(
-    url: str, storage_options: dict[str, Any] | None = None, *, mode: str = "r"
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    mode: str = "r",
+    consolidated: bool = True,
 ) -> zarr.Group:
-    """Open the root group of a store (``mode='a'`` creates it)."""
+    """Open the root group of a store (``mode='a'`` creates it).
+
+    Readers use the consolidated metadata (one request for the whole hierarchy); writers and
+    checkers pass ``consolidated=False`` to see every group as it is now.
+    """
     store = open_zarr_store(url, storage_options, read_only=(mode == "r"))
-    if mode == "r":
+    if mode == "r" and consolidated:
         try:
             return zarr.open_consolidated(store, zarr_format=3)
         except Exception:  # no consolidated metadata (store still being written)
-            return zarr.open_group(store, mode="r", zarr_format=3)
+            pass
     # writers must see the volumes as they are now, never a stale consolidated snapshot
     return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
 
