@@ -30,7 +30,7 @@ from livercube.errors import (
     SourceError,
     UnreadableFileError,
 )
-from livercube.sources.dicom_ct import FILL_HU, PADDING_HU, read_acquisition
+from livercube.sources.dicom_ct import FILL_HU, read_acquisition
 from livercube.sources.dicom_scan import analyse_spacing, scan
 
 SHAPE = (6, 16, 16)
@@ -193,7 +193,7 @@ def test_int16_overflow_is_a_clear_error(tmp_path):
         read_acquisition(result.acquisitions[0])
 
 
-def test_pixel_padding_value_mapped_and_counted(tmp_path):
+def test_pixel_padding_value_kept_exact_and_counted(tmp_path):
     a = canonical_test_array(SHAPE, seed=6)
     pad = np.zeros(SHAPE, bool)
     pad[:, :2, :] = True
@@ -201,11 +201,21 @@ def test_pixel_padding_value_mapped_and_counted(tmp_path):
     _, vol = read_single(tmp_path)
     assert vol.attrs["padding_voxels"] == int(pad.sum())
     assert vol.attrs["padding_values_stored"] == [-2000]
+    assert (vol.image[pad] == -2000).all()  # exact rescaled value, below any real tissue
+    ref, _, _ = sitk_reference(tmp_path)  # SimpleITK keeps the rescaled −2000 there too
+    np.testing.assert_array_equal(vol.image, ref)
+
+
+def test_padding_can_be_replaced_on_request(tmp_path):
+    a = canonical_test_array(SHAPE, seed=6)
+    pad = np.zeros(SHAPE, bool)
+    pad[:, :2, :] = True
+    write_ct_series(tmp_path, a, padding_value=-2000, padding_mask=pad, intercept=0.0)
+    result = scan(str(tmp_path))
+    vol = read_acquisition(result.acquisitions[0], padding_hu=-1024)
     expected = a.copy()
-    expected[pad] = PADDING_HU
+    expected[pad] = -1024
     np.testing.assert_array_equal(vol.image, expected)
-    ref, _, _ = sitk_reference(tmp_path)  # SimpleITK keeps the rescaled −2000 there
-    np.testing.assert_array_equal(vol.image[~pad], ref[~pad])
 
 
 # ----------------------------------------------------------------------------- acquisitions

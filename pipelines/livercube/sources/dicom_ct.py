@@ -22,10 +22,11 @@ result must be integral and inside int16, else :class:`~livercube.errors.Intensi
 
 Padding: stored values equal to PixelPaddingValue (or inside [PixelPaddingValue,
 PixelPaddingRangeLimit]) are not measurements (GE writes −2000 outside the reconstruction
-circle).  They are set to :data:`PADDING_HU` (−1024 HU, air) rather than their rescaled value
-(−3024 or −2000 HU, which would pollute intensity statistics); how many voxels were replaced is
-recorded in ``attrs["padding_voxels"]`` along with ``attrs["padding_hu"]``.  Other values
-below −1024 HU without a padding declaration are kept as they are.
+circle).  By default (:data:`PADDING_HU` = ``None``) they keep their exact rescaled value
+(−3024 HU for GE's −2000 with intercept −1024): bit-identical to SimpleITK and dcm2niix, and
+below −1024 HU, so padding can never pass for air or tissue.  How many voxels are padding and
+which stored values declared it is recorded in ``attrs["padding_voxels"]`` /
+``attrs["padding_values_stored"]``; a caller may pass ``padding_hu`` to replace them.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from livercube.volumes.geometry import Grid, Reorientation, canonical_reorientat
 
 #: HU written into missing slices (gaps of a whole number of slice spacings).
 FILL_HU = -1024
-#: HU written where the stored value is PixelPaddingValue.
-PADDING_HU = -1024
+#: HU written where the stored value is PixelPaddingValue (None: keep the exact rescaled value).
+PADDING_HU: int | None = None
 
 _INT16 = np.iinfo(np.int16)
 
@@ -90,7 +91,7 @@ def _open_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 def stored_to_hu(
-    ds: pydicom.Dataset, stored: np.ndarray, *, source: str, padding_hu: int = PADDING_HU
+    ds: pydicom.Dataset, stored: np.ndarray, *, source: str, padding_hu: int | None = PADDING_HU
 ) -> tuple[np.ndarray, int]:
     """Exact int16 HU of one decoded slice and the number of padding pixels replaced."""
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -110,7 +111,7 @@ def stored_to_hu(
         hu = hu_f.astype(np.int64)
     mask = _padding_mask(ds, stored)
     n_pad = int(mask.sum()) if mask is not None else 0
-    if n_pad:
+    if n_pad and padding_hu is not None:
         hu[mask] = padding_hu
     lo, hi = int(hu.min()), int(hu.max())
     if lo < _INT16.min or hi > _INT16.max:
@@ -160,7 +161,7 @@ def _read_slice(
     stats: _SliceStats,
     *,
     label: str,
-    padding_hu: int,
+    padding_hu: int | None,
 ) -> None:
     """Decode one file into ``src[k]`` after checking it is the slice the scan saw."""
     where = f"{label}: file {ref.path}"
@@ -205,7 +206,7 @@ def read_acquisition(
     storage_options: dict | None = None,
     *,
     fill_hu: int = FILL_HU,
-    padding_hu: int = PADDING_HU,
+    padding_hu: int | None = PADDING_HU,
     max_workers: int | None = None,
 ) -> CTVolume:
     """Read the pixels of one :class:`Acquisition` and return its canonical volume.
