@@ -70,20 +70,27 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-def _plc_task(
+def _volume_task(
     task: Any, dest: str, storage_options: dict | None, source_options: dict | None
 ) -> dict[str, Any]:
-    """One PLC-CECT volume: decode, write, return a record (runs on a worker)."""
-    from livercube.sources.plc_cect import read_volume
-
+    """One volume: decode its sources, write its group, return a small record (on a worker)."""
     try:
-        volume, skipped = read_volume(task, source_options)
+        if hasattr(task, "acquisition"):
+            from livercube.sources.dicom_collection import read_volume
+
+            volume, skipped = read_volume(task, source_options)
+            fingerprint, source = task.fingerprint, task.key
+        else:
+            from livercube.sources.plc_cect import read_volume
+
+            volume, skipped = read_volume(task, source_options)
+            fingerprint, source = f"plc-cect:{task.ct}", task.ct
         record = write_volume(
-            dest, volume, storage_options=storage_options, fingerprint=f"plc-cect:{task.ct}"
+            dest, volume, storage_options=storage_options, fingerprint=fingerprint
         )
         return {
             "status": "converted",
-            "input": task.ct,
+            "input": source,
             **record,
             "skipped": skipped,
             "notes": volume.meta.get("notes", []),
@@ -93,7 +100,7 @@ def _plc_task(
     except Exception as exc:  # a bug or an unforeseen file: quarantine this input only
         return {
             "status": "failed",
-            "input": task.ct,
+            "input": getattr(task, "key", str(task)),
             "reason": f"{type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc(),
         }
@@ -191,14 +198,20 @@ def convert(
         plan = plc_cect.plan(
             source, clinical=clinical, overrides=overrides, storage_options=source_options
         )
-        report.skipped.extend(plan.skipped)
-        report.warnings.extend(plan.warnings)
-        fn, tasks, columns = _plc_task, plan.tasks, plan.clinical_columns
-        keys = [f"plc-cect-{t.key}" for t in tasks]
     else:
-        raise UsageError(
-            f"--collection {collection}: DICOM ingest is not implemented yet (see issue 3)"
+        from livercube.sources import dicom_collection
+
+        plan = dicom_collection.plan(
+            source,
+            collection,
+            clinical=clinical,
+            overrides=overrides,
+            storage_options=source_options,
         )
+    report.skipped.extend(plan.skipped)
+    report.warnings.extend(plan.warnings)
+    fn, tasks, columns = _volume_task, plan.tasks, plan.clinical_columns
+    keys = [f"{collection}-{t.key}" for t in tasks]
 
     _prepare_root(dest, storage_options, collection, columns)
     for rec in run_tasks(

@@ -1,0 +1,317 @@
+"""HCC-TACE-Seg and CRLM: plan volumes from DICOM headers, then convert one acquisition per task.
+
+Planning (client side, headers only) decides everything a task needs: which acquisitions
+become volumes, their store paths, contrast phase and evidence, which expert SEG annotates
+which acquisition (matched by frame geometry), and the patient's clinical covariates.  A task
+then reads one acquisition's pixels, places its SEG, and writes one volume.
+
+AI segmentations (e.g. IDC's "AIMI liver-tumor AI segmentation", same SeriesNumber as the
+expert SEG) are not mixed into ``label``: they are skipped with a note in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from livercube.errors import SourceError, UsageError
+from livercube.sources.dicom_scan import Acquisition, SegInstance, scan
+from livercube.store.layout import sanitize
+from livercube.volumes.volume import Volume
+
+#: File names of the clinical spreadsheets as released (found in SOURCE when --clinical is absent).
+CLINICAL_FILES = {
+    "hcc-tace-seg": ("HCC-TACE-Seg_clinical_data-V2.xlsx",),
+    "crlm": ("Colorectal-Liver-Metastases-Clinical-data-April-2023.xlsx",),
+}
+
+
+@dataclass
+class DicomVolumeTask:
+    """One acquisition → one volume; small and picklable."""
+
+    collection: str
+    acquisition: Acquisition
+    study: str
+    series: str
+    phase: str
+    phase_evidence: str
+    seg: SegInstance | None = None
+    seg_target: Any = None  # dicom_seg.SegTarget
+    seg_notes: list[str] = field(default_factory=list)
+    clinical: dict[str, Any] = field(default_factory=dict)
+    age: float | None = None
+    sex: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.acquisition.patient_id}/{self.study}/{self.series}"
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for s in self.acquisition.slices:
+            h.update(f"{s.sop_uid};".encode())
+        if self.seg:
+            h.update(f"seg:{self.seg.sop_uid}".encode())
+        return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class DicomPlan:
+    tasks: list[DicomVolumeTask]
+    skipped: list[dict[str, str]]
+    warnings: list[str]
+    clinical_columns: dict[str, dict[str, Any]]
+
+
+def _short(uid: str, n: int = 6) -> str:
+    return hashlib.sha1(uid.encode()).hexdigest()[:n]
+
+
+def study_name(acq: Acquisition) -> str:
+    """``<StudyDate>_<hash of StudyInstanceUID>``: readable, sortable, unique per patient."""
+    date = acq.study_date or "nodate"
+    return sanitize(f"{date}_{_short(acq.study_uid)}")
+
+
+def series_names(acqs: list[Acquisition]) -> dict[tuple[str, int], str]:
+    """Store names of a study's acquisitions: ``<SeriesNumber>`` or ``<SeriesNumber>_acq<n>``.
+
+    A series holding several acquisitions gets one volume per acquisition; two series sharing
+    a number (CRLM CT 100 beside SEG 100 is harmless, but CT/CT clashes exist) get a UID hash.
+    """
+    by_series: dict[str, list[Acquisition]] = defaultdict(list)
+    for a in acqs:
+        by_series[a.series_uid].append(a)
+    base: dict[str, str] = {
+        uid: sanitize(a[0].series_number, fallback="NA") for uid, a in by_series.items()
+    }
+    counts: dict[str, int] = defaultdict(int)
+    for name in base.values():
+        counts[name] += 1
+    names = {}
+    for uid, group in by_series.items():
+        stem = base[uid] if counts[base[uid]] == 1 else f"{base[uid]}_{_short(uid)}"
+        for a in group:
+            if len(group) == 1:
+                names[(uid, a.index_in_series)] = stem
+            else:
+                n = a.acquisition_number if a.acquisition_number is not None else a.index_in_series
+                names[(uid, a.index_in_series)] = f"{stem}_acq{n}"
+    return names
+
+
+def _find_clinical(source: str, collection: str, storage_options: dict | None) -> str | None:
+    """The released spreadsheet if it lies at the top of SOURCE (where TCIA users keep it)."""
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    for name in CLINICAL_FILES[collection]:
+        path = f"{root.rstrip('/')}/{name}"
+        if fs.exists(path):
+            return path if proto in ("file", "local") else f"{proto}://{path}"
+    return None
+
+
+def plan(
+    source: str,
+    collection: str,
+    *,
+    clinical: str | None = None,
+    overrides: str | None = None,
+    storage_options: dict | None = None,
+) -> DicomPlan:
+    """Scan headers and decide every volume of a DICOM collection."""
+    from livercube.sources import clinical as clinical_mod
+    from livercube.sources import dicom_phase, dicom_seg
+
+    result = scan(source, storage_options)
+    skipped = [{"input": n.path, "reason": n.reason} for n in result.notes]
+    warnings: list[str] = []
+    if not result.acquisitions:
+        raise UsageError(f"{source}: no CT image series found (is it a DICOM collection?)")
+
+    # clinical covariates
+    table = None
+    path = clinical or _find_clinical(source, collection, storage_options)
+    if path:
+        table = clinical_mod.read_clinical(
+            path, collection, storage_options if not clinical else None
+        )
+        warnings += table.notes
+        warnings += clinical_mod.reconcile(table, {a.patient_id for a in result.acquisitions})
+    else:
+        warnings.append(f"no clinical spreadsheet found for {collection}: no covariates")
+
+    # phases, per study
+    by_study: dict[str, list[Acquisition]] = defaultdict(list)
+    for a in result.acquisitions:
+        by_study[a.study_uid].append(a)
+    phase_overrides = {}
+    if overrides:
+        with fsspec.open(overrides, "rt", encoding="utf-8-sig") as f:
+            phase_overrides = dicom_phase.read_phase_overrides(f.read(), overrides)
+
+    tasks: dict[str, DicomVolumeTask] = {}
+    targets_by_study: dict[str, list] = defaultdict(list)
+    for study_uid, acqs in by_study.items():
+        calls = dicom_phase.classify_study(acqs, collection)
+        if phase_overrides:
+            calls = dicom_phase.apply_overrides(calls, acqs, phase_overrides)
+        names = series_names(acqs)
+        for a in acqs:
+            call = calls[dicom_phase.acquisition_key(a)]
+            pid = a.patient_id
+            task = DicomVolumeTask(
+                collection=collection,
+                acquisition=a,
+                study=study_name(a),
+                series=names[(a.series_uid, a.index_in_series)],
+                phase=call.phase,
+                phase_evidence=f"{call.rule}: {call.evidence}",
+                clinical=dict(table.rows.get(pid, {})) if table else {},
+                age=table.age.get(pid) if table else None,
+                sex=table.sex.get(pid) if table else None,
+            )
+            if task.key in tasks:
+                raise AssertionError(f"duplicate volume key {task.key}")  # names are unique
+            tasks[task.key] = task
+            try:
+                targets_by_study[study_uid].append(dicom_seg.target_from_acquisition(a, task.key))
+            except SourceError as exc:
+                warnings.append(f"{task.key}: cannot serve as SEG target: {exc.reason}")
+
+    # segmentations: the expert SEG of each study goes to the acquisition its frames lie on
+    for seg in sorted(result.segs, key=lambda s: (s.study_uid, s.series_number or 0, s.sop_uid)):
+        where = f"{seg.path} ({seg.series_description or 'no description'})"
+        if dicom_seg.seg_kind(seg.series_description) == "ai":
+            skipped.append(
+                {
+                    "input": where,
+                    "reason": "AI segmentation: not used for label (expert SEG only; see README)",
+                }
+            )
+            continue
+        targets = targets_by_study.get(seg.study_uid, [])
+        if not targets:
+            skipped.append({"input": where, "reason": "no CT acquisition of its study was found"})
+            continue
+        try:
+            match = dicom_seg.match_seg(f"{_root_url(seg)}", targets, storage_options)
+        except SourceError as exc:
+            skipped.append({"input": where, "reason": exc.reason})
+            continue
+        if match.target_key is None:
+            skipped.append({"input": where, "reason": f"matches no CT acquisition: {match.reason}"})
+            continue
+        task = tasks[match.target_key]
+        if task.seg is not None:
+            skipped.append(
+                {
+                    "input": where,
+                    "reason": f"a second expert SEG for {task.key}; kept {task.seg.sop_uid}",
+                }
+            )
+            continue
+        task.seg = seg
+        task.seg_target = next(t for t in targets if t.key == match.target_key)
+        task.seg_notes = [*match.notes, f"matched: {match.reason}"]
+    columns = dict(table.columns) if table else {}
+    return DicomPlan(sorted(tasks.values(), key=lambda t: t.key), skipped, warnings, columns)
+
+
+def _root_url(seg: SegInstance) -> str:
+    """URL of a SEG file: scan paths are relative to the scanned filesystem."""
+    proto = fsspec.utils.get_protocol(seg.source)
+    return seg.path if proto in ("file", "local") else f"{proto}://{seg.path.split('://')[-1]}"
+
+
+def read_volume(
+    task: DicomVolumeTask, storage_options: dict | None = None
+) -> tuple[Volume, list[dict[str, str]]]:
+    """Read one acquisition (and its SEG) into a :class:`Volume`; returns (volume, skipped)."""
+    from livercube.sources.dicom_ct import read_acquisition
+    from livercube.sources.dicom_seg import place_seg
+
+    ct = read_acquisition(task.acquisition, storage_options)
+    skipped: list[dict[str, str]] = []
+    notes = [f"{n.path}: {n.reason}" for n in task.acquisition.notes]
+    segments, seg_meta = None, None
+    annotation_complete = False
+    if task.seg is not None:
+        try:
+            placed = place_seg(
+                _root_url(task.seg),
+                task.seg_target,
+                collection=task.collection,
+                storage_options=storage_options,
+            )
+            if placed.segments.bits.shape != ct.image.shape:
+                raise SourceError(task.seg.path, "SEG target grid differs from the CT read")
+            segments = placed.segments
+            seg_meta = {
+                **placed.seg_attrs,
+                "resampled": placed.resampled,
+                "unknown_labels": placed.unknown_labels,
+                "notes": [*task.seg_notes, *placed.notes],
+            }
+            annotation_complete = True
+            if placed.unknown_labels:
+                notes.append(
+                    f"segment labels unknown to the label schema kept as unified 0: "
+                    f"{placed.unknown_labels}"
+                )
+        except SourceError as exc:
+            skipped.append({"input": task.seg.path, "reason": exc.reason})
+    a = ct.attrs
+    study_date = a.get("study_date") or None
+    if study_date and len(study_date) == 8 and study_date.isdigit():
+        study_date = f"{study_date[:4]}-{study_date[4:6]}-{study_date[6:]}"
+    meta = {
+        "study_uid": a.get("study_uid"),
+        "study_date": study_date,
+        "series_uid": a.get("series_uid"),
+        "series_number": a.get("series_number"),
+        "series_description": a.get("series_description"),
+        "acquisition_number": a.get("acquisition_number"),
+        "phase_evidence": task.phase_evidence,
+        "source": {
+            "dicom": {k: v for k, v in a.items() if k not in ("scan_notes",)},
+            "spacing_report": ct.spacing_report,
+            "filled_slices": ct.filled_slices,
+            "segmentation": seg_meta,
+        },
+        "intensity": {
+            "exact": True,
+            "windowed": False,
+            "padding_voxels": a.get("padding_voxels", 0),
+        },
+        "geometry_flags": {
+            "spacing_trusted": True,
+            "origin_trusted": True,
+            "filled_slices": len(ct.filled_slices),
+            "obliquity_deg": ct.reorientation.obliquity_deg,
+        },
+        "annotation_complete": annotation_complete,
+        "notes": notes,
+        "age": task.age,
+        "sex": task.sex,
+    }
+    vol = Volume(
+        collection=task.collection,
+        patient_id=task.acquisition.patient_id,
+        study=task.study,
+        series=task.series,
+        image=ct.image,
+        grid=ct.grid,
+        phase=task.phase,
+        source_direction=ct.source_direction,
+        segments=segments,
+        meta=meta,
+        clinical=task.clinical,
+    )
+    return vol, skipped
