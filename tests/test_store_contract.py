@@ -234,3 +234,28 @@ def test_contract_checker_catches_violations(plc_store, tmp_path):
     problems = check_store(str(dst))
     assert any("phase" in p and "venous-ish" in p for p in problems)
     assert any("coordinate z disagrees" in p for p in problems)
+
+
+def test_class_locations_point_at_their_class(plc_store):
+    url, _ = plc_store
+    store = livercube.open(url)
+    for i in range(4):
+        ds = store.volume(i)
+        label = ds.label.values
+        loc = ds.class_locations.values
+        assert ds.class_locations.dims == ("location", "component")
+        assert set(loc[:, 0].tolist()) == set(np.unique(label[label > 0]).tolist())
+        np.testing.assert_array_equal(label[loc[:, 1], loc[:, 2], loc[:, 3]], loc[:, 0])
+
+
+def test_class_locations_are_capped_and_deterministic():
+    from livercube.volumes.volume import class_locations
+
+    label = np.zeros((20, 30, 30), np.uint8)
+    label[2:18, 5:25, 5:25] = 1
+    label[8:10, 8:10, 8:10] = 2
+    a = class_locations(label, per_class=500)
+    b = class_locations(label, per_class=500)
+    np.testing.assert_array_equal(a, b)
+    assert (a[:, 0] == 1).sum() == 500 and (a[:, 0] == 2).sum() == 8
+    assert len(np.unique(a[a[:, 0] == 1], axis=0)) == 500  # no duplicates

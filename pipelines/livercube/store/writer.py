@@ -18,7 +18,12 @@ from zarr.codecs import BloscCodec
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard
 from livercube.store.layout import open_root, volume_path
-from livercube.volumes.volume import Volume, content_checksum
+from livercube.volumes.volume import (
+    CLASS_LOCATIONS_PER_CLASS,
+    Volume,
+    class_locations,
+    content_checksum,
+)
 
 #: Blosc + zstd with byte shuffle: measured best size/decode-speed trade-off for int16 CT
 #: and for sparse label/bit fields (see benchmarks/).
@@ -158,6 +163,24 @@ def write_volume(
                 "segments": attrs["segments"],
             },
         )
+    if label is not None:
+        locations = class_locations(label)
+        loc = group.create_array(
+            "class_locations",
+            shape=locations.shape,
+            dtype="int32",
+            chunks=(max(1, locations.shape[0]), 4),
+            compressors=[LABEL_COMPRESSOR],
+            dimension_names=("location", "component"),
+            fill_value=0,
+            attributes={
+                "long_name": "sampled voxel indices per unified class, for foreground sampling",
+                "columns": ["class", "z", "y", "x"],
+                "per_class": CLASS_LOCATIONS_PER_CLASS,
+            },
+        )
+        if locations.size:
+            loc[...] = locations
     for axis, name in enumerate(("z", "y", "x")):
         coord = volume.grid.centres(axis)
         arr = group.create_array(

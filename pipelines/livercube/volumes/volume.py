@@ -161,3 +161,33 @@ def content_checksum(arrays: dict[str, np.ndarray]) -> str:
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
         h.update(memoryview(a).cast("B"))
     return "sha256:" + h.hexdigest()
+
+
+#: Voxel locations kept per unified class for foreground-oversampled patch sampling.
+CLASS_LOCATIONS_PER_CLASS = 10_000
+
+
+def class_locations(
+    label: np.ndarray, *, per_class: int = CLASS_LOCATIONS_PER_CLASS, seed: int = 0
+) -> np.ndarray:
+    """Up to ``per_class`` voxel indices of every present unified class, as (n, 4) int32 rows
+    ``(class, z, y, x)``, sorted by class.
+
+    Precomputed at conversion (like nnU-Net's class locations) so a sampler can centre a patch
+    on a tumour voxel without reading the whole label volume; a fixed seed keeps the store
+    deterministic.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    flat = label.ravel()
+    for value in np.unique(flat):
+        if value == 0:
+            continue
+        idx = np.flatnonzero(flat == value)
+        if idx.size > per_class:
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+        zyx = np.stack(np.unravel_index(idx, label.shape), axis=1)
+        rows.append(np.column_stack([np.full(len(idx), value), zyx]))
+    if not rows:
+        return np.zeros((0, 4), dtype=np.int32)
+    return np.concatenate(rows).astype(np.int32)
