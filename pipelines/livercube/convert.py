@@ -226,6 +226,7 @@ def convert(
         status = rec.pop("status")
         if status == "converted":
             report.skipped.extend(rec.pop("skipped", []))
+            report.warnings.extend(f"{rec['path']}: {n}" for n in rec.get("notes", []))
             report.converted.append(rec)
         elif status == "skipped":
             report.skipped.append(rec)

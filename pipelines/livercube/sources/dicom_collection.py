@@ -130,8 +130,10 @@ def plan(
     from livercube.sources import dicom_phase, dicom_seg
 
     result = scan(source, storage_options)
-    skipped = [{"input": n.path, "reason": n.reason} for n in result.notes]
-    warnings: list[str] = []
+    # files that are not CT slices (junk, spreadsheets, localizers, duplicate copies) are
+    # notes, not losses: every CT slice that exists is used; losses show up as skipped inputs
+    skipped: list[dict[str, str]] = []
+    warnings: list[str] = [f"{n.path}: {n.reason}" for n in result.notes]
     if not result.acquisitions:
         raise UsageError(f"{source}: no CT image series found (is it a DICOM collection?)")
 
@@ -189,12 +191,7 @@ def plan(
     for seg in sorted(result.segs, key=lambda s: (s.study_uid, s.series_number or 0, s.sop_uid)):
         where = f"{seg.path} ({seg.series_description or 'no description'})"
         if dicom_seg.seg_kind(seg.series_description) == "ai":
-            skipped.append(
-                {
-                    "input": where,
-                    "reason": "AI segmentation: not used for label (expert SEG only; see README)",
-                }
-            )
+            warnings.append(f"{where}: AI segmentation, not used for label (expert SEGs only)")
             continue
         targets = targets_by_study.get(seg.study_uid, [])
         if not targets:
@@ -267,6 +264,11 @@ def read_volume(
                 )
         except SourceError as exc:
             skipped.append({"input": task.seg.path, "reason": exc.reason})
+    if ct.filled_slices:
+        notes.append(
+            f"{len(ct.filled_slices)} missing slice(s) filled with {ct.attrs.get('fill_hu')} HU "
+            f"at canonical z {ct.filled_slices}"
+        )
     a = ct.attrs
     study_date = a.get("study_date") or None
     if study_date and len(study_date) == 8 and study_date.isdigit():

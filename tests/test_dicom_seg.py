@@ -1,0 +1,566 @@
+"""DICOM-SEG matching and placement: generated collections, dcmqi as reader and writer, off-grid
+SEGs against SimpleITK nearest-neighbour resampling, FRACTIONAL and unknown labels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import fsspec
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from dicom_factory import Study, canonical_test_array, write_ct_series
+
+from livercube.errors import UsageError
+from livercube.schema import map_segment_label
+from livercube.sources.dicom_ct import read_acquisition
+from livercube.sources.dicom_scan import scan
+from livercube.sources.dicom_seg import (
+    SegTarget,
+    match_seg,
+    place_seg,
+    seg_kind,
+    target_from_acquisition,
+)
+from livercube.synth.dicom_collections import write_crlm, write_hcc_tace_seg
+from livercube.volumes.geometry import Grid
+
+BIN = Path(sys.executable).parent
+SEGIMAGE2ITK = BIN / "segimage2itkimage"
+ITK2SEGIMAGE = BIN / "itkimage2segimage"
+COLLECTION = {"HCC-TACE-Seg": "hcc-tace-seg", "Colorectal-Liver-Metastases": "crlm"}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class Generated:
+    """A generated collection, scanned, with one SegTarget per acquisition (truth keys)."""
+
+    def __init__(self, truth) -> None:
+        self.truth = truth
+        self.collection = COLLECTION[truth.collection]
+        self.scan = scan(str(truth.root))
+        self.acqs = {}
+        for acq in self.scan.acquisitions:
+            sops = {s.sop_uid for s in acq.slices}
+            (key,) = [v.key for v in truth.volumes if sops & set(v.sop_instance_uids)]
+            self.acqs[key] = acq
+        self.targets = {k: target_from_acquisition(a, k) for k, a in self.acqs.items()}
+        self.seg_url = {s.sop_uid: s.path for s in self.scan.segs}
+
+    def patient_targets(self, pid: str) -> list[SegTarget]:
+        return [t for k, t in self.targets.items() if k.startswith(pid + "/")]
+
+
+@pytest.fixture(scope="module")
+def hcc(tmp_path_factory) -> Generated:
+    root = tmp_path_factory.mktemp("hcc")
+    return Generated(
+        write_hcc_tace_seg(
+            root, n_patients=2, size="tiny", seed=3, missing_referenced_instance=True
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def crlm(tmp_path_factory) -> Generated:
+    root = tmp_path_factory.mktemp("crlm")
+    return Generated(write_crlm(root, n_patients=2, size="tiny", seed=5, layout="idc"))
+
+
+@pytest.fixture(scope="module", params=["hcc", "crlm"])
+def generated(request) -> Generated:
+    return request.getfixturevalue(request.param)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def masks_by_label(placed) -> dict[str, np.ndarray]:
+    return {s.label: placed.segments.mask(s.bit) for s in placed.segments.segments}
+
+
+def sitk_on_grid(img: sitk.Image, grid: Grid) -> np.ndarray:
+    """Nearest-neighbour resampling of ``img`` onto a canonical grid (array z, y, x)."""
+    ref = sitk.Image([int(v) for v in grid.shape[::-1]], sitk.sitkUInt8)
+    ref.SetSpacing([float(v) for v in grid.spacing[::-1]])
+    ref.SetOrigin([float(v) for v in grid.origin[::-1]])
+    out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out).astype(bool)
+
+
+def image_of(mask: np.ndarray, spacing_zyx, origin_zyx) -> sitk.Image:
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.SetSpacing([float(v) for v in spacing_zyx[::-1]])
+    img.SetOrigin([float(v) for v in origin_zyx[::-1]])
+    return img
+
+
+def sorted_sources(directory: Path) -> list[pydicom.Dataset]:
+    dss = [pydicom.dcmread(p) for p in sorted(directory.glob("*.dcm"))]
+    for ds in dss:  # type 2 patient/study attributes highdicom copies into the SEG
+        for keyword in ("PatientSex", "StudyID", "StudyTime", "AccessionNumber"):
+            ds.setdefault(keyword, "")
+        ds.setdefault("ReferringPhysicianName", "")
+        ds.setdefault("FrameOfReferenceUID", "1.2.3.4")
+    return sorted(dss, key=lambda d: int(d.InstanceNumber))
+
+
+def scan_target(directory: Path, key: str = "ct") -> SegTarget:
+    (acq,) = scan(str(directory)).acquisitions
+    return target_from_acquisition(acq, key)
+
+
+def descriptions(labels: list[str], algorithm: str = "MANUAL") -> list:
+    cat = hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure")
+    typ = hd.sr.CodedConcept("10200004", "SCT", "Liver")
+    return [
+        hd.seg.SegmentDescription(n, label, cat, typ, algorithm, None)
+        for n, label in enumerate(labels, start=1)
+    ]
+
+
+def write_hd_seg(path: Path, sources, stack: np.ndarray, labels, seg_type="BINARY", **kw) -> Path:
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=stack,
+        segmentation_type=seg_type,
+        segment_descriptions=descriptions(labels),
+        series_instance_uid=hd.UID(),
+        series_number=300,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+        series_description="Segmentation",
+        **kw,
+    )
+    seg.save_as(path)
+    return path
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def test_targets_equal_read_acquisition(generated: Generated) -> None:
+    for key, acq in generated.acqs.items():
+        vol = read_acquisition(acq)
+        target = generated.targets[key]
+        assert target.grid == vol.grid, key
+        assert target.sop_uids_by_z == vol.sop_uids_by_canonical_z, key
+        assert (target.series_uid, target.study_uid) == (acq.series_uid, acq.study_uid)
+
+
+# --------------------------------------------------------------------------- generated SEGs
+
+
+def test_generated_segs_match_and_place(generated: Generated) -> None:
+    truth = generated.truth
+    assert truth.segs
+    for st in truth.segs:
+        url = generated.seg_url[st.sop_instance_uid]
+        m = match_seg(url, generated.patient_targets(st.patient_id))
+        assert m.target_key in st.referenced_volumes, (st.patient_id, st.kind, m)
+        assert m.exact, m
+        # the acquisition cited most is chosen among acquisitions at identical positions
+        assert m.referenced[m.target_key] == max(m.referenced.values())
+        assert set(m.referenced) == set(st.referenced_volumes)
+        placed = place_seg(url, generated.targets[m.target_key], collection=generated.collection)
+        assert not placed.resampled and not placed.unknown_labels
+        got = masks_by_label(placed)
+        assert list(got) == list(st.segment_labels)  # SegmentNumber order
+        for label, expected in st.masks.items():
+            np.testing.assert_array_equal(got[label], expected, err_msg=f"{st.path} {label}")
+        for seg in placed.segments.segments:
+            assert seg.unified == map_segment_label(generated.collection, seg.label)
+            codes = seg.codes
+            assert codes["SegmentLabel"] == seg.label and codes["SegmentNumber"] == seg.number
+            assert codes["SegmentedPropertyTypeCodeSequence"][0]["scheme"] == "SCT"
+            assert set(codes["SegmentedPropertyCategoryCodeSequence"][0]) >= {
+                "scheme",
+                "value",
+                "meaning",
+            }
+            assert len(codes["RecommendedDisplayCIELabValue"]) == 3
+            json.dumps(codes)
+        attrs = placed.seg_attrs
+        json.dumps(attrs)
+        assert attrs["kind"] == st.kind == seg_kind(st.series_description)
+        assert attrs["SOPInstanceUID"] == st.sop_instance_uid
+        assert attrs["SeriesNumber"] == st.series_number
+        assert attrs["SegmentationType"] == "BINARY"
+        assert attrs["Manufacturer"] == "QIICR"
+
+
+def test_hcc_quirks(hcc: Generated) -> None:
+    segs = {(s.patient_id, s.kind): s for s in hcc.truth.segs}
+    # multi-acquisition SEG without ReferencedSeriesSequence
+    mixed = segs[("HCC_002", "expert")]
+    assert len(mixed.referenced_volumes) == 3 and not mixed.has_referenced_series_sequence
+    m = match_seg(hcc.seg_url[mixed.sop_instance_uid], hcc.patient_targets("HCC_002"))
+    assert "SEG has no ReferencedSeriesSequence" in m.notes
+    assert any("several targets" in n for n in m.notes)
+    # a referenced CT file is missing: still matched and placed by geometry
+    first = segs[("HCC_001", "expert")]
+    assert first.missing_referenced_sop_uids
+    m = match_seg(hcc.seg_url[first.sop_instance_uid], hcc.patient_targets("HCC_001"))
+    assert m.target_key == first.referenced_volumes[0] and m.exact
+    assert any("found in no target" in n for n in m.notes)
+    # the mass is recoverable as its own bit even where it overlaps necrosis
+    placed = place_seg(
+        hcc.seg_url[first.sop_instance_uid],
+        hcc.targets[m.target_key],
+        collection="hcc-tace-seg",
+    )
+    got = masks_by_label(placed)
+    assert (got["Necrosis"] & got["Mass"]).any()
+    assert "Necrosis" in got and placed.segments.segments[-1].unified == 2
+
+
+def test_crlm_quirks(crlm: Generated) -> None:
+    flipped = [s for s in crlm.truth.segs if s.in_plane_flipped]
+    assert flipped and all(s.omit_empty_frames for s in crlm.truth.segs)
+    st = flipped[0]
+    ds = pydicom.dcmread(crlm.seg_url[st.sop_instance_uid], stop_before_pixels=True)
+    assert int(ds.NumberOfFrames) < st.grid.shape[0] * len(st.segment_labels)  # omitted frames
+    placed = place_seg(
+        crlm.seg_url[st.sop_instance_uid], crlm.targets[st.referenced_volumes[0]], collection="crlm"
+    )
+    got = masks_by_label(placed)
+    tumours = [label for label in got if label.startswith("Tumor_")]
+    overlaps = [
+        (a, b) for i, a in enumerate(tumours) for b in tumours[i + 1 :] if (got[a] & got[b]).any()
+    ]
+    assert overlaps, "the generator's overlapping tumours should survive as separate bits"
+    remnant = next(s for s in placed.segments.segments if s.label == "Liver Remnant")
+    assert remnant.unified is None
+
+
+def test_frames_outside_target_are_noted(crlm: Generated) -> None:
+    st = crlm.truth.segs[0]
+    full = crlm.targets[st.referenced_volumes[0]]
+    nz = full.grid.shape[0]
+    content = [z for z in range(nz) if any(m[z].any() for m in st.masks.values())]
+    cut = content[len(content) // 2]
+    small = replace(
+        full,
+        key="cut",
+        grid=Grid((cut, *full.grid.shape[1:]), full.grid.spacing, full.grid.origin),
+        sop_uids_by_z={z: v for z, v in full.sop_uids_by_z.items() if z < cut},
+    )
+    placed = place_seg(crlm.seg_url[st.sop_instance_uid], small, collection="crlm")
+    assert any("outside the grid of cut" in n for n in placed.notes), placed.notes
+    for label, mask in masks_by_label(placed).items():
+        np.testing.assert_array_equal(mask, st.masks[label][:cut])
+    # the full target wins against the truncated one
+    m = match_seg(crlm.seg_url[st.sop_instance_uid], [small, full])
+    assert m.target_key == full.key
+
+
+def test_no_matching_target(crlm: Generated) -> None:
+    st = crlm.truth.segs[0]
+    t = crlm.targets[st.referenced_volumes[0]]
+    far = replace(
+        t,
+        key="far",
+        sop_uids_by_z={},
+        grid=Grid(t.grid.shape, t.grid.spacing, (t.grid.origin[0] + 5000.0, *t.grid.origin[1:])),
+    )
+    m = match_seg(crlm.seg_url[st.sop_instance_uid], [far])
+    assert m.target_key is None and "none of 1 target" in m.reason
+    assert match_seg(crlm.seg_url[st.sop_instance_uid], []).target_key is None
+
+
+def test_remote_url(crlm: Generated) -> None:
+    st = crlm.truth.segs[1]
+    url = f"memory://segs/{st.sop_instance_uid}.dcm"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(url, Path(crlm.seg_url[st.sop_instance_uid]).read_bytes())
+    try:
+        m = match_seg(url, crlm.patient_targets(st.patient_id))
+        placed = place_seg(url, crlm.targets[m.target_key], collection="crlm")
+    finally:
+        fs.rm(url)
+    for label, mask in masks_by_label(placed).items():
+        np.testing.assert_array_equal(mask, st.masks[label])
+
+
+def test_seg_kind_and_usage() -> None:
+    assert seg_kind("AIMI liver-tumor AI segmentation") == "ai"
+    assert seg_kind("Segmentation") == "expert"
+    assert seg_kind("") == "expert"
+    assert seg_kind("Maintain") == "expert"
+    with pytest.raises(UsageError):
+        place_seg("/nonexistent.dcm", None, collection="nope")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- dcmqi as reader
+
+
+def test_dcmqi_reader_agrees(generated: Generated, tmp_path: Path) -> None:
+    for i, st in enumerate(s for s in generated.truth.segs if s.kind == "expert"):
+        url = generated.seg_url[st.sop_instance_uid]
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        run = subprocess.run(
+            [str(SEGIMAGE2ITK), "--inputDICOM", url, "--outputDirectory", str(out), "-t", "nifti"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        meta = json.loads((out / "meta.json").read_text())
+        target = generated.targets[st.referenced_volumes[0]]
+        placed = masks_by_label(place_seg(url, target, collection=generated.collection))
+        for n, attrs in enumerate(meta["segmentAttributes"], start=1):
+            (seg_meta,) = attrs
+            img = sitk.DICOMOrient(sitk.ReadImage(str(out / f"{n}.nii.gz")), "LPS")
+            ref = sitk_on_grid(img != 0, target.grid)
+            label = seg_meta["SegmentLabel"]
+            np.testing.assert_array_equal(placed[label], ref, err_msg=f"{url} {label}")
+
+
+# --------------------------------------------------------------------------- dcmqi as writer
+
+
+def _dcmqi_meta(labels: list[str]) -> dict:
+    def code(value: str, meaning: str) -> dict:
+        return {"CodeValue": value, "CodingSchemeDesignator": "SCT", "CodeMeaning": meaning}
+
+    return {
+        "ContentCreatorName": "Reader^One",
+        "ClinicalTrialSeriesID": "1",
+        "ClinicalTrialTimePointID": "1",
+        "ClinicalTrialCoordinatingCenterName": "test",
+        "SeriesDescription": "Segmentation",
+        "SeriesNumber": "300",
+        "InstanceNumber": "1",
+        "BodyPartExamined": "LIVER",
+        "ContentLabel": "SEGMENTATION",
+        "ContentDescription": "dcmqi test",
+        "segmentAttributes": [
+            [
+                {
+                    "labelID": n,
+                    "SegmentLabel": label,
+                    "SegmentDescription": label,
+                    "SegmentAlgorithmType": "MANUAL",
+                    "SegmentedPropertyCategoryCodeSequence": code(
+                        "123037004", "Anatomical Structure"
+                    ),
+                    "SegmentedPropertyTypeCodeSequence": code("10200004", "Liver"),
+                    "recommendedDisplayRGBValue": [200, 100, 50],
+                }
+                for n, label in enumerate(labels, start=1)
+            ]
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def dcmqi_case(tmp_path_factory) -> tuple[Path, np.ndarray, SegTarget]:
+    """A CT with IOP (-1,0,0,0,-1,0) and an LPS label image (dcmqi writes the SEG unflipped)."""
+    root = tmp_path_factory.mktemp("dcmqi")
+    shape, spacing, origin = (6, 20, 18), (2.5, 0.75, 0.7), (-100.0, -50.0, -60.0)
+    write_ct_series(
+        root / "ct",
+        canonical_test_array(shape),
+        spacing_zyx=spacing,
+        origin_zyx=origin,
+        row_cos=(-1.0, 0.0, 0.0),
+        col_cos=(0.0, -1.0, 0.0),
+    )
+    lab = np.zeros(shape, np.uint8)
+    lab[1:4, 3:10, 2:8] = 1
+    lab[2:5, 8:15, 6:14] = 2
+    lab[4, 1:3, 1:3] = 3
+    sitk.WriteImage(image_of(lab, spacing, origin), str(root / "label.nrrd"))
+    (root / "meta.json").write_text(json.dumps(_dcmqi_meta(["Liver", "Mass", "Gallbladder"])))
+    return root, lab, scan_target(root / "ct")
+
+
+@pytest.mark.parametrize("mode", ["binary", "labelmap"])
+def test_dcmqi_written_seg(dcmqi_case, mode: str) -> None:
+    root, lab, target = dcmqi_case
+    out = root / f"seg_{mode}.dcm"
+    run = subprocess.run(
+        [
+            str(ITK2SEGIMAGE),
+            "--inputImageList",
+            str(root / "label.nrrd"),
+            "--inputDICOMDirectory",
+            str(root / "ct"),
+            "--outputDICOM",
+            str(out),
+            "--inputMetadata",
+            str(root / "meta.json"),
+            "--segmentationType",
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if run.returncode != 0 and mode == "labelmap" and "segmentationType" in run.stderr:
+        pytest.skip(f"this dcmqi cannot write labelmap SEGs: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    m = match_seg(str(out), [target])
+    assert m.target_key == "ct" and m.exact, m
+    placed = place_seg(str(out), target, collection="hcc-tace-seg")
+    assert placed.seg_attrs["SegmentationType"] == mode.upper()
+    assert not placed.resampled
+    assert placed.unknown_labels == ["Gallbladder"]
+    got = masks_by_label(placed)
+    assert list(got) == ["Liver", "Mass", "Gallbladder"]
+    for n, label in enumerate(got, start=1):
+        np.testing.assert_array_equal(got[label], lab == n, err_msg=label)
+    gall = placed.segments.segments[2]
+    assert gall.unified == 0 and gall.codes["SegmentDescription"] == "Gallbladder"
+
+
+# --------------------------------------------------------------------------- off-grid SEG
+
+
+def _blob(shape, centre, radii) -> np.ndarray:
+    z, y, x = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    return (
+        ((z - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((x - centre[2]) / radii[2]) ** 2
+    ) <= 1.0
+
+
+def test_off_grid_seg_is_resampled(tmp_path: Path) -> None:
+    study = Study()
+    shape, spacing, origin = (6, 20, 18), (2.5, 0.75, 0.7), (-100.0, -50.0, -60.0)
+    write_ct_series(
+        tmp_path / "ct", canonical_test_array(shape), spacing_zyx=spacing, origin_zyx=origin,
+        study=study,
+    )  # fmt: skip
+    target = scan_target(tmp_path / "ct", "ct")
+    elsewhere = replace(
+        target, key="elsewhere", grid=replace(target.grid, origin=(200.0, -50.0, -60.0))
+    )
+    # the SEG's own grid: finer, shifted, flipped in-plane; its CT is not among the targets
+    s_shape, s_spacing, s_origin = (13, 30, 24), (1.3, 0.55, 0.6), (-101.13, -50.61, -60.77)
+    write_ct_series(
+        tmp_path / "segct",
+        np.zeros(s_shape, np.int16),
+        spacing_zyx=s_spacing,
+        origin_zyx=s_origin,
+        row_cos=(-1.0, 0.0, 0.0),
+        col_cos=(0.0, -1.0, 0.0),
+        study=study,
+    )
+    sources = sorted_sources(tmp_path / "segct")
+    liver = _blob(s_shape, (6, 14, 11), (5.2, 11.3, 9.1))
+    mass = _blob(s_shape, (4, 10, 8), (2.6, 4.2, 3.7))
+    # frames in source order: k ascends along the normal (+z), rows along -y, columns along -x
+    stack = np.stack([liver, mass], axis=-1)[:, ::-1, ::-1, :]
+    url = str(
+        write_hd_seg(tmp_path / "seg.dcm", sources, stack.astype(np.uint8), ["Liver", "Mass"])
+    )
+
+    m = match_seg(url, [elsewhere, target])
+    assert m.target_key == "ct" and not m.exact and m.referenced == {}
+    placed = place_seg(url, target, collection="hcc-tace-seg")
+    assert placed.resampled
+    assert any("nearest-neighbour" in n for n in placed.notes)
+    got = masks_by_label(placed)
+    for label, mask in (("Liver", liver), ("Mass", mass)):
+        ref = sitk_on_grid(image_of(mask, s_spacing, s_origin), target.grid)
+        assert ref.any()
+        np.testing.assert_array_equal(got[label], ref, err_msg=label)
+
+
+def test_fractional_and_unknown_label(tmp_path: Path) -> None:
+    shape, spacing, origin = (5, 12, 10), (2.5, 0.75, 0.7), (-100.0, -50.0, -60.0)
+    write_ct_series(
+        tmp_path / "ct", canonical_test_array(shape), spacing_zyx=spacing, origin_zyx=origin
+    )
+    target = scan_target(tmp_path / "ct")
+    rng = np.random.default_rng(1)
+    prob = rng.choice([0.0, 0.2, 0.45, 0.55, 0.8, 1.0], size=(*shape, 2))
+    url = str(
+        write_hd_seg(
+            tmp_path / "frac.dcm",
+            sorted_sources(tmp_path / "ct"),
+            prob.astype(np.float32),
+            ["Liver", "Spleen"],
+            seg_type="FRACTIONAL",
+            max_fractional_value=200,
+        )
+    )
+    placed = place_seg(url, target, collection="hcc-tace-seg")
+    assert placed.seg_attrs["SegmentationType"] == "FRACTIONAL"
+    assert placed.seg_attrs["MaximumFractionalValue"] == 200
+    assert placed.unknown_labels == ["Spleen"]
+    assert [s.unified for s in placed.segments.segments] == [1, 0]
+    got = masks_by_label(placed)
+    np.testing.assert_array_equal(got["Liver"], prob[..., 0] >= 0.5)
+    np.testing.assert_array_equal(got["Spleen"], prob[..., 1] >= 0.5)
+
+
+def test_highdicom_labelmap(tmp_path: Path) -> None:
+    shape = (4, 10, 12)
+    write_ct_series(tmp_path / "ct", canonical_test_array(shape), row_cos=(0.0, 1.0, 0.0),
+                    col_cos=(1.0, 0.0, 0.0))  # fmt: skip
+    target = scan_target(tmp_path / "ct")
+    sources = sorted_sources(tmp_path / "ct")
+    lab = np.zeros(shape, np.uint8)
+    lab[1:3, 2:7, 3:9] = 1
+    lab[2:4, 5:9, 1:4] = 2
+    # source frames: k along the normal -z, rows along +x, columns along +y (transposed)
+    frames = np.ascontiguousarray(np.transpose(lab[::-1], (0, 2, 1)))
+    url = str(write_hd_seg(tmp_path / "lm.dcm", sources, frames, ["Liver", "Mass"], "LABELMAP"))
+    assert pydicom.dcmread(url).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    placed = place_seg(url, target, collection="crlm")
+    assert not placed.resampled
+    got = masks_by_label(placed)
+    np.testing.assert_array_equal(got["Liver"], lab == 1)
+    np.testing.assert_array_equal(got["Mass"], lab == 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tools() -> None:
+    for tool in (SEGIMAGE2ITK, ITK2SEGIMAGE):
+        if not tool.exists() and shutil.which(tool.name) is None:
+            pytest.fail(f"dcmqi tool {tool.name} missing from the venv")
+
+
+def test_resampling_path_equals_copy_on_grid(crlm: Generated, monkeypatch) -> None:
+    """Forcing the nearest-neighbour path on on-grid SEGs (flipped one included) changes nothing."""
+    import livercube.sources.dicom_seg as mod
+
+    monkeypatch.setattr(mod, "GRID_TOL_VOXEL", -1.0)  # no frame counts as on the lattice
+    for st in crlm.truth.segs:
+        url = crlm.seg_url[st.sop_instance_uid]
+        placed = place_seg(url, crlm.targets[st.referenced_volumes[0]], collection="crlm")
+        assert placed.resampled
+        for label, mask in masks_by_label(placed).items():
+            np.testing.assert_array_equal(mask, st.masks[label], err_msg=label)
+
+
+def test_pydicom_fallback_decoder(crlm: Generated, monkeypatch) -> None:
+    """When highdicom refuses a SEG, frames are decoded by pydicom with the same result."""
+
+    def refuse(*args, **kwargs):
+        raise ValueError("refused")
+
+    monkeypatch.setattr(hd.seg, "segread", refuse)
+    st = next(s for s in crlm.truth.segs if s.in_plane_flipped)
+    url = crlm.seg_url[st.sop_instance_uid]
+    placed = place_seg(url, crlm.targets[st.referenced_volumes[0]], collection="crlm")
+    assert any("decoded with pydicom" in n for n in placed.notes)
+    for label, mask in masks_by_label(placed).items():
+        np.testing.assert_array_equal(mask, st.masks[label], err_msg=label)
