@@ -108,8 +108,12 @@ def _volume_task(
 
 def _client(scheduler: str, workers: int | None):
     """A distributed Client: embedded threads, an embedded process cluster, or a remote one."""
+    import logging
+
     from distributed import Client, LocalCluster
 
+    # the embedded cluster's INFO chatter (worker start/stop) is not for a converter's user
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler.startswith(("tcp://", "tls://", "ws://")):
         return Client(scheduler)
     n = workers or 2

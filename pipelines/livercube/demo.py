@@ -54,11 +54,19 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
             f"  {cat['path'].values[i]!s:45s} {cat['phase'].values[i]!s:14s} {ext:>12s}"
             f"  annotated={bool(cat['annotated'].values[i])}"
         )
-    first = str(cat["path"].values[0])
+    # a patch centred on a tumour voxel, found through the stored class locations
+    first = str(cat["path"].values[int(np.flatnonzero(cat["annotated"].values)[0])])
     ds = xr.open_zarr(store_url, group=first, zarr_format=3)
-    patch = ds[["image", "label"]].isel(z=slice(0, 8), y=slice(0, 32), x=slice(0, 32)).load()
+    loc = ds["class_locations"].values
+    centre = loc[loc[:, 0] == 2][0, 1:] if (loc[:, 0] == 2).any() else loc[0, 1:]
+    box = {
+        dim: slice(max(0, int(c) - h), int(c) + h)
+        for dim, c, h in zip(("z", "y", "x"), centre, (4, 16, 16), strict=True)
+    }
+    patch = ds[["image", "label"]].isel(box).load()
     print(
-        f"\n[xarray] {first}: patch {dict(patch.sizes)}, HU range "
+        f"\n[xarray] {first}: patch {dict(patch.sizes)} around tumour voxel "
+        f"{centre.tolist()}, HU range "
         f"{int(patch.image.min())}..{int(patch.image.max())}, labels "
         f"{sorted(np.unique(patch.label.values).tolist())}"
     )
