@@ -30,7 +30,7 @@ def test_convert_exit_0_and_report(plc_release, plc_overrides, tmp_path):
         str(plc_overrides),
     )
     assert res.returncode == 0, res.stderr
-    assert "12 volumes converted, 0 inputs skipped, 0 failed" in res.stdout
+    assert "12 volumes converted, 0 unchanged, 0 inputs skipped, 0 failed" in res.stdout
     assert "convert" in res.stderr  # the progress bar
     report = json.loads((dest / "livercube-report.json").read_text())
     assert report["exit_code"] == 0 and len(report["converted"]) == 12
@@ -53,7 +53,7 @@ def test_convert_partial_exit_3_names_the_bad_file(plc_release, tmp_path):
     bad.write_bytes(b"\x1f\x8b" + bad.read_bytes()[2:100])
     res = run("convert", str(src), str(tmp_path / "s.zarr"), "--collection", "plc-cect", "--quiet")
     assert res.returncode == 3, res.stdout + res.stderr
-    assert "11 volumes converted, 1 inputs skipped" in res.stdout
+    assert "11 volumes converted, 0 unchanged, 1 inputs skipped" in res.stdout
     assert f"SKIPPED {bad}: truncated or corrupt gzip" in res.stdout
 
 

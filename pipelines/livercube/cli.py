@@ -48,6 +48,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         scheduler=a.scheduler,
         workers=a.workers,
         progress=not a.quiet,
+        overwrite=a.overwrite,
+        only=a.only,
     )
     print(report.summary())
     return report.exit_code
@@ -141,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="fsspec option for SOURCE, e.g. anon=true",
     )
+    c.add_argument(
+        "--overwrite", action="store_true", help="rewrite complete, unchanged volumes too"
+    )
+    c.add_argument("--only", nargs="+", metavar="PATIENT", help="convert only these patients")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

@@ -33,6 +33,7 @@ class ConvertReport:
     started_at: str
     finished_at: str = ""
     converted: list[dict[str, Any]] = field(default_factory=list)
+    unchanged: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -51,6 +52,7 @@ class ConvertReport:
                 "started_at",
                 "finished_at",
                 "converted",
+                "unchanged",
                 "skipped",
                 "failed",
                 "warnings",
@@ -62,7 +64,8 @@ class ConvertReport:
     def summary(self) -> str:
         lines = [
             f"{self.collection}: {len(self.converted)} volumes converted, "
-            f"{len(self.skipped)} inputs skipped, {len(self.failed)} failed -> {self.dest}"
+            f"{len(self.unchanged)} unchanged, {len(self.skipped)} inputs skipped, "
+            f"{len(self.failed)} failed -> {self.dest}"
         ]
         lines += [f"  SKIPPED {s['input']}: {s['reason']}" for s in self.skipped]
         lines += [f"  FAILED  {f['input']}: {f['reason']}" for f in self.failed]
@@ -70,40 +73,51 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-def _volume_task(
-    task: Any, dest: str, storage_options: dict | None, source_options: dict | None
-) -> dict[str, Any]:
-    """One volume: decode its sources, write its group, return a small record (on a worker)."""
+def _existing_fingerprint(dest: str, storage_options: dict | None, path: str) -> str | None:
+    """Fingerprint of a complete volume already at ``path`` (None: absent or partial)."""
+    import zarr
+
     try:
-        if hasattr(task, "acquisition"):
-            from livercube.sources.dicom_collection import read_volume
+        group = open_root(dest, storage_options, mode="r", consolidated=False)[path]
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    meta = group.attrs.get("livercube", {}) if isinstance(group, zarr.Group) else {}
+    if meta.get("status") != "complete":
+        return None
+    return (meta.get("complete") or {}).get("fingerprint")
 
-            volume, skipped = read_volume(task, source_options)
-            fingerprint, source = task.fingerprint, task.key
-        else:
-            from livercube.sources.plc_cect import read_volume
 
-            volume, skipped = read_volume(task, source_options)
-            fingerprint, source = f"plc-cect:{task.ct}", task.ct
-        record = write_volume(
-            dest, volume, storage_options=storage_options, fingerprint=fingerprint
-        )
-        return {
-            "status": "converted",
-            "input": source,
-            **record,
-            "skipped": skipped,
-            "notes": volume.meta.get("notes", []),
-        }
+def _volume_task(
+    task: Any,
+    dest: str,
+    storage_options: dict | None,
+    source_options: dict | None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """One volume on a worker: skip if already complete and unchanged, else decode and write.
+
+    Input problems (:class:`SourceError`) come back as a ``skipped`` record.  Anything else
+    propagates, so Dask retries the task (transient storage errors) and, if it keeps failing,
+    the client quarantines this input with its traceback while the rest completes.
+    """
+    fingerprint = task.fingerprint
+    if (
+        not overwrite
+        and _existing_fingerprint(dest, storage_options, task.store_path) == fingerprint
+    ):
+        return {"status": "unchanged", "input": task.key, "path": task.store_path}
+    try:
+        volume, skipped = task.read(source_options)
     except SourceError as exc:
         return {"status": "skipped", "input": exc.source, "reason": exc.reason}
-    except Exception as exc:  # a bug or an unforeseen file: quarantine this input only
-        return {
-            "status": "failed",
-            "input": getattr(task, "key", str(task)),
-            "reason": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        }
+    record = write_volume(dest, volume, storage_options=storage_options, fingerprint=fingerprint)
+    return {
+        "status": "converted",
+        "input": task.key,
+        **record,
+        "skipped": skipped,
+        "notes": volume.meta.get("notes", []),
+    }
 
 
 def _client(scheduler: str, workers: int | None):
@@ -130,28 +144,62 @@ def _client(scheduler: str, workers: int | None):
     return Client(cluster)
 
 
+#: Dask retries per task: absorbs transient storage errors and lost workers.
+TASK_RETRIES = 2
+
+
 def run_tasks(
     fn: Callable,
     tasks: list[Any],
-    keys: list[str],
     args: tuple,
     *,
     scheduler: str,
     workers: int | None,
     progress: bool,
-) -> Iterable[dict[str, Any]]:
-    """Map ``fn(task, *args)`` over tasks on a Dask cluster; yields records as they finish."""
+) -> Iterable[tuple[Any, dict[str, Any]]]:
+    """Map ``fn(task, *args)`` over tasks on a Dask cluster; yields (task, record) as they end.
+
+    A task that raised after its retries (or whose workers kept dying) yields a ``failed``
+    record with the error and traceback: one bad input never stops the others.
+    """
+    import sys
+
     from distributed import as_completed
     from tqdm import tqdm
 
     if not tasks:
         return
     with _client(scheduler, workers) as client:
-        futures = client.map(fn, tasks, *[[a] * len(tasks) for a in args], key=keys, pure=False)
+        if progress and client.dashboard_link and scheduler.startswith(("tcp://", "tls://")):
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        futures = client.map(
+            fn,
+            tasks,
+            *[[a] * len(tasks) for a in args],
+            key=[f"livercube-{t.store_path}" for t in tasks],
+            retries=TASK_RETRIES,
+            pure=False,
+        )
+        task_of = {f.key: t for f, t in zip(futures, tasks, strict=True)}
         bar = tqdm(total=len(futures), desc="convert", unit="vol", disable=not progress)
         for fut in as_completed(futures):
             bar.update(1)
-            yield fut.result()
+            task = task_of[fut.key]
+            if fut.status == "finished":
+                yield task, fut.result()
+            else:
+                exc = fut.exception()
+                tb = "".join(traceback.format_tb(fut.traceback())) if fut.traceback() else ""
+                yield (
+                    task,
+                    {
+                        "status": "failed",
+                        "input": task.key,
+                        "reason": f"{type(exc).__name__}: {exc}",
+                        "traceback": tb,
+                    },
+                )
+            fut.release()
         bar.close()
 
 
@@ -187,8 +235,15 @@ def convert(
     scheduler: str = "threads",
     workers: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    only: list[str] | None = None,
 ) -> ConvertReport:
-    """Convert one collection at ``source`` into the store at ``dest``; returns the report."""
+    """Convert one collection at ``source`` into the store at ``dest``; returns the report.
+
+    Re-runs are cheap and safe: a volume whose group is complete and whose source fingerprint
+    is unchanged is left alone (``unchanged`` in the report); partial groups are redone.
+    ``overwrite`` rewrites everything; ``only`` restricts the run to some patient ids.
+    """
     if collection not in COLLECTIONS:
         raise UsageError(
             f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}"
@@ -214,15 +269,19 @@ def convert(
         )
     report.skipped.extend(plan.skipped)
     report.warnings.extend(plan.warnings)
-    fn, tasks, columns = _volume_task, plan.tasks, plan.clinical_columns
-    keys = [f"{collection}-{t.key}" for t in tasks]
+    tasks, columns = plan.tasks, plan.clinical_columns
+    if only:
+        wanted = set(only)
+        unknown = wanted - {t.patient_id for t in tasks}
+        if unknown:
+            raise UsageError(f"--only: no such patient in {source}: {', '.join(sorted(unknown))}")
+        tasks = [t for t in tasks if t.patient_id in wanted]
 
     _prepare_root(dest, storage_options, collection, columns)
-    for rec in run_tasks(
-        fn,
+    for _task, rec in run_tasks(
+        _volume_task,
         tasks,
-        keys,
-        (dest, storage_options, source_options),
+        (dest, storage_options, source_options, overwrite),
         scheduler=scheduler,
         workers=workers,
         progress=progress,
@@ -232,6 +291,8 @@ def convert(
             report.skipped.extend(rec.pop("skipped", []))
             report.warnings.extend(f"{rec['path']}: {n}" for n in rec.get("notes", []))
             report.converted.append(rec)
+        elif status == "unchanged":
+            report.unchanged.append(rec)
         elif status == "skipped":
             report.skipped.append(rec)
         else:

@@ -19,8 +19,9 @@ from typing import Any
 import fsspec
 
 from livercube.errors import SourceError, UsageError
+from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.sources.dicom_scan import Acquisition, SegInstance, scan
-from livercube.store.layout import sanitize
+from livercube.store.layout import sanitize, volume_path
 from livercube.volumes.volume import Volume
 
 #: File names of the clinical spreadsheets as released (found in SOURCE when --clinical is absent).
@@ -52,13 +53,32 @@ class DicomVolumeTask:
         return f"{self.acquisition.patient_id}/{self.study}/{self.series}"
 
     @property
+    def patient_id(self) -> str:
+        return self.acquisition.patient_id
+
+    @property
+    def store_path(self) -> str:
+        return volume_path(self.collection, self.patient_id, self.study, self.series)
+
+    @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for s in self.acquisition.slices:
-            h.update(f"{s.sop_uid};".encode())
-        if self.seg:
-            h.update(f"seg:{self.seg.sop_uid}".encode())
-        return "sha256:" + h.hexdigest()
+        """Changes when any source file (SOP, path, size), the SEG, phase or covariates change."""
+        body = repr(
+            (
+                STORE_SCHEMA_VERSION,
+                self.acquisition,
+                self.seg,
+                self.phase,
+                self.phase_evidence,
+                sorted(self.clinical.items()),
+                self.age,
+                self.sex,
+            )
+        )
+        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+    def read(self, storage_options: dict | None = None) -> tuple[Volume, list[dict[str, str]]]:
+        return read_volume(self, storage_options)
 
 
 @dataclass

@@ -15,6 +15,7 @@ The release's headers are wrong in known ways (``collections.md``), and we handl
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import re
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ import fsspec
 import numpy as np
 
 from livercube.errors import MaskMismatchError, SourceError, UnreadableFileError, UsageError
-from livercube.schema import map_segment_label
+from livercube.schema import STORE_SCHEMA_VERSION, map_segment_label
 from livercube.sources.nifti import load_nifti, to_scalar_volume
+from livercube.store.layout import volume_path
 from livercube.volumes.geometry import canonical_reorientation, decompose_affine, ras_to_lps_affine
 from livercube.volumes.volume import SegmentField, Volume
 
@@ -84,10 +86,35 @@ class PlcVolumeTask:
     slice_order: str = "superior_first"  # or "header"
     spacing_zyx: tuple[float, float, float] | None = None
     notes: list[str] = field(default_factory=list)
+    source_stamp: tuple = ()  # (name, size, mtime/ETag) of every file, taken at planning
 
     @property
     def key(self) -> str:
         return f"{self.patient_id}_{self.code}"
+
+    @property
+    def store_path(self) -> str:
+        return volume_path(COLLECTION, self.patient_id, STUDY, self.code)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when a source file or any conversion parameter changes (resume key)."""
+        body = repr(
+            (
+                STORE_SCHEMA_VERSION,
+                self.patient_id,
+                self.code,
+                self.lesion_expected,
+                sorted(self.clinical.items()),
+                self.slice_order,
+                self.spacing_zyx,
+                self.source_stamp,
+            )
+        )
+        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+    def read(self, storage_options: dict | None = None) -> tuple[Volume, list[dict]]:
+        return read_volume(self, storage_options)
 
 
 @dataclass
@@ -200,6 +227,13 @@ class PlcPlan:
     clinical_columns: dict[str, dict[str, Any]]
 
 
+def _stamp(fs, url: str, prefix: str) -> tuple:
+    """(name, size, modification stamp) of a source file: its identity for resume."""
+    info = fs.info(url.removeprefix(prefix))
+    when = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
+    return (url.rsplit("/", 1)[-1], int(info.get("size") or 0), str(when))
+
+
 def plan(
     source: str,
     *,
@@ -274,6 +308,11 @@ def plan(
         mask_name = by_key_mask.get(key)
         liver_name = by_key_liver.get(key)
         o = ov.get(key, {})
+        stamp = tuple(
+            _stamp(fs, url, prefix)
+            for url in (cts[name], masks.get(mask_name or ""), livers.get(liver_name or ""))
+            if url
+        )
         tasks.append(
             PlcVolumeTask(
                 patient_id=pid,
@@ -286,6 +325,7 @@ def plan(
                 slice_order=o.get("slice_order", "superior_first"),
                 spacing_zyx=o.get("spacing_zyx"),
                 notes=notes,
+                source_stamp=stamp,
             )
         )
     if table:
