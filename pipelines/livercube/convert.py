@@ -17,7 +17,7 @@ from typing import Any
 from livercube.errors import SourceError, UsageError
 from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store.catalog import write_catalog
-from livercube.store.layout import filesystem, open_root
+from livercube.store.layout import filesystem, open_root, with_retries
 from livercube.store.writer import write_volume
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -248,6 +248,9 @@ def convert(
         raise UsageError(
             f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}"
         )
+    # retries for flaky object storage on both ends; local paths are unaffected
+    storage_options = with_retries(dest, storage_options) or None
+    source_options = with_retries(source, source_options) or None
     report = ConvertReport(
         collection, str(source), str(dest), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )

@@ -71,7 +71,9 @@ class ArrayInfo:
             raise NotImplementedError(f"chunk grid {grid['name']!r}")
         object_shape = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
         enc = meta["chunk_key_encoding"]
-        sep = enc.get("configuration", {}).get("separator", "/" if enc["name"] == "default" else ".")
+        sep = enc.get("configuration", {}).get(
+            "separator", "/" if enc["name"] == "default" else "."
+        )
         prefix = "c" if enc["name"] == "default" else ""
         codecs = [dict(c) for c in meta["codecs"]]
         sharded = len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
@@ -214,7 +216,9 @@ class ShardReader:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
         self.remote = is_remote(self.url)
-        self.coalesce_gap = (2**20 if self.remote else 2**16) if coalesce_gap is None else coalesce_gap
+        self.coalesce_gap = (
+            (2**20 if self.remote else 2**16) if coalesce_gap is None else coalesce_gap
+        )
         self.max_request = max_request
         self.workers = workers
         self.cache_bytes = cache_bytes
@@ -405,9 +409,9 @@ class ShardReader:
             outs.append(out)
             lo = [max(0, s) for s in box.start]
             hi = [min(n, s + k) for s, k, n in zip(box.start, box.size, a.shape, strict=True)]
-            if any(h <= l for l, h in zip(lo, hi, strict=True)):
+            if any(h <= q for q, h in zip(lo, hi, strict=True)):
                 continue
-            c0 = [l // c for l, c in zip(lo, a.inner_shape, strict=True)]
+            c0 = [q // c for q, c in zip(lo, a.inner_shape, strict=True)]
             c1 = [(h - 1) // c + 1 for h, c in zip(hi, a.inner_shape, strict=True)]
             for cidx in np.ndindex(*[b - e for e, b in zip(c0, c1, strict=True)]):
                 chunk = tuple(e + i for e, i in zip(c0, cidx, strict=True))
@@ -428,9 +432,7 @@ class ShardReader:
         def shard_of(a: ArrayInfo, chunk: tuple[int, ...]) -> tuple[int, ...]:
             return tuple(c // g for c, g in zip(chunk, a.grid, strict=True))
 
-        sharded = {
-            (c[0], shard_of(arrays[c], c[1])): arrays[c] for c in uses if arrays[c].sharded
-        }
+        sharded = {(c[0], shard_of(arrays[c], c[1])): arrays[c] for c in uses if arrays[c].sharded}
         self._load_indexes(sharded)
 
         # where every chunk's bytes are

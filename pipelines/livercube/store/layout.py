@@ -51,8 +51,23 @@ def open_zarr_store(
     if not is_remote(url):
         path = url.removeprefix("file://")
         return LocalStore(path, read_only=read_only)
-    opts = dict(storage_options or {})
+    opts = with_retries(url, storage_options)
     return FsspecStore.from_url(url, storage_options=opts or None, read_only=read_only)
+
+
+#: botocore retry policy for S3: throttling (503 SlowDown) and 5xx are retried with backoff,
+#: so a misbehaving bucket slows a conversion down instead of losing volumes.
+S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
+def with_retries(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Storage options with livercube's retry policy added for S3 (user settings win)."""
+    opts = dict(storage_options or {})
+    if str(url).startswith(("s3://", "s3a://")):
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("retries", S3_RETRIES)
+        opts["config_kwargs"] = config
+    return opts
 
 
 def open_root(

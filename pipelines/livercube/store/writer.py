@@ -1,23 +1,28 @@
 """Write one :class:`~livercube.volumes.volume.Volume` as an OME-Zarr 0.5 image group.
 
-Write order is what makes a volume trustworthy: the group is (re)created with its metadata
-marked ``status: writing``, every array is written, and only then is the completion record
-(content checksum + source fingerprint) added.  A reader, the catalog and ``verify`` ignore a
-group without that record, so an interrupted write never looks like a whole volume.
+Write order is what makes a volume trustworthy: the old group document is deleted, every
+array object is uploaded, and only then is the group document — carrying the completion
+record (content checksum + source fingerprint) — written.  A reader, the catalog and
+``verify`` ignore a group without that record, so an interrupted write never looks whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard
-from livercube.store.layout import open_root, volume_path
+from livercube.store.layout import open_zarr_store, volume_path
 from livercube.volumes.volume import (
     CLASS_LOCATIONS_PER_CLASS,
     Volume,
@@ -105,31 +110,16 @@ def _create(
     arr[...] = data
 
 
-def write_volume(
-    url: str,
-    volume: Volume,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    fingerprint: str = "",
-) -> dict[str, Any]:
-    """Write ``volume`` into the store at ``url``; returns a small record for the report.
+def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict:
+    """Every object of a volume group, encoded in memory: ``{key: zarr Buffer}``.
 
-    An existing group at the same path is replaced: the caller decides whether to skip
-    complete volumes (resume) before calling this.
+    Encoding into a :class:`~zarr.storage.MemoryStore` first means the real store sees only
+    what it must: one PUT per object (shards, metadata), sent concurrently, instead of the
+    existence checks and metadata round trips of creating nodes one by one (≈170 requests for
+    a tiny volume on S3 before, ≈15 now).
     """
-    root = open_root(url, storage_options, mode="a")
-    path = volume_path(volume.collection, volume.patient_id, volume.study, volume.series)
-    label = volume.label()
-    arrays: dict[str, np.ndarray] = {"image": volume.image}
-    if label is not None:
-        arrays["label"] = label
-        assert volume.segments is not None
-        arrays["segments"] = volume.segments.bits
-    checksum = content_checksum(arrays)
-
-    attrs = volume_attrs(volume, checksum=checksum, label_present=label is not None)
-    # overwrite=True clears the whole prefix once; the arrays below are then created fresh
-    group = root.create_group(path, overwrite=True, attributes={"livercube": attrs})
+    objects: dict = {}
+    group = zarr.create_group(MemoryStore(objects), zarr_format=3, attributes=attrs)
     _create(
         group,
         "image",
@@ -138,12 +128,12 @@ def write_volume(
         COMPRESSOR,
         {"units": "HU", "long_name": "CT attenuation (Hounsfield units)"},
     )
-    if label is not None:
+    if "label" in arrays:
         names = unified_labels()
         _create(
             group,
             "label",
-            label,
+            arrays["label"],
             ("z", "y", "x"),
             LABEL_COMPRESSOR,
             {
@@ -160,11 +150,10 @@ def write_volume(
             LABEL_COMPRESSOR,
             {
                 "long_name": "source segments as a bit field: bit k set = voxel in segment k",
-                "segments": attrs["segments"],
+                "segments": attrs["livercube"]["segments"],
             },
         )
-    if label is not None:
-        locations = class_locations(label)
+        locations = class_locations(arrays["label"])
         loc = group.create_array(
             "class_locations",
             shape=locations.shape,
@@ -197,18 +186,72 @@ def write_volume(
             },
         )
         arr[:] = coord
-    # completion record last: the group becomes visible to readers only now
-    done = dict(attrs)
-    done["status"] = "complete"
-    done["complete"] = {
+    return objects
+
+
+#: Concurrent PUTs per volume upload.
+UPLOAD_CONCURRENCY = 16
+_GROUP_DOC = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
+
+
+async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None:
+    """Replace the group at ``path`` with ``objects``; its ``zarr.json`` goes last.
+
+    The old group document is deleted before anything else, so a reader never pairs an old
+    completion record with new data; until the new document lands the volume is invisible.
+    """
+    proto = default_buffer_prototype()
+    await store.delete(f"{path}/zarr.json")
+    await store.delete_dir(path)
+    sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+    async def put(key: str, value) -> None:
+        async with sem:
+            await store.set(key, value)
+
+    parts = path.split("/")
+    parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
+    await asyncio.gather(
+        *(put(f"{path}/{k}", v) for k, v in objects.items() if k != "zarr.json"),
+        *(put(f"{p}/zarr.json", proto.buffer.from_bytes(_GROUP_DOC)) for p in parents),
+    )
+    await store.set(f"{path}/zarr.json", objects["zarr.json"])
+
+
+def write_volume(
+    url: str,
+    volume: Volume,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    fingerprint: str = "",
+) -> dict[str, Any]:
+    """Write ``volume`` into the store at ``url``; returns a small record for the report.
+
+    An existing group at the same path is replaced: the caller decides whether to skip
+    complete volumes (resume) before calling this.
+    """
+    path = volume_path(volume.collection, volume.patient_id, volume.study, volume.series)
+    label = volume.label()
+    arrays: dict[str, np.ndarray] = {"image": volume.image}
+    if label is not None:
+        arrays["label"] = label
+        assert volume.segments is not None
+        arrays["segments"] = volume.segments.bits
+    checksum = content_checksum(arrays)
+    meta = volume_attrs(volume, checksum=checksum, label_present=label is not None)
+    meta["status"] = "complete"
+    meta["complete"] = {
         "checksum": checksum,
         "fingerprint": fingerprint,
         "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    group.attrs.update({"ome": ome_multiscales(volume), "livercube": done})
+    objects = encode_volume(volume, {"ome": ome_multiscales(volume), "livercube": meta}, arrays)
+    store = open_zarr_store(url, storage_options)
+    sync(_upload(store, path, objects))
     return {
         "path": path,
         "checksum": checksum,
         "shape": list(volume.grid.shape),
         "bytes": int(sum(a.nbytes for a in arrays.values())),
+        "stored_bytes": int(sum(len(v) for v in objects.values())),
     }
