@@ -182,7 +182,7 @@ def test_flaky_slow_object_store_loses_nothing(plc_release, plc_overrides, plc_s
     from faulty_proxy import FaultyProxy
 
     root, _ = plc_release
-    with FaultyProxy(s3_endpoint, fail_every=40, delay=0.01) as proxy:
+    with FaultyProxy(s3_endpoint, fail_every=12, delay=0.01) as proxy:
         opts = {"key": "testing", "secret": "testing", "endpoint_url": proxy.url}
         bucket = f"flaky-{time.monotonic_ns()}"
         s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint).mkdir(bucket)

@@ -259,3 +259,20 @@ def test_class_locations_are_capped_and_deterministic():
     np.testing.assert_array_equal(a, b)
     assert (a[:, 0] == 1).sum() == 500 and (a[:, 0] == 2).sum() == 8
     assert len(np.unique(a[a[:, 0] == 1], axis=0)) == 500  # no duplicates
+
+
+def test_interrupted_upload_leaves_an_invisible_group(plc_store, tmp_path):
+    """Arrays uploaded but no group document (the writer was killed): not a volume."""
+    import shutil
+
+    url, _ = plc_store
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(url, dst)
+    victim = livercube.open(str(dst)).paths()[2]
+    Path(dst, victim, "zarr.json").unlink()
+    write_catalog(str(dst))
+    store = livercube.open(str(dst))
+    assert victim not in store.paths() and len(store.paths()) == 11
+    from livercube.store.contract import check_store
+
+    assert check_store(str(dst)) == []

@@ -7,6 +7,8 @@ volumes and a lost or stale catalog can always be rebuilt (``livercube catalog U
 
 from __future__ import annotations
 
+import asyncio
+import json
 import warnings
 from typing import Any
 
@@ -14,9 +16,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
+from livercube.errors import StoreError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS, STORE_SCHEMA_VERSION
-from livercube.store.layout import open_root, open_zarr_store
+from livercube.store.layout import open_zarr_store
 
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
 CLINICAL_PREFIX = {"hcc-tace-seg": "hcc_", "crlm": "crlm_", "plc-cect": "plc_"}
@@ -74,9 +80,8 @@ def _clinical_variables(
     return out
 
 
-def build_catalog(root: zarr.Group) -> xr.Dataset:
-    """The catalog Dataset for all complete volumes under ``root``."""
-    vols = complete_volumes(root)
+def build_catalog(vols: list[tuple[str, dict[str, Any]]], root_attrs: dict[str, Any]) -> xr.Dataset:
+    """The catalog Dataset for complete volumes given as (path, livercube attrs)."""
     metas = [m for _, m in vols]
     n = len(metas)
 
@@ -165,7 +170,7 @@ def build_catalog(root: zarr.Group) -> xr.Dataset:
             {"coding": "male | female | '' unknown"},
         ),
     }
-    columns = dict(root.attrs.get("livercube", {}).get("clinical_columns", {}))
+    columns = dict(root_attrs.get("livercube", {}).get("clinical_columns", {}))
     for name, (values, attrs) in _clinical_variables(metas, columns).items():
         data[name] = ("volume", values, attrs)
     ds = xr.Dataset(data, coords={"axis": np.array(["z", "y", "x"], dtype=object)})
@@ -173,15 +178,69 @@ def build_catalog(root: zarr.Group) -> xr.Dataset:
     return ds
 
 
+async def _metadata_documents(store: zarr.abc.store.Store) -> dict[str, Any]:
+    """Every ``zarr.json`` in the store, fetched concurrently after one recursive listing."""
+    keys = [k async for k in store.list() if k == "zarr.json" or k.endswith("/zarr.json")]
+    proto = default_buffer_prototype()
+    sem = asyncio.Semaphore(32)
+
+    async def get(key: str):
+        async with sem:
+            return key, await store.get(key, prototype=proto)
+
+    return {k: v for k, v in await asyncio.gather(*(get(k) for k in keys)) if v is not None}
+
+
+def volumes_from_documents(docs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(path, livercube attrs) of every complete volume group among metadata documents."""
+    found = []
+    for key, buf in docs.items():
+        path = key.removesuffix("zarr.json").rstrip("/")
+        if path.split("/", 1)[0] not in COLLECTIONS:
+            continue
+        doc = json.loads(buf.to_bytes())
+        meta = (
+            doc.get("attributes", {}).get("livercube") if doc.get("node_type") == "group" else None
+        )
+        if isinstance(meta, dict) and meta.get("status") == "complete":
+            found.append((path, meta))
+    return sorted(found, key=lambda item: item[0])
+
+
+async def _replace_catalog(store, objects: dict[str, Any], root_doc) -> None:
+    await store.delete_dir(CATALOG_GROUP)
+    sem = asyncio.Semaphore(16)
+
+    async def put(key: str, value) -> None:
+        async with sem:
+            await store.set(key, value)
+
+    await asyncio.gather(*(put(f"{CATALOG_GROUP}/{k}", v) for k, v in objects.items()))
+    await store.set("zarr.json", root_doc)
+
+
 def write_catalog(url: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
-    """Rebuild and write the catalog group, then consolidate the root metadata."""
-    root = open_root(url, storage_options, mode="a")
-    ds = build_catalog(root)
-    if CATALOG_GROUP in root:
-        del root[CATALOG_GROUP]
+    """Rebuild the catalog from the volumes' metadata, write it, consolidate the root.
+
+    Cost on object storage: one recursive listing, one GET per metadata document, one PUT per
+    catalog object and one for the root.  Consolidation runs on an in-memory mirror of the
+    metadata documents (public zarr API), so it needs no second walk of the bucket.
+    """
     store = open_zarr_store(url, storage_options)
+    docs = sync(_metadata_documents(store))
+    if "zarr.json" not in docs:
+        raise StoreError(f"{url}: no zarr root group (nothing converted yet?)")
+    root_attrs = json.loads(docs["zarr.json"].to_bytes()).get("attributes", {})
+    ds = build_catalog(volumes_from_documents(docs), root_attrs)
+
+    catalog_objects: dict[str, Any] = {}
+    mirror = {k: v for k, v in docs.items() if not k.startswith(f"{CATALOG_GROUP}/")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.to_zarr(store, group=CATALOG_GROUP, mode="w", zarr_format=3, consolidated=False)
-        zarr.consolidate_metadata(store, zarr_format=3)
+        ds.to_zarr(MemoryStore(catalog_objects), mode="w", zarr_format=3, consolidated=False)
+        for k, v in catalog_objects.items():
+            if k == "zarr.json" or k.endswith("/zarr.json"):
+                mirror[f"{CATALOG_GROUP}/{k}"] = v
+        zarr.consolidate_metadata(MemoryStore(mirror), zarr_format=3)
+    sync(_replace_catalog(store, catalog_objects, mirror["zarr.json"]))
     return ds
