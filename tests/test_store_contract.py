@@ -276,3 +276,51 @@ def test_interrupted_upload_leaves_an_invisible_group(plc_store, tmp_path):
     from livercube.store.contract import check_store
 
     assert check_store(str(dst)) == []
+
+
+def _big_volume():
+    from livercube.synth.phantom import abdomen_grid, make_anatomy, render
+    from livercube.volumes.volume import Volume
+
+    grid = abdomen_grid((24, 300, 260), (1.0, 1.4, 1.4))
+    r = render(make_anatomy(3, n_tumours=2), grid, "portal_venous", seed=1)
+    field = SegmentField(grid.shape, 2)
+    field.add(r.masks["liver"], label="Liver", number=1, unified=1)
+    field.add(r.masks["tumor_1"], label="Tumor_1", number=2, unified=2)
+    return Volume("crlm", "CRLM-CT-1001", "S1", "100", r.image, grid, "portal_venous",
+                  segments=field, meta={"intensity": {"exact": True}, "geometry_flags": {},
+                                        "source": {}})
+
+
+def test_browse_pyramid_and_ome_labels_validate(tmp_path):
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    from livercube.store.pyramid import pyramid_factors
+    from livercube.store.writer import write_volume
+
+    vol = _big_volume()
+    url = str(tmp_path / "s.zarr")
+    zarr.open_group(url, mode="w", zarr_format=3)
+    rec = write_volume(url, vol, fingerprint="x")
+    write_catalog(url)
+    group = zarr.open_group(url, path=rec["path"], mode="r", zarr_format=3)
+    Image.from_zarr(group)
+    ImageLabel.from_zarr(group["labels/unified"])
+    # z (1 mm) halves along with the 1.4 mm in-plane axes while it stays the finer one
+    assert pyramid_factors((24, 300, 260), (1.0, 1.4, 1.4)) == [(2, 2, 2), (4, 4, 4)]
+    assert pyramid_factors((24, 512, 512), (5.0, 0.7, 0.7)) == [(1, 2, 2), (1, 4, 4)]
+    assert pyramid_factors((24, 128, 128), (5.0, 0.7, 0.7)) == []
+    ms = group.attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["path"] for d in ms] == ["image", "pyramid/1", "pyramid/2"]
+    np.testing.assert_allclose(ms[2]["coordinateTransformations"][0]["scale"], [4.0, 5.6, 5.6])
+    lvl2 = group["pyramid/2"][...]
+    np.testing.assert_array_equal(lvl2, vol.image[::4, ::4, ::4])
+    np.testing.assert_array_equal(group["labels/unified/2"][...], vol.label()[::4, ::4, ::4])
+    np.testing.assert_array_equal(group["labels/unified/0"][...], vol.label())
+    # plain xarray still sees one consistent Dataset at the volume group
+    store = livercube.open(url)
+    assert set(store.volume(0).data_vars) >= {"image", "label", "segments"}
+    from livercube.store.contract import check_store
+
+    assert check_store(url) == []

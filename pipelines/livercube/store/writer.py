@@ -23,6 +23,7 @@ from zarr.storage import MemoryStore
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard
 from livercube.store.layout import open_zarr_store, volume_path
+from livercube.store.pyramid import multiscales, pyramid_factors, subsample
 from livercube.volumes.volume import (
     CLASS_LOCATIONS_PER_CLASS,
     Volume,
@@ -37,29 +38,40 @@ LABEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 
 
 def ome_multiscales(volume: Volume) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``ome`` attribute: one scale level, ``image``, in millimetres."""
+    """OME-Zarr 0.5 ``ome`` attribute: ``image`` then its browse levels ``pyramid/<k>``."""
     g = volume.grid
+    factors = pyramid_factors(g.shape, g.spacing)
+    paths = ["image", *[f"pyramid/{k + 1}" for k in range(len(factors))]]
+    name = volume_path(volume.collection, volume.patient_id, volume.study, volume.series)
     return {
         "version": "0.5",
-        "multiscales": [
-            {
-                "name": volume_path(
-                    volume.collection, volume.patient_id, volume.study, volume.series
-                ),
-                "axes": [
-                    {"name": ax, "type": "space", "unit": "millimeter"} for ax in ("z", "y", "x")
-                ],
-                "datasets": [
-                    {
-                        "path": "image",
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [float(s) for s in g.spacing]},
-                            {"type": "translation", "translation": [float(o) for o in g.origin]},
-                        ],
-                    }
-                ],
-            }
-        ],
+        "multiscales": [multiscales(name, g.spacing, g.origin, paths, factors)],
+    }
+
+
+def _label_image_attrs(volume: Volume) -> dict[str, Any]:
+    """OME-Zarr 0.5 ``labels/unified`` image-label metadata (colours from the label schema)."""
+    g = volume.grid
+    factors = pyramid_factors(g.shape, g.spacing)
+    paths = [str(k) for k in range(len(factors) + 1)]
+    colours = {
+        1: [217, 115, 51, 255],
+        2: [230, 25, 25, 255],
+        3: [51, 102, 255, 255],
+        4: [25, 204, 230, 255],
+        5: [230, 51, 204, 255],
+    }
+    return {
+        "version": "0.5",
+        "multiscales": [multiscales("unified", g.spacing, g.origin, paths, factors)],
+        "image-label": {
+            "version": "0.5",
+            "colors": [{"label-value": v, "rgba": c} for v, c in colours.items()],
+            "properties": [
+                {"label-value": v, "name": n} for v, n in unified_labels().items() if v in colours
+            ],
+            "source": {"image": "../../"},
+        },
     }
 
 
@@ -186,7 +198,39 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
             },
         )
         arr[:] = coord
+    _browse_levels(group, volume, arrays)
     return objects
+
+
+def _browse_levels(group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray]) -> None:
+    """Pyramid of the image and the OME-Zarr ``labels/unified`` image (viewers only)."""
+    factors = pyramid_factors(volume.grid.shape, volume.grid.spacing)
+    if factors:
+        pyr = group.create_group("pyramid")
+        for k, f in enumerate(factors, start=1):
+            _create(
+                pyr,
+                str(k),
+                subsample(volume.image, f),
+                ("z", "y", "x"),
+                COMPRESSOR,
+                {"units": "HU", "subsampling": list(f)},
+            )
+    if "label" not in arrays:
+        return
+    labels = group.create_group(
+        "labels", attributes={"ome": {"version": "0.5", "labels": ["unified"]}}
+    )
+    unified = labels.create_group("unified", attributes={"ome": _label_image_attrs(volume)})
+    for k, f in enumerate([(1, 1, 1), *factors]):
+        _create(
+            unified,
+            str(k),
+            subsample(arrays["label"], f),
+            ("z", "y", "x"),
+            LABEL_COMPRESSOR,
+            {"subsampling": list(f)},
+        )
 
 
 #: Concurrent PUTs per volume upload.
