@@ -134,6 +134,7 @@ def test_quirks_are_reported_not_lost(tmp_path):
         junk_files=True,
         truncated_duplicate=True,
         missing_slice=True,
+        missing_referenced_instance=True,
     )
     dest = tmp_path / "s.zarr"
     res = cli("convert", str(root), str(dest), "--collection", "hcc-tace-seg", "--quiet")
@@ -153,3 +154,37 @@ def test_quirks_are_reported_not_lost(tmp_path):
         keep = [z for z in range(img.shape[0]) if z not in v.missing_z]
         np.testing.assert_array_equal(img[keep], v.hu[keep])
         assert (img[v.missing_z] == -1024).all()
+    # the expert SEG whose referenced CT file is gone is still placed, by its own geometry
+    seg = next(sg for sg in truth.segs if sg.missing_referenced_sop_uids)
+    (annotated,) = [
+        where[k] for k in seg.referenced_volumes if bool(store.catalog.annotated.values[where[k]])
+    ]
+    got = store.segments(annotated)
+    for label, mask in seg.masks.items():
+        np.testing.assert_array_equal(got[label], mask, err_msg=label)
+
+
+def test_phase_override_file(hcc, tmp_path):
+    root, truth = hcc
+    v = next(v for v in truth.volumes if v.phase == "arterial")
+    ov = tmp_path / "phases.csv"
+    acq = "" if v.acquisition_number is None else str(v.acquisition_number)
+    ov.write_text(f"series_uid,acquisition_number,phase\n{v.series_uid},{acq},delayed\n")
+    dest = tmp_path / "s.zarr"
+    res = cli(
+        "convert",
+        str(root),
+        str(dest),
+        "--collection",
+        "hcc-tace-seg",
+        "--quiet",
+        "--overrides",
+        str(ov),
+        "--only",
+        v.patient_id,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    store = livercube.open(str(dest))
+    i = _match(store, truth)[v.key]
+    assert str(store.catalog.phase.values[i]) == "delayed"
+    assert str(store.catalog.phase_evidence.values[i]).startswith("override")
