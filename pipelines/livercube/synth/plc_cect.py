@@ -19,7 +19,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from livercube.sources.plc_cect import hu_from_window, window_from_hu
+from livercube.sources.plc_cect import (
+    CURRENT_HEADER,
+    OLD_HEADER,
+    hu_from_window,
+    window_from_hu,
+)
 from livercube.synth.phantom import abdomen_grid, make_anatomy, render
 
 CODES = ("P", "C1", "C2", "C3")
@@ -162,23 +167,10 @@ def write_plc_cect(
     buf = io.StringIO()
     w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
     if header_version == "current":
-        w.writerow(
-            [
-                "patient_id",
-                "age",
-                "gender",
-                "phase",
-                "cancer_type",
-                "ct_path",
-                "mask_path",
-                "liver_mask_path",
-            ]
-        )
+        w.writerow(CURRENT_HEADER)
         w.writerows(rows)
     else:
-        w.writerow(
-            ["Patient ID", "Stage", "Cancer Type", "CT File", "Mask File", "Liver Mask File"]
-        )
+        w.writerow(OLD_HEADER)
         for r_ in rows:
             w.writerow(
                 [
