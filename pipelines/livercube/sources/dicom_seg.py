@@ -613,6 +613,19 @@ class _Decoder:
             ) from exc
 
 
+def _axis_span(origin: int, sign: int, n: int, size: int) -> tuple[int, int, slice]:
+    """Frame indices [a0, a1) that land inside ``[0, size)`` along one axis, and their target.
+
+    Target index of frame index ``a`` is ``origin + sign * a``; the target is returned as a
+    basic slice (ascending) so the copy is a strided view, not a fancy-index scatter.
+    """
+    if sign > 0:
+        a0, a1 = max(0, -origin), min(n, size - origin)
+        return a0, a1, slice(origin + a0, origin + a1)
+    a0, a1 = max(0, origin - size + 1), min(n, origin + 1)
+    return a0, a1, slice(origin - a1 + 1, origin - a0 + 1)
+
+
 def _copy_frame(mask: np.ndarray, g: _OnGrid, f: int, values: np.ndarray) -> int:
     """Copy an on-lattice frame into its grid plane; returns pixels falling outside the grid."""
     shape = mask.shape
@@ -623,16 +636,22 @@ def _copy_frame(mask: np.ndarray, g: _OnGrid, f: int, values: np.ndarray) -> int
     if not 0 <= p < shape[pa]:
         return int(values.size)
     o = np.rint(g.origin[f]).astype(np.int64)
-    tr = o[ar] + int(np.sign(g.step_row[f, ar])) * np.arange(values.shape[0])
-    tc = o[ac] + int(np.sign(g.step_col[f, ac])) * np.arange(values.shape[1])
-    vr = (tr >= 0) & (tr < shape[ar])
-    vc = (tc >= 0) & (tc < shape[ac])
+    sr, sc = int(np.sign(g.step_row[f, ar])), int(np.sign(g.step_col[f, ac]))
+    r0, r1, t_r = _axis_span(int(o[ar]), sr, values.shape[0], shape[ar])
+    c0, c1, t_c = _axis_span(int(o[ac]), sc, values.shape[1], shape[ac])
+    if r1 <= r0 or c1 <= c0:
+        return int(values.size)
+    block = values[r0:r1, c0:c1]
+    if sr < 0:
+        block = block[::-1]
+    if sc < 0:
+        block = block[:, ::-1]
+    if ar > ac:  # the target plane stores columns before rows
+        block = block.T
     idx: list[Any] = [None, None, None]
-    idx[pa] = p
-    idx[ar] = tr[vr][:, None]
-    idx[ac] = tc[vc][None, :]
-    mask[tuple(idx)] |= values[np.ix_(vr, vc)]
-    return int(values.size - vr.sum() * vc.sum())
+    idx[pa], idx[ar], idx[ac] = p, t_r, t_c
+    mask[tuple(idx)] |= block.astype(bool, copy=False)
+    return int(values.size - (r1 - r0) * (c1 - c0))
 
 
 def _resample_frame(

@@ -86,7 +86,7 @@ class SegmentField:
             raise ValueError(f"mask shape {mask.shape} != grid shape {self.bits.shape}")
         bit = len(self.segments)
         m = np.asarray(mask, dtype=bool)
-        self.bits |= m.astype(self.dtype) << self.dtype.type(bit)
+        np.bitwise_or(self.bits, self.dtype.type(1 << bit), out=self.bits, where=m)
         info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(m.sum()))
         self.segments.append(info)
         return info
@@ -180,9 +180,8 @@ def class_locations(
     rng = np.random.default_rng(seed)
     rows = []
     flat = label.ravel()
-    for value in np.unique(flat):
-        if value == 0:
-            continue
+    counts = np.bincount(flat, minlength=1) if flat.size else np.zeros(1, np.int64)
+    for value in np.flatnonzero(counts[1:]) + 1:
         idx = np.flatnonzero(flat == value)
         if idx.size > per_class:
             idx = np.sort(rng.choice(idx, size=per_class, replace=False))
