@@ -287,9 +287,17 @@ def _big_volume():
     field = SegmentField(grid.shape, 2)
     field.add(r.masks["liver"], label="Liver", number=1, unified=1)
     field.add(r.masks["tumor_1"], label="Tumor_1", number=2, unified=2)
-    return Volume("crlm", "CRLM-CT-1001", "S1", "100", r.image, grid, "portal_venous",
-                  segments=field, meta={"intensity": {"exact": True}, "geometry_flags": {},
-                                        "source": {}})
+    return Volume(
+        "crlm",
+        "CRLM-CT-1001",
+        "S1",
+        "100",
+        r.image,
+        grid,
+        "portal_venous",
+        segments=field,
+        meta={"intensity": {"exact": True}, "geometry_flags": {}, "source": {}},
+    )
 
 
 def test_browse_pyramid_and_ome_labels_validate(tmp_path):

@@ -1,7 +1,9 @@
-"""The ``livercube`` command line: synth, convert, demo, info, catalog, preview.
+"""The ``livercube`` command line: synth, convert, demo, info, catalog, preview, verify,
+publish, ls.
 
 Exit status: 0 everything converted; 3 some inputs skipped or failed (the report says which
-and why, everything else is in the store); 2 usage errors; 1 anything else.
+and why, everything else is in the store); 4 ``verify`` found damage; 2 usage errors; 1
+anything else.
 """
 
 from __future__ import annotations
@@ -113,6 +115,52 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(Path(a.workdir), size=a.size, scheduler=a.scheduler)
 
 
+def cmd_ls(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    import livercube
+    from livercube.store.publish import catalog_frame, query
+
+    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    table = catalog_frame(store.catalog)
+    total = len(table)
+    table = query(table, a.where)
+    columns = ["path", "phase", "annotated"] + [
+        c.strip() for c in (a.columns or "").split(",") if c.strip()
+    ]
+    unknown = [c for c in columns if c not in table.columns]
+    if unknown:
+        raise UsageError(f"--columns: no such catalog column(s): {', '.join(unknown)}")
+    with pd.option_context("display.max_rows", None, "display.width", 160):
+        print(table[columns].to_string(index=False) if len(table) else "(no volumes)")
+    print(f"{len(table)} of {total} volumes")
+    return EXIT_OK
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from livercube.store.verify import verify
+
+    report = verify(
+        a.url,
+        _storage_options(a.storage_option),
+        source=a.source,
+        collection=a.collection,
+        clinical=a.clinical,
+        overrides=a.overrides,
+        source_options=_storage_options(a.source_option),
+        workers=a.workers,
+    )
+    print(report.to_json() if a.json else report.summary())
+    return report.exit_code
+
+
+def cmd_publish(a: argparse.Namespace) -> int:
+    from livercube.store.publish import publish
+
+    print(publish(a.url, _storage_options(a.storage_option)).summary())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livercube", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,6 +232,40 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max", type=int, default=4)
     v.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     v.set_defaults(func=cmd_preview)
+
+    ls = sub.add_parser("ls", help="list the catalog's volumes, filtered by a pandas query")
+    ls.add_argument("url")
+    ls.add_argument(
+        "--where", help="pandas query on the catalog, e.g. \"phase == 'arterial' and annotated\""
+    )
+    ls.add_argument("--columns", help="extra catalog columns to show, comma-separated")
+    ls.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    ls.set_defaults(func=cmd_ls)
+
+    vf = sub.add_parser(
+        "verify",
+        help="re-read every volume, recompute checksums, find damaged or missing shards",
+        description="Exit status: 0 nothing wrong, 4 damage or source mismatches found, "
+        "2 usage errors, 1 anything else.",
+    )
+    vf.add_argument("url")
+    vf.add_argument("--source", help="also compare voxel for voxel with this collection root")
+    vf.add_argument("--collection", choices=COLLECTIONS, help="collection of --source")
+    vf.add_argument("--clinical", help="clinical spreadsheet used at conversion (with --source)")
+    vf.add_argument("--overrides", help="overrides CSV used at conversion (with --source)")
+    vf.add_argument("--source-option", action="append", metavar="KEY=VALUE")
+    vf.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    vf.add_argument("--workers", type=int, default=4, help="volumes checked concurrently")
+    vf.add_argument("--json", action="store_true", help="print the full report as JSON")
+    vf.set_defaults(func=cmd_verify)
+
+    pb = sub.add_parser(
+        "publish",
+        help="consolidate metadata, export catalog.parquet, write the README.md dataset card",
+    )
+    pb.add_argument("url")
+    pb.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    pb.set_defaults(func=cmd_publish)
     return p
 
 

@@ -223,6 +223,40 @@ def write_report(dest: str, storage_options: dict | None, report: ConvertReport)
     return target
 
 
+def check_collection(collection: str) -> None:
+    """Reject an unknown collection name before any I/O, naming the valid ones."""
+    if collection not in COLLECTIONS:
+        raise UsageError(
+            f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}"
+        )
+
+
+def plan_collection(
+    source: str,
+    collection: str,
+    *,
+    clinical: str | None = None,
+    overrides: str | None = None,
+    source_options: dict | None = None,
+) -> Any:
+    """Plan a collection from headers and file names only: tasks, skipped inputs, warnings.
+
+    One entry point so that ``convert`` and ``verify --source`` see exactly the same tasks.
+    """
+    check_collection(collection)
+    if collection == "plc-cect":
+        from livercube.sources import plc_cect
+
+        return plc_cect.plan(
+            source, clinical=clinical, overrides=overrides, storage_options=source_options
+        )
+    from livercube.sources import dicom_collection
+
+    return dicom_collection.plan(
+        source, collection, clinical=clinical, overrides=overrides, storage_options=source_options
+    )
+
+
 def convert(
     source: str,
     dest: str,
@@ -244,32 +278,16 @@ def convert(
     is unchanged is left alone (``unchanged`` in the report); partial groups are redone.
     ``overwrite`` rewrites everything; ``only`` restricts the run to some patient ids.
     """
-    if collection not in COLLECTIONS:
-        raise UsageError(
-            f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}"
-        )
+    check_collection(collection)
     # retries for flaky object storage on both ends; local paths are unaffected
     storage_options = with_retries(dest, storage_options) or None
     source_options = with_retries(source, source_options) or None
     report = ConvertReport(
         collection, str(source), str(dest), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
-    if collection == "plc-cect":
-        from livercube.sources import plc_cect
-
-        plan = plc_cect.plan(
-            source, clinical=clinical, overrides=overrides, storage_options=source_options
-        )
-    else:
-        from livercube.sources import dicom_collection
-
-        plan = dicom_collection.plan(
-            source,
-            collection,
-            clinical=clinical,
-            overrides=overrides,
-            storage_options=source_options,
-        )
+    plan = plan_collection(
+        source, collection, clinical=clinical, overrides=overrides, source_options=source_options
+    )
     report.skipped.extend(plan.skipped)
     report.warnings.extend(plan.warnings)
     tasks, columns = plan.tasks, plan.clinical_columns

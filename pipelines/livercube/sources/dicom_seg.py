@@ -562,7 +562,6 @@ def _seg_attrs(ds: Dataset, seg_type: str) -> dict[str, Any]:
         "SeriesNumber": plain_value(ds.get("SeriesNumber")),
         "SeriesDescription": str(ds.get("SeriesDescription", "") or ""),
         "SegmentationType": seg_type,
-        "ContentCreatorName": text("ContentCreatorName"),
         "ContentLabel": text("ContentLabel"),
         "ContentDescription": text("ContentDescription"),
         "ContentDate": text("ContentDate"),

@@ -52,6 +52,11 @@ def open_zarr_store(
         path = url.removeprefix("file://")
         return LocalStore(path, read_only=read_only)
     opts = with_retries(url, storage_options)
+    if read_only and url.startswith(("s3://", "s3a://")):
+        # whole-object GETs without a HEAD first: s3fs sizes an object before a plain read
+        # only to split objects over 50 MB (no livercube object is), which doubles the requests
+        # of a reader and fails where anonymous HEAD is refused
+        opts.setdefault("max_concurrency", 1)
     return FsspecStore.from_url(url, storage_options=opts or None, read_only=read_only)
 
 
@@ -85,7 +90,9 @@ def open_root(
     store = open_zarr_store(url, storage_options, read_only=(mode == "r"))
     if mode == "r" and consolidated:
         try:
-            return zarr.open_consolidated(store, zarr_format=3)
+            # mode="r": the default ("a") is refused by a read-only store, which silently
+            # fell back to walking the hierarchy (and fails where there is no listing: HTTP)
+            return zarr.open_consolidated(store, zarr_format=3, mode="r")
         except Exception:  # no consolidated metadata (store still being written)
             pass
     # writers must see the volumes as they are now, never a stale consolidated snapshot

@@ -37,11 +37,7 @@ class Store:
             raise StoreError(
                 f"{self.url} has no catalog group; run `livercube catalog {self.url}` to rebuild it"
             )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = xr.open_zarr(
-                self._zstore, group=CATALOG_GROUP, zarr_format=3, consolidated=False
-            ).load()
+        ds = self._open_dataset(CATALOG_GROUP).load()
         # numpy StringDType -> object, so pandas, .astype(str) and older numpy code just work
         return ds.map(
             lambda v: v.astype(object) if v.dtype.kind == "T" else v, keep_attrs=True
@@ -65,9 +61,28 @@ class Store:
 
     def volume(self, key: str | int) -> xr.Dataset:
         """One volume as a lazy xarray Dataset (``image``, ``label``, ``segments``, z/y/x in mm)."""
-        path = self._path(key)
+        return self._open_dataset(self._path(key))
+
+    @property
+    def consolidated(self) -> bool:
+        """Whether the root was opened from consolidated metadata (no listing needed)."""
+        return self.root.metadata.consolidated_metadata is not None
+
+    def _open_dataset(self, path: str) -> xr.Dataset:
+        """The group at ``path`` as a lazy Dataset.
+
+        With consolidated root metadata the group's array metadata is already in memory, so
+        this costs no metadata request and needs no listing (plain HTTP hosting has none).
+        Without it, the group is read as it is now (one document per array).
+        """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if self.consolidated:
+                from xarray.backends import ZarrStore
+
+                group = self.root[path]
+                source = ZarrStore(group, mode="r", use_zarr_fill_value_as_mask=False)
+                return xr.open_dataset(source, chunks={})
             return xr.open_zarr(self._zstore, group=path, zarr_format=3, consolidated=False)
 
     def volume_attrs(self, key: str | int) -> dict[str, Any]:
