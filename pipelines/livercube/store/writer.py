@@ -106,7 +106,10 @@ def _create(
     dims: tuple[str, ...],
     compressor: BloscCodec,
     attrs: dict[str, Any],
+    *,
+    write: bool = True,
 ) -> None:
+    """Create a sharded array shaped like ``data`` and (unless ``write`` is False) fill it."""
     chunks, shards = chunk_and_shard(data.shape)  # type: ignore[arg-type]
     arr = group.create_array(
         name,
@@ -119,7 +122,8 @@ def _create(
         fill_value=0,
         attributes=attrs,
     )
-    arr[...] = data
+    if write:
+        arr[...] = data
 
 
 def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict:
@@ -198,12 +202,18 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
             },
         )
         arr[:] = coord
-    _browse_levels(group, volume, arrays)
+    _browse_levels(group, volume, arrays, objects)
     return objects
 
 
-def _browse_levels(group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray]) -> None:
-    """Pyramid of the image and the OME-Zarr ``labels/unified`` image (viewers only)."""
+def _browse_levels(
+    group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray], objects: dict
+) -> None:
+    """Pyramid of the image and the OME-Zarr ``labels/unified`` image (viewers only).
+
+    Level 0 of the label image is the ``label`` array itself, same shape, chunking and codec:
+    its encoded shards are shared from ``objects`` rather than compressed a second time.
+    """
     factors = pyramid_factors(volume.grid.shape, volume.grid.spacing)
     if factors:
         pyr = group.create_group("pyramid")
@@ -223,14 +233,18 @@ def _browse_levels(group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarr
     )
     unified = labels.create_group("unified", attributes={"ome": _label_image_attrs(volume)})
     for k, f in enumerate([(1, 1, 1), *factors]):
+        level = subsample(arrays["label"], f) if k else None
         _create(
             unified,
             str(k),
-            subsample(arrays["label"], f),
+            arrays["label"] if level is None else level,
             ("z", "y", "x"),
             LABEL_COMPRESSOR,
             {"subsampling": list(f)},
+            write=level is not None,
         )
+    for key in [k for k in objects if k.startswith("label/c/")]:
+        objects["labels/unified/0/" + key[len("label/") :]] = objects[key]
 
 
 #: Concurrent PUTs per volume upload.

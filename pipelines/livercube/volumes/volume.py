@@ -96,17 +96,30 @@ class SegmentField:
 
 
 def unified_label_map(bits: np.ndarray, segments: list[SegmentInfo]) -> np.ndarray:
-    """Paint the unified uint8 label volume from the bit field, honouring precedence."""
+    """Paint the unified uint8 label volume from the bit field, honouring precedence.
+
+    Painted in slabs of slices so the temporaries stay a few MB instead of two extra
+    volume-sized arrays (this runs at the memory peak of a conversion task).
+    """
     label = np.zeros(bits.shape, dtype=np.uint8)
     dt = bits.dtype.type
+    selectors = []
     for value in reversed(label_precedence()):  # lowest precedence first, overwritten later
         selector = dt(0)
         for s in segments:
             if s.unified == value:
                 selector |= dt(1) << dt(s.bit)
         if selector:
-            label[(bits & selector) != 0] = value
+            selectors.append((value, selector))
+    for z0 in range(0, bits.shape[0] if bits.ndim else 0, _SLAB):
+        b, out = bits[z0 : z0 + _SLAB], label[z0 : z0 + _SLAB]
+        for value, selector in selectors:
+            out[(b & selector) != 0] = value
     return label
+
+
+#: Slices per slab when painting labels (a 512² slab of 8 is 2 MB of uint8).
+_SLAB = 8
 
 
 @dataclass
@@ -179,10 +192,12 @@ def class_locations(
     """
     rng = np.random.default_rng(seed)
     rows = []
-    flat = label.ravel()
-    counts = np.bincount(flat, minlength=1) if flat.size else np.zeros(1, np.int64)
-    for value in np.flatnonzero(counts[1:]) + 1:
-        idx = np.flatnonzero(flat == value)
+    # Foreground first: it is a few percent of the volume, so no per-class pass (nor a
+    # bincount's int64 copy, 8x the label's size) ever touches the background.
+    foreground = np.flatnonzero(label.ravel())
+    values = label.ravel()[foreground]
+    for value in np.unique(values):
+        idx = foreground[values == value]
         if idx.size > per_class:
             idx = np.sort(rng.choice(idx, size=per_class, replace=False))
         zyx = np.stack(np.unravel_index(idx, label.shape), axis=1)
