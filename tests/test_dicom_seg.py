@@ -267,6 +267,26 @@ def test_frames_outside_target_are_noted(crlm: Generated) -> None:
     assert m.target_key == full.key
 
 
+def test_seg_naming_an_acquisition_it_does_not_lie_in(crlm: Generated) -> None:
+    """HCC_089: the SEG's references name one acquisition, its frames lie in another."""
+    st = crlm.truth.segs[0]
+    t = crlm.targets[st.referenced_volumes[0]]
+    named = replace(  # owns every cited instance, but sits 400 mm away
+        t,
+        key="named",
+        grid=Grid(t.grid.shape, t.grid.spacing, (t.grid.origin[0] + 400.0, *t.grid.origin[1:])),
+    )
+    actual = replace(t, key="actual", series_uid="1.2.3.999", sop_uids_by_z={})
+    for order in ([named, actual], [actual, named]):
+        m = match_seg(crlm.seg_url[st.sop_instance_uid], order)
+        assert m.target_key == "actual", m.reason
+        assert m.referenced == {"named": m.referenced["named"]} and m.referenced["named"] > 0
+        assert any("placed by frame geometry" in n for n in m.notes), m.notes
+    placed = place_seg(crlm.seg_url[st.sop_instance_uid], actual, collection="crlm")
+    for label, mask in masks_by_label(placed).items():
+        np.testing.assert_array_equal(mask, st.masks[label])
+
+
 def test_no_matching_target(crlm: Generated) -> None:
     st = crlm.truth.segs[0]
     t = crlm.targets[st.referenced_volumes[0]]

@@ -495,6 +495,11 @@ def _match(ds: Dataset, frames: _Frames, targets: list[SegTarget]) -> SegMatch:
         why.append(f"{score[4]} frames cite its instances")
     if n_out:
         notes.append(f"{n_out} frame(s) lie outside {best.key}")
+    if cited and best.key not in cited:
+        notes.append(
+            f"SEG cites instances of {', '.join(sorted(cited))} but its frames lie on "
+            f"{best.key}: placed by frame geometry, not by the references"
+        )
     return SegMatch(best.key, exact, referenced, "; ".join(why), notes)
 
 
