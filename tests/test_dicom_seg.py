@@ -287,6 +287,18 @@ def test_seg_naming_an_acquisition_it_does_not_lie_in(crlm: Generated) -> None:
         np.testing.assert_array_equal(mask, st.masks[label])
 
 
+def test_frame_of_reference_decides_between_identical_grids(crlm: Generated) -> None:
+    """Two CTs on the same grid (e.g. a re-reconstruction): the SEG's FrameOfReferenceUID wins."""
+    st = crlm.truth.segs[0]
+    t = crlm.targets[st.referenced_volumes[0]]
+    seg_for = str(pydicom.dcmread(crlm.seg_url[st.sop_instance_uid]).FrameOfReferenceUID)
+    assert t.frame_of_reference_uid == seg_for  # recorded by the header scan
+    right = replace(t, key="right", sop_uids_by_z={})
+    other = replace(right, key="other", frame_of_reference_uid="1.2.3.4.5")
+    for order in ([other, right], [right, other]):
+        assert match_seg(crlm.seg_url[st.sop_instance_uid], order).target_key == "right"
+
+
 def test_no_matching_target(crlm: Generated) -> None:
     st = crlm.truth.segs[0]
     t = crlm.targets[st.referenced_volumes[0]]

@@ -160,6 +160,8 @@ class Acquisition:
     file_bytes: int
     attrs: dict[str, Any] = field(default_factory=dict)
     notes: tuple[ScanNote, ...] = ()
+    #: Tells SEG matching which CT shares the SEG's patient coordinate system (not stored).
+    frame_of_reference_uid: str = ""
 
     @property
     def normal(self) -> tuple[float, float, float]:
@@ -786,4 +788,5 @@ def _make_acquisition(
         file_bytes=sum(im.hdr.size for im in imgs),
         attrs=attrs,
         notes=tuple(notes),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
     )

@@ -171,7 +171,7 @@ def target_from_acquisition(
         study_uid=acq.study_uid,
         grid=reo.grid,
         sop_uids_by_z=uids,
-        frame_of_reference_uid=frame_of_reference_uid or acq.attrs.get("FrameOfReferenceUID"),
+        frame_of_reference_uid=frame_of_reference_uid or acq.frame_of_reference_uid or None,
     )
 
 
