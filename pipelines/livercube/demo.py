@@ -75,8 +75,16 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
     from livercube.preview import volume_preview
 
     store = livercube.open(store_url)
-    n = store.catalog.sizes["volume"]
-    keys = sorted({0, n // 2, n - 1})
+    cat = store.catalog
+    collections = cat["collection"].values
+    annotated = cat["annotated"].values
+    # one annotated volume per collection, so every row of the preview shows its labels
+    keys = [
+        int(np.flatnonzero((collections == c) & annotated)[0])
+        if ((collections == c) & annotated).any()
+        else int(np.flatnonzero(collections == c)[0])
+        for c in dict.fromkeys(collections.tolist())
+    ]
     png = volume_preview(store, keys, workdir / "preview.png")
     print(f"[preview] {png}")
     return status
