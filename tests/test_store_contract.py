@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from volume_factory import phantom_volume
 
 import livercube
 from livercube.errors import StoreError, VolumeNotFoundError
@@ -279,25 +280,7 @@ def test_interrupted_upload_leaves_an_invisible_group(plc_store, tmp_path):
 
 
 def _big_volume():
-    from livercube.synth.phantom import abdomen_grid, make_anatomy, render
-    from livercube.volumes.volume import Volume
-
-    grid = abdomen_grid((24, 300, 260), (1.0, 1.4, 1.4))
-    r = render(make_anatomy(3, n_tumours=2), grid, "portal_venous", seed=1)
-    field = SegmentField(grid.shape, 2)
-    field.add(r.masks["liver"], label="Liver", number=1, unified=1)
-    field.add(r.masks["tumor_1"], label="Tumor_1", number=2, unified=2)
-    return Volume(
-        "crlm",
-        "CRLM-CT-1001",
-        "S1",
-        "100",
-        r.image,
-        grid,
-        "portal_venous",
-        segments=field,
-        meta={"intensity": {"exact": True}, "geometry_flags": {}, "source": {}},
-    )
+    return phantom_volume()
 
 
 def test_browse_pyramid_and_ome_labels_validate(tmp_path):

@@ -103,6 +103,18 @@ def cmd_preview(a: argparse.Namespace) -> int:
     from livercube.preview import volume_preview
 
     store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    if a.contact_sheets:
+        from livercube.preview import contact_sheets
+
+        for png in contact_sheets(
+            store,
+            a.contact_sheets,
+            where=a.where,
+            max_per_sheet=a.max_per_sheet,
+            columns=a.columns,
+        ):
+            print(png)
+        return EXIT_OK
     keys = a.volumes or list(range(min(a.max, store.catalog.sizes["volume"])))
     keys = [int(k) if isinstance(k, str) and k.isdigit() else k for k in keys]
     print(volume_preview(store, keys, a.out))
@@ -230,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="preview.png")
     v.add_argument("--volumes", nargs="*", help="paths or indices (default: the first --max)")
     v.add_argument("--max", type=int, default=4)
+    v.add_argument(
+        "--contact-sheets",
+        metavar="DIR",
+        help="instead: one PNG per collection in DIR, an axial thumbnail per volume "
+        "(coarsest browse level)",
+    )
+    v.add_argument("--where", help="with --contact-sheets: pandas query on the catalog")
+    v.add_argument("--max-per-sheet", type=int, default=48, help="more volumes -> more pages")
+    v.add_argument("--columns", type=int, default=8)
     v.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     v.set_defaults(func=cmd_preview)
 
