@@ -138,6 +138,11 @@ def test_worker_killed_mid_run_store_identical(cluster, tmp_path):
     workers[0].send_signal(signal.SIGKILL)
     killed_at = complete_count(dest)
     out, err = client.communicate(timeout=300)
+    from distributed import Client
+
+    with Client(address, timeout=60) as c:  # every worker's zarr codec pool = its 1 thread
+        caps = c.run(lambda: __import__("zarr").config.get("threading.max_workers"))
+    assert caps and set(caps.values()) == {1}, caps
     assert client.returncode == 0, out + err
     assert killed_at < 24
     assert workers[0].poll() is not None and workers[1].poll() is None

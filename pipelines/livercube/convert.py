@@ -170,6 +170,10 @@ def run_tasks(
     if not tasks:
         return
     with _client(scheduler, workers) as client:
+        if scheduler != "threads":  # worker processes: cap their encode threads
+            from livercube.dask_plugins import EncodeThreads
+
+            client.register_plugin(EncodeThreads(), name=EncodeThreads.name)
         if progress and client.dashboard_link and scheduler.startswith(("tcp://", "tls://")):
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         futures = client.map(

@@ -247,6 +247,17 @@ def _browse_levels(
         objects["labels/unified/0/" + key[len("label/") :]] = objects[key]
 
 
+def limit_encode_threads(n: int) -> None:
+    """Cap zarr's codec thread pool in this process at ``n`` threads.
+
+    Blosc itself runs single-threaded off the main thread (numcodecs' default), so a worker's
+    CPU use is its Dask threads plus zarr's codec pool, which defaults to cores + 4: on a
+    machine with one worker process per core that is ~6 encoding threads per core.  Takes
+    effect if called before zarr's first use in the process (a fresh Dask worker).
+    """
+    zarr.config.set({"threading.max_workers": max(1, int(n))})
+
+
 #: Concurrent PUTs per volume upload.
 UPLOAD_CONCURRENCY = 16
 _GROUP_DOC = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()

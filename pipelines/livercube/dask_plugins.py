@@ -1,0 +1,23 @@
+"""Dask worker plugins the converter registers on the clusters it uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed import WorkerPlugin
+
+
+class EncodeThreads(WorkerPlugin):
+    """zarr's codec pool sized to the worker's own thread count.
+
+    ``N`` workers × ``T`` threads then encode with at most ``N × T`` CPU threads instead of
+    ``N × (cores + 4)`` (see :func:`~livercube.store.writer.limit_encode_threads`).  Workers
+    that join or restart later get it too: the scheduler keeps registered plugins.
+    """
+
+    name = "livercube-encode-threads"
+
+    def setup(self, worker: Any) -> None:
+        from livercube.store.writer import limit_encode_threads
+
+        limit_encode_threads(worker.state.nthreads)
