@@ -413,3 +413,14 @@ def test_opening_the_catalog_costs_few_requests(s3_published, s3_endpoint, no_aw
     assert not [r for r in with_catalog if "list-type" in r[1] or r[0] != "GET"], with_catalog
     # a lazy volume: no metadata request (consolidated), only its z/y/x index coordinates
     assert volume_meta <= 3
+
+
+def test_contact_sheets_of_a_hosted_store_without_listing(http_site, published, tmp_path):
+    from livercube.preview import contact_sheets
+
+    server, base = http_site
+    del server.log[:]
+    sheets = contact_sheets(livercube.open(f"{base}/store.zarr"), tmp_path / "sheets")
+    assert [p.name for p in sheets] == ["plc-cect.png"]
+    assert not [r for r in server.log if r[1].endswith("/")], "a directory listing was asked"
+    assert all(code == "GET" for code, *_ in server.log)
