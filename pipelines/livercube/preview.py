@@ -168,6 +168,8 @@ def read_thumbnail(store: Store, index: int) -> Thumbnail:
     label_arr = None
     if "labels" in group and "unified" in group["labels"]:
         label_arr = group[f"labels/unified/{level}"]
+    elif level == 0 and "label" in group:  # stores written before the OME label image
+        label_arr = group["label"]
     label = np.asarray(label_arr[...]) if label_arr is not None else None
     kz = _focus_slice(label, image_arr.shape[0])
     image = np.asarray(image_arr[kz])
