@@ -80,3 +80,5 @@ def test_demo_runs_end_to_end(tmp_path):
     assert res.returncode in (0, 3), res.stdout + res.stderr
     assert "[store]" in res.stdout and "[preview]" in res.stdout
     assert (tmp_path / "demo" / "preview.png").stat().st_size > 10_000
+    sheets = sorted(p.name for p in (tmp_path / "demo" / "sheets").glob("*.png"))
+    assert sheets == ["crlm.png", "hcc-tace-seg.png", "plc-cect.png"], sheets

@@ -2,7 +2,8 @@
 
 Synthesizes the three collections in their real on-disk forms, converts every collection the
 installed version supports into one store, prints the report and catalog, reads a patch back
-with plain xarray (no livercube import in that step's code path), and writes a PNG preview.
+with plain xarray (no livercube import in that step's code path), and writes a PNG preview
+and one contact sheet per collection.
 """
 
 from __future__ import annotations
@@ -87,4 +88,8 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
     ]
     png = volume_preview(store, keys, workdir / "preview.png")
     print(f"[preview] {png}")
+    from livercube.preview import contact_sheets
+
+    for sheet in contact_sheets(store, workdir / "sheets"):
+        print(f"[contact sheet] {sheet}")
     return status
