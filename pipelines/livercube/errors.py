@@ -55,3 +55,7 @@ class UsageError(LivercubeError):
 
 class IntensityError(SourceError):
     """Stored pixel values cannot be turned into exact int16 HU (non-integer or out of range)."""
+
+
+class SlantedStackError(GeometryError):
+    """Slice origins drift in-plane along the stack (gantry tilt, shear): no orthogonal grid."""

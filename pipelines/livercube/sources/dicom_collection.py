@@ -117,12 +117,21 @@ def series_names(acqs: list[Acquisition]) -> dict[tuple[str, int], str]:
     names = {}
     for uid, group in by_series.items():
         stem = base[uid] if counts[base[uid]] == 1 else f"{base[uid]}_{_short(uid)}"
-        for a in group:
-            if len(group) == 1:
-                names[(uid, a.index_in_series)] = stem
-            else:
-                n = a.acquisition_number if a.acquisition_number is not None else a.index_in_series
-                names[(uid, a.index_in_series)] = f"{stem}_acq{n}"
+        if len(group) == 1:
+            names[(uid, group[0].index_in_series)] = stem
+            continue
+        wanted = {
+            a.index_in_series: f"{stem}_acq"
+            f"{a.acquisition_number if a.acquisition_number is not None else a.index_in_series}"
+            for a in group
+        }
+        taken = defaultdict(int)
+        for name in wanted.values():
+            taken[name] += 1
+        for index, name in wanted.items():
+            # several parts of one acquisition (duplicate positions with other pixels, or
+            # several orientations): the part index keeps them apart
+            names[(uid, index)] = name if taken[name] == 1 else f"{name}_p{index}"
     return names
 
 
@@ -150,12 +159,23 @@ def plan(
     from livercube.sources import dicom_phase, dicom_seg
 
     result = scan(source, storage_options)
-    # files that are not CT slices (junk, spreadsheets, localizers, duplicate copies) are
-    # notes, not losses: every CT slice that exists is used; losses show up as skipped inputs
-    skipped: list[dict[str, str]] = []
-    warnings: list[str] = [f"{n.path}: {n.reason}" for n in result.notes]
+    if not result.n_files:
+        raise UsageError(f"{source}: no files found (is it a DICOM collection?)")
+    rel = _relative_to(result.source, storage_options)
+    # files that were never slices (other objects, localizers, redundant copies) are notes;
+    # inputs that were lost (damaged files, stray single slices, refused geometry) are skipped
+    skipped: list[dict[str, str]] = [
+        {"input": rel(n.path), "reason": n.reason} for n in result.left_out
+    ]
+    warnings: list[str] = [f"{rel(n.path)}: {n.reason}" for n in result.notes]
     if not result.acquisitions:
-        raise UsageError(f"{source}: no CT image series found (is it a DICOM collection?)")
+        skipped.append(
+            {
+                "input": str(source),
+                "reason": f"no convertible CT volume among {result.n_files} file(s); "
+                "each file that was not used is listed with its reason",
+            }
+        )
 
     # clinical covariates
     table = None
@@ -199,8 +219,11 @@ def plan(
                 age=table.age.get(pid) if table else None,
                 sex=table.sex.get(pid) if table else None,
             )
-            if task.key in tasks:
-                raise AssertionError(f"duplicate volume key {task.key}")  # names are unique
+            if task.key in tasks:  # series_names makes names unique; never overwrite a volume
+                skipped.append(
+                    {"input": a.label, "reason": f"a second volume would be named {task.key}"}
+                )
+                continue
             tasks[task.key] = task
             try:
                 targets_by_study[study_uid].append(dicom_seg.target_from_acquisition(a, task.key))
@@ -241,6 +264,17 @@ def plan(
     return DicomPlan(sorted(tasks.values(), key=lambda t: t.key), skipped, warnings, columns)
 
 
+def _relative_to(source: str, storage_options: dict | None):
+    """A function printing scan paths relative to ``source`` (reports stay readable)."""
+    _, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    root = root.rstrip("/") + "/"
+
+    def rel(path: str) -> str:
+        return path[len(root) :] if path.startswith(root) else path
+
+    return rel
+
+
 def _root_url(seg: SegInstance) -> str:
     """URL of a SEG file: scan paths are relative to the scanned filesystem."""
     proto = fsspec.utils.get_protocol(seg.source)
@@ -255,7 +289,14 @@ def read_volume(
     from livercube.sources.dicom_seg import place_seg
 
     ct = read_acquisition(task.acquisition, storage_options)
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = [
+        {
+            "input": d["path"],
+            "reason": f"damaged slice of {task.key} (canonical z {d['z']}, filled with "
+            f"{ct.attrs.get('fill_hu')} HU): {d['reason']}",
+        }
+        for d in ct.damaged_slices
+    ]
     notes = [f"{n.path}: {n.reason}" for n in task.acquisition.notes]
     segments, seg_meta = None, None
     annotation_complete = False
@@ -274,9 +315,19 @@ def read_volume(
                 **placed.seg_attrs,
                 "resampled": placed.resampled,
                 "unknown_labels": placed.unknown_labels,
+                "voxel_counts": placed.voxel_counts,
                 "notes": [*task.seg_notes, *placed.notes],
             }
             annotation_complete = True
+            lost = {k: c["outside_voxels"] for k, c in placed.voxel_counts.items()}
+            if any(lost.values()):
+                skipped.append(
+                    {
+                        "input": task.seg.path,
+                        "reason": "segment voxels outside the CT volume they annotate were "
+                        f"dropped: {({k: v for k, v in lost.items() if v})}",
+                    }
+                )
             if placed.unknown_labels:
                 notes.append(
                     f"segment labels unknown to the label schema kept as unified 0: "
@@ -316,6 +367,7 @@ def read_volume(
             "spacing_trusted": True,
             "origin_trusted": True,
             "filled_slices": len(ct.filled_slices),
+            "damaged_slices": len(ct.damaged_slices),
             "obliquity_deg": ct.reorientation.obliquity_deg,
         },
         "annotation_complete": annotation_complete,

@@ -59,20 +59,25 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from livercube.errors import GeometryError, SourceError, UnreadableFileError, UsageError
+from livercube.errors import (
+    GeometryError,
+    SegmentLimitError,
+    SourceError,
+    UnreadableFileError,
+    UsageError,
+)
 from livercube.schema import label_schema, map_segment_label
-from livercube.sources.dicom_scan import (
-    DUPLICATE_POSITION_TOL_MM,
-    Acquisition,
+from livercube.sources import dicom_sop
+from livercube.sources.dicom_geometry import (
+    DEFAULT_TOLERANCES,
     analyse_spacing,
-    plain_value,
+    slice_grid,
     slice_normal,
 )
+from livercube.sources.dicom_scan import Acquisition, plain_value
+from livercube.sources.dicom_sop import SegmentationType
 from livercube.volumes.geometry import Grid, canonical_reorientation
 from livercube.volumes.volume import SegmentField
-
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 #: A frame lies on a grid when its origin, its last row and its last column are within this
 #: fraction of a voxel of grid voxel centres on every axis (the CT reader itself accepts slices
@@ -80,9 +85,7 @@ LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 #: than half a voxel would give the same voxels anyway).
 GRID_TOL_VOXEL = 0.05
 #: Two spacings are "the same" within this relative difference.
-SPACING_REL_TOL = 0.01
-#: Two orientations are the same when no direction cosine differs by more than this.
-ORIENTATION_TOL = 1e-3
+SPACING_REL_TOL = DEFAULT_TOLERANCES.spacing_rel
 
 _AI_PATTERN = re.compile(r"\b(ai|aimi)\b|artificial intelligence", re.IGNORECASE)
 
@@ -123,6 +126,9 @@ class PlacedSeg:
     unknown_labels: list[str]
     notes: list[str]
     seg_attrs: dict
+    #: per segment label: foreground pixels in the SEG's frames, voxels stored, and foreground
+    #: pixels that fell outside the target (lost; the converter reports them)
+    voxel_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def seg_kind(series_description: str) -> str:
@@ -137,16 +143,14 @@ def target_from_acquisition(
 
     Gives the grid and canonical-z → SOPInstanceUID map that
     :func:`livercube.sources.dicom_ct.read_acquisition` produces (missing slices are grid
-    planes without instances).  The scan does not record FrameOfReferenceUID; pass it (or let a
-    future scan put it into ``acq.attrs``) to use it for matching.
+    planes without instances).  ``frame_of_reference_uid`` overrides the one the scan recorded.
     """
-    normal = slice_normal(acq.orientation)
-    positions = np.asarray([s.position for s in acq.slices], dtype=np.float64)
-    offsets = positions @ normal
-    order = np.argsort(offsets, kind="stable")
-    slices = [acq.slices[i] for i in order]
-    positions, offsets = positions[order], offsets[order]
-    spacing = analyse_spacing(offsets, source=acq.label)
+    sg = slice_grid(
+        [s.position for s in acq.slices], acq.orientation, acq.pixel_spacing, source=acq.label
+    )
+    normal = np.asarray(sg.normal)
+    slices = [acq.slices[i] for i in sg.order]
+    positions, spacing = sg.positions, sg.spacing
     n_k = spacing.n_grid
     direction = np.column_stack(
         [np.asarray(acq.orientation[:3]), np.asarray(acq.orientation[3:]), normal]
@@ -233,13 +237,13 @@ def _frame_table_unchecked(ds: Dataset, source: str) -> _Frames:
     rows, cols = int(ds.Rows), int(ds.Columns)
     shared = _item(ds.get("SharedFunctionalGroupsSequence"))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    if str(ds.get("DimensionOrganizationType", "")).upper() == "TILED_FULL" or (
-        n > 1 and len(per_frame) != n
-    ):
-        raise GeometryError(
+    if str(ds.get("DimensionOrganizationType", "")).upper() == "TILED_FULL":
+        raise GeometryError(source, "tiled (slide) segmentations are not supported")
+    if (per_frame and len(per_frame) != n) or (n > 1 and not per_frame):
+        raise UnreadableFileError(
             source,
-            f"{len(per_frame)} per-frame functional groups for {n} frames "
-            "(tiled/slide segmentations are not supported)",
+            f"damaged DICOM-SEG: {len(per_frame)} per-frame functional groups for "
+            f"NumberOfFrames {n}; frames cannot be placed",
         )
     pos = np.full((n, 3), np.nan)
     rc = np.full((n, 3), np.nan)
@@ -350,10 +354,11 @@ def _plane_spacing(frames: _Frames) -> tuple[float | None, str | None]:
     """Spacing of the SEG's planes along their normal (gaps of omitted frames allowed)."""
     normal = frames.normal
     ref = normal[0]
-    if np.max(np.abs(normal - ref)) > ORIENTATION_TOL:
+    if np.max(np.abs(normal - ref)) > DEFAULT_TOLERANCES.orientation:
         return None, "frames have several orientations; slab thickness from SliceThickness"
     offsets = np.sort(frames.position @ ref)
-    distinct = offsets[np.concatenate([[True], np.diff(offsets) >= DUPLICATE_POSITION_TOL_MM])]
+    apart = np.diff(offsets) >= DEFAULT_TOLERANCES.duplicate_mm
+    distinct = offsets[np.concatenate([[True], apart])]
     if distinct.size < 2:
         return None, None
     try:
@@ -361,6 +366,29 @@ def _plane_spacing(frames: _Frames) -> tuple[float | None, str | None]:
     except GeometryError:
         d = float(np.min(np.diff(distinct)))
         return d, f"SEG planes are not regularly spaced; slab thickness {d:.4g} mm (smallest step)"
+
+
+def _slab_thickness(frames: _Frames, grid: Grid, notes: list[str]) -> float:
+    """How thick a slab each off-grid frame paints: the SEG's own plane spacing.
+
+    Fitted to the frame positions; omitted empty frames can make that fit a multiple of the
+    true spacing, so a smaller SliceThickness wins when the frames declare one.  With a single
+    plane and no SliceThickness, the target's spacing along the normal is used.
+    """
+    plane_dz, dz_note = _plane_spacing(frames)
+    if dz_note:
+        notes.append(dz_note)
+    th = frames.thickness[np.isfinite(frames.thickness) & (frames.thickness > 0)]
+    if th.size and (plane_dz is None or float(th.min()) < plane_dz * (1 - SPACING_REL_TOL)):
+        if plane_dz is not None:
+            notes.append(
+                f"SEG plane positions step {plane_dz:.4g} mm (omitted frames?); slab thickness "
+                f"from SliceThickness {float(th.min()):.4g} mm"
+            )
+        return float(th.min())
+    if plane_dz is not None:
+        return plane_dz
+    return _grid_spacing_along(grid, frames.normal[0] if frames.n else np.eye(3)[2])
 
 
 def _grid_spacing_along(grid: Grid, normal: np.ndarray) -> float:
@@ -389,14 +417,17 @@ def _read_header(url: str, storage_options: dict | None) -> Dataset:
 
 def _check_sop_class(ds: Dataset, url: str) -> None:
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class not in (SEGMENTATION_STORAGE, LABELMAP_SEGMENTATION_STORAGE):
+    if sop_class not in dicom_sop.SEGMENTATION_CLASSES:
         raise UnreadableFileError(url, f"not a Segmentation (SOP class {sop_class or 'missing'})")
 
 
-def _segmentation_type(ds: Dataset) -> str:
-    if str(ds.get("SOPClassUID", "")) == LABELMAP_SEGMENTATION_STORAGE:
-        return "LABELMAP"
-    return str(ds.get("SegmentationType", "BINARY") or "BINARY").upper()
+def _segmentation_type(ds: Dataset, url: str) -> SegmentationType:
+    try:
+        return SegmentationType.of(str(ds.get("SOPClassUID", "")), ds.get("SegmentationType"))
+    except ValueError:
+        raise SourceError(
+            url, f"unsupported SegmentationType {ds.get('SegmentationType')!r}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- matching
@@ -482,7 +513,7 @@ def _match(ds: Dataset, frames: _Frames, targets: list[SegTarget]) -> SegMatch:
         notes.append(f"targets {', '.join(ties)} fit equally well; chose {best.key}")
     if not score[0]:
         notes.append("no target shares the SEG's FrameOfReference/study; chose by position")
-    exact = bool(g.lattice.all()) and score[2]
+    exact = bool(g.lattice.all())
     n_out = frames.n - int(g.touches.sum())
     why = [
         f"{score[1]}/{frames.n} frames on the grid of {best.key}"
@@ -630,21 +661,24 @@ def _axis_span(origin: int, sign: int, n: int, size: int) -> tuple[int, int, sli
     return a0, a1, slice(origin - a1 + 1, origin - a0 + 1)
 
 
-def _copy_frame(mask: np.ndarray, g: _OnGrid, f: int, values: np.ndarray) -> int:
-    """Copy an on-lattice frame into its grid plane; returns pixels falling outside the grid."""
+def _copy_frame(mask: np.ndarray, g: _OnGrid, f: int, values: np.ndarray) -> tuple[int, int]:
+    """Copy an on-lattice frame into its grid plane.
+
+    Returns (pixels falling outside the grid, foreground pixels among them).
+    """
     shape = mask.shape
     ar = int(np.argmax(np.abs(g.step_row[f])))
     ac = int(np.argmax(np.abs(g.step_col[f])))
     pa = int(g.plane_axis[f])
     p = int(g.plane_index[f])
     if not 0 <= p < shape[pa]:
-        return int(values.size)
+        return int(values.size), int(np.count_nonzero(values))
     o = np.rint(g.origin[f]).astype(np.int64)
     sr, sc = int(np.sign(g.step_row[f, ar])), int(np.sign(g.step_col[f, ac]))
     r0, r1, t_r = _axis_span(int(o[ar]), sr, values.shape[0], shape[ar])
     c0, c1, t_c = _axis_span(int(o[ac]), sc, values.shape[1], shape[ac])
     if r1 <= r0 or c1 <= c0:
-        return int(values.size)
+        return int(values.size), int(np.count_nonzero(values))
     block = values[r0:r1, c0:c1]
     if sr < 0:
         block = block[::-1]
@@ -654,8 +688,10 @@ def _copy_frame(mask: np.ndarray, g: _OnGrid, f: int, values: np.ndarray) -> int
         block = block.T
     idx: list[Any] = [None, None, None]
     idx[pa], idx[ar], idx[ac] = p, t_r, t_c
-    mask[tuple(idx)] |= block.astype(bool, copy=False)
-    return int(values.size - (r1 - r0) * (c1 - c0))
+    block = block.astype(bool, copy=False)
+    mask[tuple(idx)] |= block
+    lost = int(np.count_nonzero(values)) - int(np.count_nonzero(block))
+    return int(values.size - (r1 - r0) * (c1 - c0)), lost
 
 
 def _resample_frame(
@@ -716,10 +752,12 @@ def _is_background(item: Dataset) -> bool:
     return any(w.strip().lower() == "background" for w in words)
 
 
-def _frame_mask(raw: np.ndarray, seg_type: str, number: int, max_fractional: int) -> np.ndarray:
-    if seg_type == "LABELMAP":
+def _frame_mask(
+    raw: np.ndarray, seg_type: SegmentationType, number: int, max_fractional: int
+) -> np.ndarray:
+    if seg_type is SegmentationType.LABELMAP:
         return raw == number
-    if seg_type == "FRACTIONAL":
+    if seg_type is SegmentationType.FRACTIONAL:
         # probability/occupancy >= 0.5: stored / MaximumFractionalValue >= 0.5
         return raw.astype(np.int64) * 2 >= max_fractional
     return raw != 0
@@ -744,11 +782,9 @@ def place_seg(
         decoder = _Decoder(fileobj, url, notes)
         ds = decoder.ds
         _check_sop_class(ds, url)
-        seg_type = _segmentation_type(ds)
-        if seg_type not in ("BINARY", "FRACTIONAL", "LABELMAP"):
-            raise SourceError(url, f"unsupported SegmentationType {seg_type}")
+        seg_type = _segmentation_type(ds, url)
         max_fractional = int(ds.get("MaximumFractionalValue", 255) or 255)
-        if seg_type == "FRACTIONAL":
+        if seg_type is SegmentationType.FRACTIONAL:
             notes.append(
                 f"FRACTIONAL ({ds.get('SegmentationFractionalType', '')}) thresholded at 0.5 "
                 f"(stored value >= {max_fractional}/2)"
@@ -756,20 +792,12 @@ def place_seg(
         frames = _frame_table(ds, url)
         grid = target.grid
         g = _map_frames(frames, grid)
-        plane_dz, dz_note = _plane_spacing(frames)
-        spacing_ok = True
-        if plane_dz is not None:
-            along = _grid_spacing_along(grid, frames.normal[0])
-            spacing_ok = abs(plane_dz - along) <= SPACING_REL_TOL * along
-        copy = bool(g.lattice.all()) and spacing_ok
+        # frames on the target lattice are pasted where they are, whatever the spacing of the
+        # SEG's own planes (omitted empty frames make it a multiple of the CT's): an omitted
+        # plane stays empty.  Only frames truly off the lattice are resampled.
+        copy = bool(g.lattice.all())
         if not copy:
-            if plane_dz is None:
-                th = frames.thickness[np.isfinite(frames.thickness)]
-                plane_dz = (
-                    float(th[0])
-                    if th.size
-                    else _grid_spacing_along(grid, frames.normal[0] if frames.n else np.eye(3)[2])
-                )
+            plane_dz = _slab_thickness(frames, grid, notes)
             n_off = int((~g.lattice).sum())
             notes.append(
                 f"SEG grid does not match {target.key} ({n_off}/{frames.n} frames off the grid "
@@ -777,11 +805,9 @@ def place_seg(
                 f"{_grid_spacing_along(grid, frames.normal[0]):.4g} mm): resampled "
                 "nearest-neighbour (target voxel centres pulled from SEG frames)"
             )
-            if dz_note:
-                notes.append(dz_note)
 
         segment_seq = sorted(ds.get("SegmentSequence") or [], key=lambda s: int(s.SegmentNumber))
-        if seg_type == "LABELMAP":
+        if seg_type is SegmentationType.LABELMAP:
             background = [s for s in segment_seq if _is_background(s)]
             if background:
                 segment_seq = [s for s in segment_seq if not _is_background(s)]
@@ -789,11 +815,17 @@ def place_seg(
                     "LABELMAP segment 0 "
                     f"'{background[0].get('SegmentLabel', '')}' is the background: not stored"
                 )
-        field_ = SegmentField(grid.shape, len(segment_seq))
+        if not segment_seq:
+            raise SourceError(url, "the SEG describes no segments (empty SegmentSequence)")
+        try:
+            field_ = SegmentField(grid.shape, len(segment_seq))
+        except SegmentLimitError as exc:
+            raise SourceError(url, str(exc)) from exc
         unknown: list[str] = []
         frames_outside = 0
         pixels_outside = 0
         frames_empty_target = set()
+        counts: dict[str, dict[str, int]] = {}
         for item in segment_seq:
             number = int(item.SegmentNumber)
             label = str(item.get("SegmentLabel", "") or "")
@@ -802,19 +834,23 @@ def place_seg(
             except KeyError:
                 unified = 0
                 unknown.append(label)
-            if seg_type == "LABELMAP":
+            if seg_type is SegmentationType.LABELMAP:
                 which = np.arange(frames.n)
             else:
                 which = np.flatnonzero(frames.segment == number)
             mask = np.zeros(grid.shape, dtype=bool)
+            n_source = n_lost = 0
             for f in which:
                 values = _frame_mask(decoder.frame(int(f)), seg_type, number, max_fractional)
                 if values.shape != (frames.rows, frames.cols):
                     raise UnreadableFileError(
                         url, f"frame {f + 1} decodes to {values.shape}, not Rows×Columns"
                     )
+                positives = int(np.count_nonzero(values))
+                n_source += positives
                 if copy:
-                    out = _copy_frame(mask, g, int(f), values)
+                    out, lost = _copy_frame(mask, g, int(f), values)
+                    n_lost += lost
                     if out == values.size:
                         frames_outside += 1
                     else:
@@ -823,12 +859,18 @@ def place_seg(
                     got = _resample_frame(mask, frames, grid, g, int(f), values, plane_dz / 2.0)
                     if got == 0:
                         frames_empty_target.add(int(f))
+                        n_lost += positives
+            counts[label or str(number)] = {
+                "source_voxels": n_source,
+                "stored_voxels": int(np.count_nonzero(mask)),
+                "outside_voxels": n_lost,
+            }
             field_.add(
                 mask, label=label, number=number, unified=unified, codes=_segment_codes(item)
             )
             del mask
-        seg_attrs = _seg_attrs(ds, seg_type)
-    if seg_type != "LABELMAP":
+        seg_attrs = _seg_attrs(ds, seg_type.value)
+    if seg_type is not SegmentationType.LABELMAP:
         orphans = int(np.sum(~np.isin(frames.segment, [int(s.SegmentNumber) for s in segment_seq])))
         if orphans:
             notes.append(f"{orphans} frame(s) reference no described segment and were ignored")
@@ -857,6 +899,7 @@ def place_seg(
         unknown_labels=unknown,
         notes=notes,
         seg_attrs=seg_attrs,
+        voxel_counts=counts,
     )
 
 
