@@ -138,9 +138,14 @@ def test_quirks_are_reported_not_lost(tmp_path):
     )
     dest = tmp_path / "s.zarr"
     res = cli("convert", str(root), str(dest), "--collection", "hcc-tace-seg", "--quiet")
-    # nothing that exists is lost: junk and the truncated copy are notes, the hole is filled
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "README.txt: not a DICOM file" in res.stdout
+    # nothing that exists is lost: the README is expected, the truncated copy is a note, the
+    # hole is filled; the zero-byte "slice" is a damaged input, so the run says so (exit 3)
+    assert res.returncode == 3, res.stdout + res.stderr
+    skipped = [line for line in res.stdout.splitlines() if "SKIPPED" in line]
+    assert len(skipped) == 1 and skipped[0].endswith(
+        "1-00.dcm: zero-byte file (damaged or incomplete download)"
+    ), skipped
+    assert "README.txt" not in res.stdout
     assert "(1).dcm: duplicate SOPInstanceUID" in res.stdout and "truncated copy" in res.stdout
     assert "missing slice(s) filled with -1024 HU" in res.stdout
     store = livercube.open(str(dest))

@@ -860,11 +860,17 @@ def place_seg(
                     if got == 0:
                         frames_empty_target.add(int(f))
                         n_lost += positives
+            stored = int(np.count_nonzero(mask))
             counts[label or str(number)] = {
                 "source_voxels": n_source,
-                "stored_voxels": int(np.count_nonzero(mask)),
+                "stored_voxels": stored,
                 "outside_voxels": n_lost,
             }
+            if copy and stored != n_source - n_lost:
+                notes.append(
+                    f"segment '{label}': {n_source - n_lost - stored} voxel(s) painted by more "
+                    "than one frame (frames at the same position)"
+                )
             field_.add(
                 mask, label=label, number=number, unified=unified, codes=_segment_codes(item)
             )
