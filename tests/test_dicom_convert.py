@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from seg_invariant import assert_segment_counts
 
 import livercube
 from livercube.store.contract import check_store
@@ -56,6 +57,7 @@ def check_against_truth(url: str, truth, storage_options: dict | None = None) ->
         assert list(got) == list(seg.segment_labels)
         for label, mask in seg.masks.items():
             np.testing.assert_array_equal(got[label], mask, err_msg=f"{seg.path} {label}")
+        assert_segment_counts(store, annotated[0])
     assert check_store(url, storage_options) == []
 
 

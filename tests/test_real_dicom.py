@@ -211,3 +211,39 @@ def test_nothing_convertible_is_exit_3_with_every_file_named(tmp_path):
     assert any(k.endswith("1-02.dcm") and "zero-byte" in v for k, v in reasons.items())
     assert any("no convertible CT volume" in v for v in reasons.values())
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("mistake", ["hu", "seg-flip"])
+def test_verify_source_catches_the_converters_own_mistakes(ct2_case, tmp_path, monkeypatch,
+                                                           mistake):  # fmt: skip
+    """A converter bug stays in effect during verify: only an independent decoder sees it."""
+    from livercube.sources import dicom_ct, dicom_seg
+    from livercube.store.verify import verify
+
+    root, _, _ = ct2_case("BINARY")
+    if mistake == "hu":
+        real = dicom_ct.stored_to_hu
+
+        def off_by_one(*args, **kwargs):
+            hu, n = real(*args, **kwargs)
+            return hu + np.int16(1), n
+
+        monkeypatch.setattr(dicom_ct, "stored_to_hu", off_by_one)
+    else:
+        real_copy = dicom_seg._copy_frame
+
+        def flipped(mask, g, f, values):
+            return real_copy(mask, g, f, values[::-1])
+
+        monkeypatch.setattr(dicom_seg, "_copy_frame", flipped)
+    dest = str(tmp_path / "s.zarr")
+    convert(str(root), dest, "hcc-tace-seg", progress=False)
+    report = verify(dest, source=str(root), collection="hcc-tace-seg")
+    assert report.exit_code == 4, report.summary()
+    (vol,) = report.volumes
+    expected = "image: " if mistake == "hu" else "segment 'Liver'"
+    assert any(p.startswith(expected) for p in vol.problems), vol.problems
+    monkeypatch.undo()
+    clean = str(tmp_path / "clean.zarr")
+    convert(str(root), clean, "hcc-tace-seg", progress=False)
+    assert verify(clean, source=str(root), collection="hcc-tace-seg").exit_code == 0

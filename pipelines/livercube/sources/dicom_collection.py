@@ -275,10 +275,14 @@ def _relative_to(source: str, storage_options: dict | None):
     return rel
 
 
+def file_url(source: str, path: str) -> str:
+    """URL of a scanned file: scan paths are relative to the scanned filesystem."""
+    proto = fsspec.utils.get_protocol(source)
+    return path if proto in ("file", "local") else f"{proto}://{path.split('://')[-1]}"
+
+
 def _root_url(seg: SegInstance) -> str:
-    """URL of a SEG file: scan paths are relative to the scanned filesystem."""
-    proto = fsspec.utils.get_protocol(seg.source)
-    return seg.path if proto in ("file", "local") else f"{proto}://{seg.path.split('://')[-1]}"
+    return file_url(seg.source, seg.path)
 
 
 def read_volume(

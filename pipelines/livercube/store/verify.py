@@ -13,8 +13,12 @@ For every complete volume group (see ``schemas/store-contract.md``):
   damaged shard object reads as fill values or fails to decode, so either way it is caught;
 * the group still satisfies the contract (metadata schema, coordinates, OME metadata), and
   ``class_locations`` rows point at voxels of their class;
-* with ``source``: the sources are planned and decoded again, exactly as ``convert`` does, and
-  compared voxel for voxel with the store.
+* with ``source``: the sources are planned again, exactly as ``convert`` does, and decoded
+  again — for DICOM by **independent** decoders (SimpleITK for the CT slices, highdicom for the
+  SEG, both placed by physical coordinates only; :mod:`livercube.sources.dicom_reference`), so
+  a mistake in the converter's own decoding or placement shows up; PLC-CECT NIfTI sources are
+  re-decoded by the converter's reader (the release's header quirks need its corrections) —
+  and compared voxel for voxel with the store.
 
 The catalog is checked against the set of complete volumes, and the consolidated root
 metadata against the volumes' own documents (a stale snapshot misleads every reader).
@@ -224,6 +228,8 @@ def verify_volume(
     keys: set[str] | None,
     catalog_checksum: str | None,
     source_arrays: Callable[[], dict[str, np.ndarray]] | None = None,
+    source_check: Callable[[zarr.Group, dict[str, np.ndarray]], tuple[list[str], list[str]]]
+    | None = None,
 ) -> VolumeResult:
     """Re-read one complete volume group and report everything wrong with it."""
     res = VolumeResult(path, checksum=str(meta.get("checksum", "")))
@@ -297,6 +303,18 @@ def verify_volume(
             return res
         res.source_checked = True
         res.problems += compare_arrays(src, arrays)
+    if source_check is not None:
+        try:
+            problems, notes = source_check(group, arrays)
+        except SourceError as exc:
+            res.problems.append(f"source cannot be read: {exc.source}: {exc.reason}")
+            return res
+        except Exception as exc:
+            res.problems.append(f"source cannot be read: {type(exc).__name__}: {exc}")
+            return res
+        res.source_checked = True
+        res.problems += problems
+        res.notes += notes
     return res
 
 
@@ -354,6 +372,54 @@ def decoded_arrays(task: Any, source_options: dict | None) -> dict[str, np.ndarr
         arrays["label"] = label
         arrays["segments"] = volume.segments.bits
     return arrays
+
+
+def dicom_reference_check(
+    task: Any, group: zarr.Group, arrays: dict[str, np.ndarray], source_options: dict | None
+) -> tuple[list[str], list[str]]:
+    """Compare a stored DICOM volume with SimpleITK's CT and highdicom's SEG decoding."""
+    from livercube.sources.dicom_collection import file_url
+    from livercube.sources.dicom_ct import FILL_HU
+    from livercube.sources.dicom_reference import reference_ct, reference_segments
+
+    coords = tuple(np.asarray(group[a][...]) for a in ("z", "y", "x"))
+    acq = task.acquisition
+    urls = [file_url(acq.source, s.path) for s in acq.slices]
+    ref = reference_ct(urls, coords, fill=FILL_HU, storage_options=source_options)  # type: ignore[arg-type]
+    stored = arrays.get("image")
+    problems: list[str] = []
+    notes: list[str] = []
+    if stored is None:
+        return ["image not decodable: nothing to compare"], notes
+    problems += compare_arrays({"image": ref.image.astype(stored.dtype)}, {"image": stored})
+    segs = (group.attrs.get("livercube") or {}).get("segments") or []
+    if task.seg is None or not segs or "segments" not in arrays:
+        return problems, notes
+    numbers = [int(s["number"]) for s in segs]
+    masks, checked, why = reference_segments(
+        file_url(task.seg.source, task.seg.path), coords, numbers, storage_options=source_options  # type: ignore[arg-type]
+    )
+    if checked is None:
+        notes += [f"segments not independently checked: {w}" for w in why]
+        return problems, notes
+    bits = arrays["segments"]
+    dt = bits.dtype.type
+    for s in segs:
+        mine = ((bits >> dt(s["bit"])) & dt(1)).astype(bool)
+        diff = (mine != masks[int(s["number"])]) & checked
+        n = int(diff.sum())
+        if n:
+            first = tuple(int(i) for i in np.argwhere(diff)[0])
+            problems.append(
+                f"segment {s['label']!r}: {n} voxels differ from highdicom's placement of the "
+                f"SEG (first at z,y,x={first})"
+            )
+    if not checked.all():
+        notes.append(
+            f"segments compared on {int(checked.sum())} of {checked.size} voxels (the SEG "
+            "samples other planes than the CT)"
+        )
+    return problems, notes
 
 
 # --------------------------------------------------------------------------- the store
@@ -458,6 +524,7 @@ def verify(
     def one(item: tuple[str, dict[str, Any]]) -> VolumeResult:
         path, meta = item
         task = tasks.get(path)
+        dicom = task is not None and hasattr(task, "acquisition")
         return verify_volume(
             root,
             path,
@@ -465,7 +532,14 @@ def verify(
             keys=keys,
             catalog_checksum=None if catalog is None else catalog.get(path),
             source_arrays=(
-                None if task is None else (lambda: decoded_arrays(task, source_options))
+                None
+                if task is None or dicom
+                else (lambda: decoded_arrays(task, source_options))
+            ),
+            source_check=(
+                (lambda g, a: dicom_reference_check(task, g, a, source_options))
+                if dicom
+                else None
             ),
         )
 
