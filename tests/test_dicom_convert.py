@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from seg_invariant import assert_segment_counts
 
 import livercube
+from livercube.sources import dicom_sop
 from livercube.store.contract import check_store
 from livercube.synth.dicom_collections import write_crlm, write_hcc_tace_seg
 
@@ -98,6 +100,37 @@ def test_crlm_through_the_cli(crlm, tmp_path):
     assert all(s.startswith("Liver|Liver Remnant|Hepatic|Portal|Tumor_1") for s in labels)
     cat = store.catalog
     assert "crlm_overall_survival_months" in cat and "crlm_mucin_percent" in cat
+
+
+@pytest.mark.slow
+def test_crlm_real_world_variants_through_the_cli(tmp_path):
+    """Per-slice AcquisitionNumbers, a SEG without adjacent frames, a LABELMAP SEG and a tilted
+    CT, written by the generator, converted and verified against independent decoders."""
+    root = tmp_path / "CRLM"
+    truth = write_crlm(
+        root, n_patients=3, size="tiny", seed=5, per_slice_acquisition_numbers=True,
+        sparse_seg_frames=True, labelmap_seg=True, gantry_tilt=True,
+    )  # fmt: skip
+    # the variants are really there
+    numbers = {int(pydicom.dcmread(f, stop_before_pixels=True).AcquisitionNumber)
+               for f in truth.quirks["per_slice_acquisition_numbers"]}  # fmt: skip
+    assert len(numbers) == len(truth.quirks["per_slice_acquisition_numbers"]) > 2
+    sparse = pydicom.dcmread(truth.segs[0].path, stop_before_pixels=True)
+    zs = sorted({round(float(f.PlanePositionSequence[0].ImagePositionPatient[2]), 3)
+                 for f in sparse.PerFrameFunctionalGroupsSequence})  # fmt: skip
+    assert min(np.diff(zs)) > truth.segs[0].grid.spacing[0] * 1.5
+    labelmap = pydicom.dcmread(truth.segs[1].path, stop_before_pixels=True)
+    assert labelmap.SOPClassUID == dicom_sop.LABELMAP_SEGMENTATION
+    dest = tmp_path / "s.zarr"
+    res = cli("convert", str(root), str(dest), "--collection", "crlm", "--quiet")
+    assert res.returncode == 3, res.stdout + res.stderr
+    skipped = [line for line in res.stdout.splitlines() if "SKIPPED" in line]
+    assert any("gantry tilt" in line for line in skipped), skipped
+    assert any("no CT acquisition of its study" in line for line in skipped), skipped
+    assert len(skipped) == 2, skipped
+    check_against_truth(str(dest), truth)
+    res = cli("verify", str(dest), "--source", str(root), "--collection", "crlm")
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_crlm_from_idc_layout_on_s3(tmp_path, s3_bucket):

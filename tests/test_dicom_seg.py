@@ -21,6 +21,7 @@ from seg_factory import sorted_sources, write_hd_seg
 
 from livercube.errors import UsageError
 from livercube.schema import map_segment_label
+from livercube.sources import dicom_sop
 from livercube.sources.dicom_ct import read_acquisition
 from livercube.sources.dicom_scan import scan
 from livercube.sources.dicom_seg import (
@@ -516,7 +517,7 @@ def test_highdicom_labelmap(tmp_path: Path) -> None:
     # source frames: k along the normal -z, rows along +x, columns along +y (transposed)
     frames = np.ascontiguousarray(np.transpose(lab[::-1], (0, 2, 1)))
     url = str(write_hd_seg(tmp_path / "lm.dcm", sources, frames, ["Liver", "Mass"], "LABELMAP"))
-    assert pydicom.dcmread(url).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    assert pydicom.dcmread(url).SOPClassUID == dicom_sop.LABELMAP_SEGMENTATION
     placed = place_seg(url, target, collection="crlm")
     assert not placed.resampled
     got = masks_by_label(placed)
