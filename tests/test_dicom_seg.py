@@ -534,7 +534,7 @@ def _tools() -> None:
 
 def test_resampling_path_equals_copy_on_grid(crlm: Generated, monkeypatch) -> None:
     """Forcing the nearest-neighbour path on on-grid SEGs (flipped one included) changes nothing."""
-    import livercube.sources.dicom_seg as mod
+    import livercube.sources.seg_match as mod
 
     monkeypatch.setattr(mod, "GRID_TOL_VOXEL", -1.0)  # no frame counts as on the lattice
     for st in crlm.truth.segs:

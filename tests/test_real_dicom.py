@@ -217,7 +217,7 @@ def test_nothing_convertible_is_exit_3_with_every_file_named(tmp_path):
 def test_verify_source_catches_the_converters_own_mistakes(ct2_case, tmp_path, monkeypatch,
                                                            mistake):  # fmt: skip
     """A converter bug stays in effect during verify: only an independent decoder sees it."""
-    from livercube.sources import dicom_ct, dicom_seg
+    from livercube.sources import dicom_ct, seg_place
     from livercube.store.verify import verify
 
     root, _, _ = ct2_case("BINARY")
@@ -230,12 +230,12 @@ def test_verify_source_catches_the_converters_own_mistakes(ct2_case, tmp_path, m
 
         monkeypatch.setattr(dicom_ct, "stored_to_hu", off_by_one)
     else:
-        real_copy = dicom_seg._copy_frame
+        real_copy = seg_place._copy_frame
 
         def flipped(mask, g, f, values):
             return real_copy(mask, g, f, values[::-1])
 
-        monkeypatch.setattr(dicom_seg, "_copy_frame", flipped)
+        monkeypatch.setattr(seg_place, "_copy_frame", flipped)
     dest = str(tmp_path / "s.zarr")
     convert(str(root), dest, "hcc-tace-seg", progress=False)
     report = verify(dest, source=str(root), collection="hcc-tace-seg")
