@@ -171,6 +171,37 @@ def test_ct2_with_highdicom_seg_against_independent_readers(ct2_case, tmp_path, 
     # the omitted middle Liver frame stays empty (it must not borrow a neighbour's content)
     assert not got["Liver"][1].any() and got["Liver"][0].any() and got["Liver"][2].any()
     assert_segment_counts(store, 0)
+    if seg_type != "FRACTIONAL":  # dcmqi's segimage2itkimage writes binary/label maps only
+        dq = _dcmqi_masks(seg_path, (ds.z.values, ds.y.values, ds.x.values), tmp_path / "dq")
+        for label in ("Liver", "Mass"):
+            np.testing.assert_array_equal(got[label], dq[label], err_msg=f"dcmqi {label}")
+
+
+def _dcmqi_masks(seg_path: Path, coords, out: Path) -> dict[str, np.ndarray]:
+    """Each segment as dcmqi's ``segimage2itkimage`` writes it, sampled at the stored voxels."""
+    out.mkdir()
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "segimage2itkimage"), "--inputDICOM", str(seg_path),
+         "--outputDirectory", str(out), "-t", "nifti"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    z, y, x = coords
+    result = {}
+    for n, group in enumerate(meta["segmentAttributes"], start=1):
+        img = sitk.ReadImage(str(out / f"{n}.nii.gz"))
+        arr = sitk.GetArrayFromImage(img)
+        for attrs in group:
+            mask = np.zeros((z.size, y.size, x.size), dtype=bool)
+            for k, zk in enumerate(z):
+                for j, yj in enumerate(y):
+                    for i, xi in enumerate(x):
+                        idx = img.TransformPhysicalPointToIndex((float(xi), float(yj), float(zk)))
+                        if all(0 <= idx[a] < img.GetSize()[a] for a in range(3)):
+                            mask[k, j, i] = arr[idx[2], idx[1], idx[0]] == attrs["labelID"]
+            result[attrs["SegmentLabel"]] = mask
+    return result
 
 
 def _has_frame(hseg, sop_uid: str, number: int) -> bool:
