@@ -6,7 +6,6 @@ the report: what was lost is named under ``skipped`` (exit 3), everything else c
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from seg_factory import sorted_sources, write_hd_seg
 
 import livercube
 from livercube.convert import convert
+from livercube.sources import dicom_sop
 from livercube.sources.dicom_scan import scan
 
 SHAPE = (6, 16, 16)
@@ -155,9 +155,13 @@ def test_tiny_position_rounding_is_not_tilt(tmp_path):
     assert report.exit_code == 0, report.summary()
 
 
-def test_multiframe_enhanced_ct_is_named_not_called_non_image(tmp_path):
+def test_legacy_converted_enhanced_ct_converts_frame_by_frame(tmp_path):
+    """A multi-frame CT (highdicom's Legacy Converted Enhanced CT of a single-frame series)
+    gives the same volume as the series, and verify's SimpleITK decoding agrees."""
+    from livercube.store.verify import verify
+
     a = canonical_test_array(SHAPE, seed=10)
-    write_ct_series(tmp_path / "single", a)
+    write_ct_series(tmp_path / "single", a, row_cos=(-1, 0, 0), col_cos=(0, -1, 0))
     legacy = hd.legacy.LegacyConvertedEnhancedCTImage(
         legacy_datasets=sorted_sources(tmp_path / "single"),
         series_instance_uid=generate_uid(),
@@ -165,14 +169,34 @@ def test_multiframe_enhanced_ct_is_named_not_called_non_image(tmp_path):
         sop_instance_uid=generate_uid(),
         instance_number=1,
     )
-    (tmp_path / "enhanced").mkdir()
-    legacy.save_as(tmp_path / "enhanced" / "1-1.dcm")
-    shutil.rmtree(tmp_path / "single")
-    report = _convert(tmp_path, tmp_path)
+    src = tmp_path / "src" / "enhanced"
+    src.mkdir(parents=True)
+    legacy.save_as(src / "1-1.dcm")
+    assert pydicom.dcmread(src / "1-1.dcm").SOPClassUID == dicom_sop.LEGACY_ENHANCED_CT_IMAGE
+    result = scan(str(tmp_path / "src"))
+    (acq,) = result.acquisitions
+    assert sorted(s.frame for s in acq.slices) == list(range(SHAPE[0]))
+    report = _convert(tmp_path / "src", tmp_path)
+    assert report.exit_code == 0, report.summary()
+    dest = str(tmp_path / "store.zarr")
+    np.testing.assert_array_equal(livercube.open(dest).volume(0).image, a)
+    assert verify(dest, source=str(tmp_path / "src"), collection="crlm").exit_code == 0
+
+
+def test_damaged_multiframe_header_is_a_loss(tmp_path):
+    a = canonical_test_array(SHAPE, seed=12)
+    write_ct_series(tmp_path / "single", a)
+    legacy = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=sorted_sources(tmp_path / "single"),
+        series_instance_uid=generate_uid(), series_number=9,
+        sop_instance_uid=generate_uid(), instance_number=1,
+    )  # fmt: skip
+    del legacy.PerFrameFunctionalGroupsSequence[-1]
+    (tmp_path / "src").mkdir()
+    legacy.save_as(tmp_path / "src" / "1-1.dcm")
+    report = _convert(tmp_path / "src", tmp_path)
     assert report.exit_code == 3
-    (lost,) = report.skipped[:1]
-    assert lost["input"].endswith("enhanced/1-1.dcm")
-    assert "Legacy Converted Enhanced CT" in lost["reason"]
+    assert any("damaged multi-frame CT" in r for r in _reasons(report)), _reasons(report)
 
 
 # --------------------------------------------------------------------------- SEG problems

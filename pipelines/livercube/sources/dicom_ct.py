@@ -48,6 +48,7 @@ import pydicom
 from fsspec.implementations.local import LocalFileSystem
 
 from livercube.errors import GeometryError, IntensityError, SourceError, UnreadableFileError
+from livercube.sources.dicom_frames import frame_view
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, Tolerances, slice_grid
 from livercube.sources.dicom_scan import Acquisition, SliceRef, plain_value
 from livercube.volumes.geometry import Grid, Reorientation, canonical_reorientation
@@ -154,42 +155,52 @@ class _SliceStats:
     thickness: set[float] = field(default_factory=set)
 
 
-def _read_slice(
-    ref: SliceRef,
-    k: int,
-    blob: bytes | Exception,
-    src: np.ndarray,
-    acq: Acquisition,
-    stats: _SliceStats,
-    *,
-    label: str,
-    padding_hu: int | None,
-    tol: Tolerances,
-) -> None:
-    """Decode one file into ``src[k]`` after checking it is the slice the scan saw."""
-    where = f"{label}: file {ref.path}"
-    rows, cols = acq.rows, acq.columns
+def _decode_file(blob: bytes | Exception, where: str) -> tuple[pydicom.Dataset, np.ndarray]:
+    """One file's dataset and stored pixel values (frames first for multi-frame files)."""
     try:
         if isinstance(blob, Exception):
             raise blob
         ds = pydicom.dcmread(io.BytesIO(blob))
     except Exception as exc:
         raise UnreadableFileError(where, f"cannot read DICOM file: {exc}") from exc
-    if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
-        raise UnreadableFileError(
-            where, f"SOPInstanceUID {ds.get('SOPInstanceUID')} is not the scanned {ref.sop_uid}"
-        )
-    if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-        raise GeometryError(where, f"matrix {ds.Rows}×{ds.Columns} != {rows}×{cols}")
-    iop = [float(v) for v in ds.ImageOrientationPatient]
-    if max(abs(a - b) for a, b in zip(iop, acq.orientation, strict=True)) > tol.orientation:
-        raise GeometryError(where, f"orientation {iop} differs from the series {acq.orientation}")
     try:
         stored = ds.pixel_array
     except Exception as exc:
         raise UnreadableFileError(
             where, f"pixel data cannot be decoded (truncated or unsupported codec): {exc}"
         ) from exc
+    return ds, stored
+
+
+def _read_slice(
+    ref: SliceRef,
+    k: int,
+    decoded: tuple[pydicom.Dataset, np.ndarray],
+    src: np.ndarray,
+    acq: Acquisition,
+    stats: _SliceStats,
+    *,
+    where: str,
+    padding_hu: int | None,
+    tol: Tolerances,
+) -> None:
+    """Put one slice (a file, or a frame of one) into ``src[k]`` after checking it is the
+    slice the scan saw."""
+    ds, stored = decoded
+    rows, cols = acq.rows, acq.columns
+    if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
+        raise UnreadableFileError(
+            where, f"SOPInstanceUID {ds.get('SOPInstanceUID')} is not the scanned {ref.sop_uid}"
+        )
+    if ref.frame is not None:
+        if stored.ndim != 3 or ref.frame >= stored.shape[0]:
+            raise UnreadableFileError(where, f"frame {ref.frame + 1} is not in the pixel data")
+        ds, stored = frame_view(ds, ref.frame), stored[ref.frame]
+    if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+        raise GeometryError(where, f"matrix {ds.Rows}×{ds.Columns} != {rows}×{cols}")
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    if max(abs(a - b) for a, b in zip(iop, acq.orientation, strict=True)) > tol.orientation:
+        raise GeometryError(where, f"orientation {iop} differs from the series {acq.orientation}")
     if stored.shape != (rows, cols):
         raise UnreadableFileError(where, f"decoded pixel array has shape {stored.shape}")
     hu, n_pad = stored_to_hu(ds, stored, source=where, padding_hu=padding_hu)
@@ -237,21 +248,35 @@ def read_acquisition(
     src = np.full((n_k, rows, cols), fill_hu, dtype=np.int16)
     stats = _SliceStats()
 
-    def fetch(ref: SliceRef) -> bytes | Exception:
+    def fetch(path: str) -> bytes | Exception:
         try:
-            return _open_bytes(fs, ref.path)
+            return _open_bytes(fs, path)
         except Exception as exc:  # reported with the file's name below
             return exc
 
+    # one fetch and one decode per file: a multi-frame file holds many slices
+    paths = list(dict.fromkeys(ref.path for ref in slices))
     workers = max_workers or (1 if isinstance(fs, LocalFileSystem) else 8)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-    blobs = pool.map(fetch, slices) if pool else map(fetch, slices)
     damaged: list[tuple[SliceRef, int, str]] = []
+    decoded: dict[str, tuple[pydicom.Dataset, np.ndarray] | SourceError] = {}
     try:
-        for ref, k, blob in zip(slices, spacing.grid_index, blobs, strict=True):
+        fetched = pool.map(fetch, paths) if pool else map(fetch, paths)
+        blobs = dict(zip(paths, fetched, strict=True))
+        for ref, k in zip(slices, spacing.grid_index, strict=True):
+            where = f"{label}: file {ref.path}"
+            if ref.path not in decoded:
+                decoded.clear()  # slices of one file are adjacent: keep one decoded file
+                try:
+                    decoded[ref.path] = _decode_file(blobs.pop(ref.path), where)
+                except SourceError as exc:
+                    decoded[ref.path] = exc
             try:
+                got = decoded[ref.path]
+                if isinstance(got, SourceError):
+                    raise got
                 _read_slice(
-                    ref, k, blob, src, acq, stats, label=label, padding_hu=padding_hu, tol=tol
+                    ref, k, got, src, acq, stats, where=where, padding_hu=padding_hu, tol=tol
                 )
             except IntensityError:
                 raise  # a property of the series, not of one damaged file

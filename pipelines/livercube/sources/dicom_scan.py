@@ -33,8 +33,11 @@ that were never meant to be a slice of a volume: documents the download layout s
 non-image objects (SR, RTSTRUCT, ...; DICOM-SEGs are listed in :attr:`ScanResult.segs`),
 localizers and redundant duplicate copies.  :attr:`ScanResult.left_out` holds **inputs that
 were lost**: zero-byte, unreadable or truncated files, CT images without usable geometry or
-with an implausible matrix, single slices that are not a volume, gantry-tilted or otherwise
-irregular stacks, unsupported multi-frame objects.  A converter reports each of those as
+with an implausible matrix, single slices that are not a volume, gantry-tilted stacks.
+
+Multi-frame CT (Enhanced CT, Legacy Converted Enhanced CT) contributes one slice per frame,
+placed by its per-frame functional groups (:mod:`~livercube.sources.dicom_frames`); from there
+on its frames are grouped like single-frame files.  A converter reports each of those as
 skipped (exit 3).
 
 Only allow-listed, non-identifying attributes (:data:`ALLOWED_ATTRIBUTES`) are copied into the
@@ -58,6 +61,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from livercube.errors import GeometryError, SlantedStackError
 from livercube.sources import dicom_sop
+from livercube.sources.dicom_frames import frame_view, n_frames
 from livercube.sources.dicom_geometry import (
     DEFAULT_TOLERANCES,
     Tolerances,
@@ -390,52 +394,64 @@ def _classify(hdr: Header, result: ScanResult, source: str) -> list[_Image]:
     if "LOCALIZER" in image_type:
         result.notes.append(ScanNote(hdr.path, "localizer (ImageType contains LOCALIZER)"))
         return []
-    n_frames = _int_or_none(ds.get("NumberOfFrames")) or 1
-    if sop_class in dicom_sop.MULTIFRAME_CT_CLASSES or n_frames > 1:
-        name = dicom_sop.sop_class_name(sop_class)
+    multiframe = sop_class in dicom_sop.MULTIFRAME_CT_CLASSES or n_frames(ds) > 1
+    n_groups = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if multiframe and n_groups not in (0, n_frames(ds)):
         result.left_out.append(
             ScanNote(
                 hdr.path,
-                f"multi-frame CT ({name}, {n_frames} frames) is not converted yet: "
-                "convert it to single-frame CT Image Storage (e.g. dcmqi, dcm2niix) first",
+                f"damaged multi-frame CT: {n_groups} per-frame functional groups for "
+                f"NumberOfFrames {n_frames(ds)}",
             )
         )
         return []
-    try:
-        orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
-        position = tuple(float(v) for v in ds.ImagePositionPatient)
-        spacing = tuple(float(v) for v in ds.PixelSpacing)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        if len(orientation) != 6 or len(position) != 3 or len(spacing) != 2:
-            raise ValueError("wrong multiplicity")
-        if not all(np.isfinite([*orientation, *position, *spacing])) or min(spacing) <= 0:
-            raise ValueError("non-finite or non-positive values")
-        slice_normal(orientation)
-    except (AttributeError, TypeError, ValueError, GeometryError) as exc:
-        result.left_out.append(
-            ScanNote(hdr.path, f"CT image without usable plane geometry ({exc})")
+    views = [frame_view(ds, f) for f in range(n_frames(ds))] if multiframe else [ds]
+    images = []
+    for f, view in enumerate(views):
+        try:
+            orientation, position, spacing, rows, cols = _plane(view)
+        except (AttributeError, TypeError, ValueError, GeometryError) as exc:
+            where = f"frame {f + 1} of a multi-frame CT" if multiframe else "CT image"
+            result.left_out.append(
+                ScanNote(hdr.path, f"{where} without usable plane geometry ({exc})")
+            )
+            return []
+        if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
+            result.left_out.append(
+                ScanNote(hdr.path, f"implausible matrix {rows}×{cols} (damaged header?)")
+            )
+            return []
+        images.append(
+            _Image(
+                hdr=hdr,
+                sop=str(ds.get("SOPInstanceUID", "")),
+                orientation=orientation,
+                position=position,
+                rows=rows,
+                cols=cols,
+                spacing=spacing,
+                acq_number=_int_or_none(ds.get("AcquisitionNumber")),
+                acq_time=str(ds.get("AcquisitionDate", "") or "")
+                + str(ds.get("AcquisitionTime", "") or ""),
+                instance=(_int_or_none(ds.get("InstanceNumber")) or 0) + f,
+                frame=f if multiframe else None,
+            )
         )
-        return []
-    if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
-        result.left_out.append(
-            ScanNote(hdr.path, f"implausible matrix {rows}×{cols} (damaged header?)")
-        )
-        return []
-    return [
-        _Image(
-            hdr=hdr,
-            sop=str(ds.get("SOPInstanceUID", "")),
-            orientation=orientation,
-            position=position,  # type: ignore[arg-type]
-            rows=rows,
-            cols=cols,
-            spacing=spacing,  # type: ignore[arg-type]
-            acq_number=_int_or_none(ds.get("AcquisitionNumber")),
-            acq_time=str(ds.get("AcquisitionDate", "") or "")
-            + str(ds.get("AcquisitionTime", "") or ""),
-            instance=_int_or_none(ds.get("InstanceNumber")) or 0,
-        )
-    ]
+    return images
+
+
+def _plane(view: pydicom.Dataset):
+    """(orientation, position, pixel spacing, rows, columns) of one slice header."""
+    orientation = tuple(float(v) for v in view.ImageOrientationPatient)
+    position = tuple(float(v) for v in view.ImagePositionPatient)
+    spacing = tuple(float(v) for v in view.PixelSpacing)
+    rows, cols = int(view.Rows), int(view.Columns)
+    if len(orientation) != 6 or len(position) != 3 or len(spacing) != 2:
+        raise ValueError("wrong multiplicity")
+    if not all(np.isfinite([*orientation, *position, *spacing])) or min(spacing) <= 0:
+        raise ValueError("non-finite or non-positive values")
+    slice_normal(orientation)
+    return orientation, position, spacing, rows, cols
 
 
 def _drop_duplicate_instances(images: list[_Image], result: ScanResult) -> list[_Image]:

@@ -11,7 +11,6 @@ frame belong to a segment for BINARY, FRACTIONAL and LABELMAP segmentations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import fsspec
 import numpy as np
@@ -20,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from livercube.errors import GeometryError, SourceError, UnreadableFileError
 from livercube.sources import dicom_sop
+from livercube.sources.dicom_frames import first_item, functional_group
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, analyse_spacing, slice_normal
 from livercube.sources.dicom_sop import SegmentationType
 
@@ -46,21 +46,6 @@ class Frames:
     def normal(self) -> np.ndarray:
         n = np.cross(self.row_cos, self.col_cos)
         return n / np.linalg.norm(n, axis=1, keepdims=True)
-
-
-def first_item(seq: Any) -> Dataset | None:
-    if seq is None or isinstance(seq, bytes) or len(seq) == 0:
-        return None
-    return seq[0]
-
-
-def _group(frame: Dataset | None, shared: Dataset | None, name: str) -> Dataset | None:
-    for holder in (frame, shared):
-        if holder is not None:
-            item = first_item(holder.get(name))
-            if item is not None:
-                return item
-    return None
 
 
 def frame_table(ds: Dataset, source: str) -> Frames:
@@ -96,9 +81,9 @@ def _frame_table_unchecked(ds: Dataset, source: str) -> Frames:
     refs: list[tuple[str, ...]] = []
     for f in range(n):
         item = per_frame[f] if len(per_frame) else None
-        p = _group(item, shared, "PlanePositionSequence")
-        o = _group(item, shared, "PlaneOrientationSequence")
-        m = _group(item, shared, "PixelMeasuresSequence")
+        p = functional_group(item, shared, "PlanePositionSequence")
+        o = functional_group(item, shared, "PlaneOrientationSequence")
+        m = functional_group(item, shared, "PixelMeasuresSequence")
         try:
             pos[f] = [float(v) for v in p.ImagePositionPatient]  # type: ignore[union-attr]
             iop = [float(v) for v in o.ImageOrientationPatient]  # type: ignore[union-attr]
@@ -112,7 +97,7 @@ def _frame_table_unchecked(ds: Dataset, source: str) -> Frames:
             ) from exc
         if m.get("SliceThickness") not in (None, ""):  # type: ignore[union-attr]
             th[f] = float(m.SliceThickness)  # type: ignore[union-attr]
-        ident = _group(item, shared, "SegmentIdentificationSequence")
+        ident = functional_group(item, shared, "SegmentIdentificationSequence")
         if ident is not None and ident.get("ReferencedSegmentNumber") is not None:
             seg[f] = int(ident.ReferencedSegmentNumber)
         uids: list[str] = []
