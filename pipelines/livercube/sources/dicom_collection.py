@@ -232,7 +232,7 @@ def plan(
 
     # segmentations: the expert SEG of each study goes to the acquisition its frames lie on
     for seg in sorted(result.segs, key=lambda s: (s.study_uid, s.series_number or 0, s.sop_uid)):
-        where = f"{seg.path} ({seg.series_description or 'no description'})"
+        where = f"{rel(seg.path)} ({seg.series_description or 'no description'})"
         if dicom_seg.seg_kind(seg.series_description) == "ai":
             warnings.append(f"{where}: AI segmentation, not used for label (expert SEGs only)")
             continue
@@ -293,9 +293,10 @@ def read_volume(
     from livercube.sources.dicom_seg import place_seg
 
     ct = read_acquisition(task.acquisition, storage_options)
+    rel = _relative_to(task.acquisition.source, storage_options)
     skipped: list[dict[str, str]] = [
         {
-            "input": d["path"],
+            "input": rel(d["path"]),
             "reason": f"damaged slice of {task.key} (canonical z {d['z']}, filled with "
             f"{ct.attrs.get('fill_hu')} HU): {d['reason']}",
         }
@@ -327,7 +328,7 @@ def read_volume(
             if any(lost.values()):
                 skipped.append(
                     {
-                        "input": task.seg.path,
+                        "input": rel(task.seg.path),
                         "reason": "segment voxels outside the CT volume they annotate were "
                         f"dropped: {({k: v for k, v in lost.items() if v})}",
                     }
@@ -338,7 +339,7 @@ def read_volume(
                     f"{placed.unknown_labels}"
                 )
         except SourceError as exc:
-            skipped.append({"input": task.seg.path, "reason": exc.reason})
+            skipped.append({"input": rel(task.seg.path), "reason": exc.reason})
     if ct.filled_slices:
         notes.append(
             f"{len(ct.filled_slices)} missing slice(s) filled with {ct.attrs.get('fill_hu')} HU "
