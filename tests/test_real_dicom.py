@@ -278,3 +278,35 @@ def test_verify_source_catches_the_converters_own_mistakes(ct2_case, tmp_path, m
     clean = str(tmp_path / "clean.zarr")
     convert(str(root), clean, "hcc-tace-seg", progress=False)
     assert verify(clean, source=str(root), collection="hcc-tace-seg").exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm"])
+def test_jpeg2000_ct_slices_decode_like_simpleitk(tmp_path, name):
+    """Real JPEG 2000 CT (one with a codestream whose signedness disagrees with
+    PixelRepresentation) made into a 3-slice series by re-positioning copies: the encoded
+    pixel data is untouched; HU must equal SimpleITK's (GDCM's) decoding."""
+    from livercube.store.verify import verify
+
+    original = pydicom.dcmread(TEST_FILES / name)
+    series = pydicom.uid.generate_uid()
+    root = tmp_path / "src" / "P" / "study" / "series"
+    root.mkdir(parents=True)
+    files = []
+    for k in range(3):
+        ds = pydicom.dcmread(TEST_FILES / name)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = series
+        ds.InstanceNumber = k + 1
+        ipp = [float(v) for v in original.ImagePositionPatient]
+        ds.ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + 2.5 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        files.append(root / f"1-{k + 1:02d}.dcm")
+        ds.save_as(files[-1])
+    dest = str(tmp_path / "s.zarr")
+    report = convert(str(tmp_path / "src"), dest, "crlm", progress=False)
+    assert report.exit_code == 0, report.summary()
+    image = livercube.open(dest).volume(0).image.values
+    ref = _sitk_lps(files)
+    np.testing.assert_array_equal(image, sitk.GetArrayFromImage(ref))
+    assert verify(dest, source=str(tmp_path / "src"), collection="crlm").exit_code == 0
