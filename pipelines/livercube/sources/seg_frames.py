@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from livercube.errors import GeometryError, SourceError, UnreadableFileError
 from livercube.sources import dicom_sop
-from livercube.sources.dicom_frames import first_item, functional_group
+from livercube.sources.dicom_frames import first_item, functional_group, n_frames
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, analyse_spacing, slice_normal
 from livercube.sources.dicom_sop import SegmentationType
 
@@ -169,28 +169,51 @@ def segmentation_type(ds: Dataset, url: str) -> SegmentationType:
 
 
 class Decoder:
-    """One frame at a time: highdicom, or pydicom's per-frame decoder as a fallback."""
+    """The frames of a SEG, decoded once.
+
+    Native (uncompressed) pixel data — what dcmqi and highdicom write by default — is unpacked
+    with numpy in one step: BINARY frames are 1 bit per pixel packed back to back with no padding
+    between frames (PS3.5 8.1.1, so a frame need not start on a byte), FRACTIONAL and LABELMAP
+    frames are 8 or 16 bits.  Encapsulated (compressed) pixel data is decoded frame by frame by
+    pydicom.  highdicom is not on this path (building its frame tables cost more than the whole
+    placement); it stays the independent reference in ``verify`` and the tests.
+    """
 
     def __init__(self, fileobj, url: str, notes: list[str]) -> None:
-        import highdicom as hd
-
         self.url = url
         try:
-            self.seg = hd.seg.segread(fileobj, lazy_frame_retrieval=True)
-            self.ds: Dataset = self.seg
-        except Exception as exc:  # highdicom is strict; pydicom decodes any valid frame
-            notes.append(f"highdicom could not open the SEG ({exc}); decoded with pydicom")
-            fileobj.seek(0)
-            self.seg = None
-            try:
-                self.ds = pydicom.dcmread(fileobj)
-            except Exception as exc2:
-                raise UnreadableFileError(url, f"cannot read the DICOM-SEG: {exc2}") from exc2
+            self.ds: Dataset = pydicom.dcmread(fileobj)
+        except Exception as exc:
+            raise UnreadableFileError(url, f"cannot read the DICOM-SEG: {exc}") from exc
+        ts = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
+        self._frames: np.ndarray | None = None
+        if ts is not None and not ts.is_compressed and "PixelData" in self.ds:
+            self._frames = self._unpack(ts.is_little_endian)
+
+    def _unpack(self, little_endian: bool) -> np.ndarray:
+        ds = self.ds
+        n, rows, cols = n_frames(ds), int(ds.Rows), int(ds.Columns)
+        bits = int(ds.get("BitsAllocated", 1) or 1)
+        need = n * rows * cols
+        raw = np.frombuffer(ds.PixelData, dtype=np.uint8)
+        if bits == 1:
+            flat = np.unpackbits(raw, count=min(need, raw.size * 8), bitorder="little")
+        elif bits in (8, 16):
+            flat = raw.view(np.dtype(f"{'<' if little_endian else '>'}u{bits // 8}"))
+        else:
+            raise UnreadableFileError(self.url, f"unsupported BitsAllocated {bits} in a SEG")
+        if flat.size < need:
+            raise UnreadableFileError(
+                self.url,
+                f"pixel data holds {flat.size} of the {need} pixels of {n} frames "
+                "(truncated file?)",
+            )
+        return flat[:need].reshape(n, rows, cols)
 
     def frame(self, f: int) -> np.ndarray:
+        if self._frames is not None:
+            return self._frames[f]
         try:
-            if self.seg is not None:
-                return np.asarray(self.seg.get_stored_frame(f, as_index=True))
             from pydicom.pixels import pixel_array
 
             return np.asarray(pixel_array(self.ds, index=f))
@@ -198,7 +221,6 @@ class Decoder:
             raise UnreadableFileError(
                 self.url, f"frame {f + 1} cannot be decoded (truncated or unsupported): {exc}"
             ) from exc
-
 
 
 def is_background(item: Dataset) -> bool:
