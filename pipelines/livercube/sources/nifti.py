@@ -116,7 +116,7 @@ def _header(stream, url: str):
 
 
 def shear_deg(affine: np.ndarray) -> float:
-    """Largest deviation (degrees) from 90° between two voxel axes of a 4×4 affine (0 = no shear)."""
+    """Largest deviation (degrees) from 90° between two voxel axes of an affine (0: no shear)."""
     m = np.asarray(affine, dtype=np.float64)[:3, :3]
     n = np.linalg.norm(m, axis=0)
     if np.any(n == 0):

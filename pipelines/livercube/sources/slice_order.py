@@ -88,9 +88,7 @@ def decide(
     codes = sorted(profiles)
     none = dict.fromkeys(codes, False)
     trim = basis == LIVER_BASIS
-    usable = {
-        c: p for c in codes if (p := normalise_profile(profiles[c], trim=trim)) is not None
-    }
+    usable = {c: p for c in codes if (p := normalise_profile(profiles[c], trim=trim)) is not None}
     if len(codes) < 2:
         return SliceOrderDecision(
             none, "not checked", ["only one phase: slice order cannot be cross-checked"]
@@ -103,7 +101,8 @@ def decide(
         )
     names = sorted(usable)
     ev = {
-        (a, b): orientation_evidence(usable[a], usable[b]) for a, b in itertools.combinations(names, 2)
+        (a, b): orientation_evidence(usable[a], usable[b])
+        for a, b in itertools.combinations(names, 2)
     }
 
     def score(flip: dict[str, bool]) -> float:
@@ -122,10 +121,14 @@ def decide(
     margin = (score(best) - score(dict.fromkeys(names, False))) / pairs if n_true else 0.0
     agreement = score(best) / pairs
     if n_true == 0:
-        note = [] if agreement >= WEAK_AGREEMENT else [
-            f"phases agree only weakly on slice order ({basis} profiles, evidence "
-            f"{agreement:.2f}): default kept"
-        ]
+        note = (
+            []
+            if agreement >= WEAK_AGREEMENT
+            else [
+                f"phases agree only weakly on slice order ({basis} profiles, evidence "
+                f"{agreement:.2f}): default kept"
+            ]
+        )
         return SliceOrderDecision(none, basis, note, agreement)
     flipped = sorted(c for c, f in best.items() if f)
     if n_true * 2 == len(names):

@@ -170,7 +170,7 @@ def write_plc_cect(
         for code in CODES:
             lo = z_lo + sz * float(rng.uniform(-1.0, 1.0))  # cropped to the liver, per phase
             hi = z_hi + sz * float(rng.uniform(-1.0, 1.0))
-            nz = int(round((hi - lo) / sz)) + 1
+            nz = round((hi - lo) / sz) + 1
             grid = abdomen_grid((nz, n_xy, n_xy), (sz, sxy, sxy), centre_z=(lo + hi) / 2)
             r = render(anatomy, grid, PHASE[code], seed=seed * 100 + s * 10 + CODES.index(code))
             v = window_from_hu(np.clip(r.image, -200, 200))
