@@ -91,7 +91,7 @@ def test_reorientation_matches_simpleitk(plc_store, plc_release):
 def test_flipped_phase_is_detected_without_overrides(plc_release, tmp_path):
     """The one phase stored as the header says is found from the other phases and kept as is."""
     root, truth = plc_release
-    ((key, t),) = [(k, t) for k, t in truth.volumes.items() if t.slice_order == "header"]
+    ((key, _t),) = [(k, t) for k, t in truth.volumes.items() if t.slice_order == "header"]
     dest = str(tmp_path / "s.zarr")
     report = convert(str(root), dest, "plc-cect", progress=False)
     assert report.exit_code == 0, report.summary()
