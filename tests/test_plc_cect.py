@@ -271,3 +271,22 @@ def test_gzip_of_non_nifti_is_unreadable(tmp_path):
     bad.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
     with pytest.raises(UnreadableFileError, match="not a readable NIfTI"):
         load_nifti(str(bad))
+
+
+def test_empty_liver_masks_fall_back_to_intensity_profiles(tmp_path):
+    """A patient whose liver masks are empty is still checked, from the CTs' mean intensity."""
+    import nibabel as nib
+
+    from livercube.sources.plc_cect import plan
+    from livercube.synth.plc_cect import write_plc_cect
+
+    root = tmp_path / "PLC"
+    truth = write_plc_cect(root, n_subjects=2, size="tiny", seed=1)
+    for f in (root / "liver_mask_files").glob("P0001-*"):
+        img = nib.load(str(f))
+        empty = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, header=img.header)
+        nib.save(empty, str(f))
+    tasks = {t.key: t for t in plan(str(root)).tasks}
+    for (pid, code), t in truth.volumes.items():
+        assert tasks[f"{pid}_{code}"].slice_order == t.slice_order, (pid, code)
+    assert any("mean intensity" in n for n in tasks["P0001_C3"].notes)
