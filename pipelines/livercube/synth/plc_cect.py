@@ -34,7 +34,7 @@ from livercube.synth.phantom import Anatomy, Ball, abdomen_grid, make_anatomy, r
 CODES = ("P", "C1", "C2", "C3")
 PHASE = {"P": "non_contrast", "C1": "arterial", "C2": "portal_venous", "C3": "delayed"}
 SIZES = {"tiny": (48, 7.5), "small": (128, 2.8), "full": (512, 0.78125)}
-SLICE_SPACING = {"tiny": 6.0, "small": 4.0, "full": 2.5}
+SLICE_SPACING = {"tiny": 10.0, "small": 4.0, "full": 2.5}
 
 
 @dataclass
