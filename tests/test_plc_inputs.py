@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -327,6 +330,60 @@ def test_bomb_in_a_release_costs_only_itself(release_copy, tmp_path):
     (rec,) = [s for s in report.skipped if s["input"] == str(victim)]
     assert "decompression bomb" in rec["reason"]
     assert set(_by_key(livercube.open(dest))) == set(truth.volumes) - {("P0001", "C2")}
+
+
+@pytest.mark.slow
+def test_bomb_through_the_cli_keeps_rss_bounded(release_copy, tmp_path):
+    """The real console script, in a fresh wrapper whose only child is the CLI: peak RSS."""
+    root, _ = release_copy
+    victim = root / "ct_files" / "P0002_ct_C1.nii.gz"
+    _bomb(victim, (2048, 2048, 1024), 4 * GIB)
+    dest = tmp_path / "s.zarr"
+    cli = str(Path(sys.executable).parent / "livercube")
+    args = [cli, "convert", str(root), str(dest), "--collection", "plc-cect", "--quiet"]
+    wrapper = (
+        "import resource, subprocess, sys, json;"
+        f"r = subprocess.run({args!r}, capture_output=True, text=True);"
+        "print(json.dumps([r.returncode, r.stderr[-2000:],"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=600
+    )
+    code, stderr, maxrss_kib = json.loads(out.stdout.strip().splitlines()[-1])
+    assert code == EXIT_PARTIAL, stderr
+    print(f"peak RSS of convert with a 4 GiB bomb: {maxrss_kib / 1024:.0f} MiB")
+    assert maxrss_kib * 1024 < 1.5 * GIB  # the 4 GiB image was never materialised
+    report = json.loads((dest / "livercube-report.json").read_text())
+    assert [s["input"] for s in report["skipped"]] == [str(victim)]
+    assert "decompression bomb" in report["skipped"][0]["reason"]
+
+
+def test_csv_named_file_wins_over_the_compressed_copy(release_copy, tmp_path):
+    root, _ = release_copy
+    gz = root / "ct_files" / "P0003_ct_P.nii.gz"
+    nii = gz.with_suffix("")
+    nii.write_bytes(gzip.decompress(gz.read_bytes()))
+    gz.write_bytes(gz.read_bytes()[:100])  # the .nii.gz is damaged; the CSV names the .nii
+    csv_path = root / "patient_data.csv"
+    csv_path.write_text(csv_path.read_text().replace("P0003_ct_P.nii.gz", "P0003_ct_P.nii"))
+    plan = plc_cect.plan(str(root))
+    (task,) = [t for t in plan.tasks if t.key == "P0003_P"]
+    assert task.ct == str(nii)
+    assert any("named in patient_data.csv" in w for w in plan.warnings)
+
+
+def test_qform_sform_disagreement_is_noted():
+    from livercube.sources.nifti import geometry_notes
+
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    img.set_qform(np.eye(4), code=1)
+    moved = np.eye(4)
+    moved[:3, 3] = 10
+    img.set_sform(moved, code=1)
+    assert any("disagree" in n for n in geometry_notes(img.header))
+    img.set_sform(np.eye(4), code=1)
+    assert geometry_notes(img.header) == []
 
 
 def test_corrupt_gzip_crc_after_the_image_is_still_caught(tmp_path, plc_release):
