@@ -71,9 +71,6 @@ class NiftiImage:
     inter: float | None = None
     notes: list[str] = field(default_factory=list)
 
-    def __iter__(self):  # (data, affine, facts) unpacking, as the first version returned
-        return iter((self.data, self.affine, self.facts))
-
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     try:

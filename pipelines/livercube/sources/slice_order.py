@@ -159,8 +159,9 @@ def decide(
 
 def liver_area_profile(mask_kji: np.ndarray) -> np.ndarray:
     """Voxels of the (non-zero, non-NaN) mask per slice, slices in stored order."""
-    m = np.nan_to_num(np.asarray(mask_kji), nan=0) > 0
-    return m.reshape(m.shape[0], -1).sum(axis=1).astype(np.float64)
+    a = np.asarray(mask_kji)
+    m = (np.nan_to_num(a, nan=0.0) if a.dtype.kind == "f" else a) > 0
+    return np.count_nonzero(m.reshape(m.shape[0], -1), axis=1).astype(np.float64)
 
 
 def intensity_profile(ct_kji: np.ndarray) -> np.ndarray:
