@@ -205,8 +205,8 @@ def test_store_reads_over_plain_http_without_listing(http_site, published):
         for k in rs:
             np.testing.assert_array_equal(rs[k], ls_[k])
     path = remote.paths()[3]
-    part = remote.root[path]["image"][1:3, 2:9, 4:7]
-    np.testing.assert_array_equal(part, local.root[path]["image"][1:3, 2:9, 4:7])
+    part = remote.root[path]["0/image"][1:3, 2:9, 4:7]
+    np.testing.assert_array_equal(part, local.root[path]["0/image"][1:3, 2:9, 4:7])
     # plain xarray, no livercube, over HTTP (consolidated metadata)
     plain = xr.open_zarr(url, group="catalog", zarr_format=3, consolidated=True)
     assert plain.sizes["volume"] == 12

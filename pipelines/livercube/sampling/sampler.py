@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from livercube.sampling.reader import ArrayInfo, Box, ShardReader
+from livercube.store.layout import data_path
 
 MODES = ("uniform", "foreground", "class_weighted")
 PAD_VALUE = -1024
@@ -188,12 +189,13 @@ class PatchSampler:
         def info(row: int) -> VolumeInfo:
             if row not in infos:
                 r = df.iloc[row]
-                group = store.root[r["path"]]
+                arrays = data_path(str(r["path"]))
+                group = store.root[arrays]
                 metas = {}
                 for name in ("image", "label", "class_locations"):
                     if name in group:
                         metas[name] = ArrayInfo.from_metadata(
-                            f"{r['path']}/{name}", group[name].metadata.to_dict()
+                            f"{arrays}/{name}", group[name].metadata.to_dict()
                         )
                 img = metas["image"]
                 infos[row] = VolumeInfo(
