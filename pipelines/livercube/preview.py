@@ -24,6 +24,7 @@ from livercube.store.pyramid import (
     label_level_path,
     window_bounds,
 )
+from livercube.store.query import select_indices
 from livercube.store.reader import Store
 
 #: Abdominal soft-tissue window (level 40, width 400 HU): the one viewers open with (omero).
@@ -211,12 +212,7 @@ def contact_sheets(
     import matplotlib.pyplot as plt
 
     cat = store.catalog
-    indices = np.arange(cat.sizes["volume"])
-    if where:
-        from livercube.store.publish import catalog_frame
-
-        frame = catalog_frame(cat).reset_index(drop=True)
-        indices = frame.query(where).index.to_numpy()
+    indices = select_indices(cat, where)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
