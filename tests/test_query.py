@@ -64,8 +64,9 @@ def test_unknown_name_lists_the_available_columns():
 
 
 def test_invalid_expression_is_a_query_error():
-    with pytest.raises(QueryError):
+    with pytest.raises(QueryError) as info:
         select(catalog_frame(_catalog()), "spacing_z <")
+    assert "\n" not in str(info.value)
     with pytest.raises(QueryError, match="not a condition"):
         select(catalog_frame(_catalog()), "spacing_z")
 

@@ -63,11 +63,12 @@ def select(frame: pd.DataFrame, where: str | None) -> pd.DataFrame:
                 f"where {where!r}: the catalog has no column {match.group(1)!r}; "
                 f"available: {', '.join(map(str, frame.columns))}"
             ) from exc
-        raise QueryError(f"where {where!r}: {type(exc).__name__}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # one line, whatever pandas says
+        raise QueryError(f"where {where!r}: {type(exc).__name__}: {reason}") from exc
     if not (isinstance(mask, pd.Series) and pd.api.types.is_bool_dtype(mask)):
         # e.g. where="spacing_z": a value per row, not a yes/no per row
         raise QueryError(f"where {where!r}: not a condition on catalog rows (true/false)")
-    return frame[mask]
+    return frame[mask].copy()  # callers add display columns
 
 
 def select_indices(catalog: xr.Dataset, where: str | None) -> np.ndarray:
