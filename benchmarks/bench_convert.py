@@ -407,7 +407,7 @@ def bench_size(store: Path, work: Path, niigz_dcm2niix: int) -> tuple[dict, np.n
     import zarr
 
     vol_dir, _ = store_volume(store)
-    g = zarr.open_group(str(vol_dir), mode="r")
+    g = zarr.open_group(str(vol_dir / "0"), mode="r")  # level 0: the full-resolution arrays
     image = np.asarray(g["image"][:])
     label = np.asarray(g["label"][:])
     out = {}
@@ -415,10 +415,10 @@ def bench_size(store: Path, work: Path, niigz_dcm2niix: int) -> tuple[dict, np.n
         path = work / f"size-{name}.nii.gz"
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), True)
         out[f"{name}_niigz"] = path.stat().st_size
-        out[f"{name}_store"] = tree_bytes(vol_dir / name)
+        out[f"{name}_store"] = tree_bytes(vol_dir / "0" / name)
     out["store_volume_total"] = tree_bytes(vol_dir)
     out["segments_store"] = (
-        tree_bytes(vol_dir / "segments") if (vol_dir / "segments").exists() else 0
+        tree_bytes(vol_dir / "0" / "segments") if (vol_dir / "0" / "segments").exists() else 0
     )
     out["dcm2niix_niigz"] = niigz_dcm2niix
     out["raw_image"] = image.nbytes

@@ -144,7 +144,7 @@ def export_nifti(url: str, tmp: Path) -> list[Volume]:
     store = livercube.open(url)
     out = []
     for _, row in catalog_frame(store.catalog).iterrows():
-        group = store.root[row["path"]]
+        group = store.root[f"{row['path']}/0"]  # level 0: the full-resolution arrays
         spacing = tuple(float(row[f"spacing_{a}"]) for a in "zyx")
         origin = tuple(float(row[f"origin_{a}"]) for a in "zyx")
         d = tmp / "nifti" / str(row["patient_id"])

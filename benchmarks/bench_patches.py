@@ -50,7 +50,7 @@ def build_volume(tmp: Path) -> str:
     convert(str(tmp / "PLC"), str(tmp / "src.zarr"), "plc-cect", progress=False)
     src = zarr.open_group(str(tmp / "src.zarr"), mode="r", zarr_format=3, use_consolidated=False)
     path = "plc-cect/P0001/CECT/C2"
-    image, label = src[path]["image"][...], src[path]["label"][...]
+    image, label = src[path]["0/image"][...], src[path]["0/label"][...]
     reps = [int(np.ceil(t / s)) for t, s in zip(SHAPE, image.shape, strict=True)]
     crop = tuple(slice(0, t) for t in SHAPE)
     out = str(tmp / "bench.zarr")

@@ -72,17 +72,14 @@ def cmd_info(a: argparse.Namespace) -> int:
     import pandas as pd
 
     import livercube
+    from livercube.store.query import catalog_frame, select
 
     store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
     cat = store.catalog
-    table = cat[[n for n, v in cat.data_vars.items() if v.dims == ("volume",)]].to_dataframe()
-    table["extent"] = ["x".join(str(int(v)) for v in row) for row in cat["extent"].values]
-    table["spacing_mm"] = ["x".join(f"{v:g}" for v in row) for row in cat["spacing"].values]
-    if a.where:
-        try:
-            table = table.query(a.where)
-        except Exception as exc:
-            raise UsageError(f"--where {a.where!r}: {exc}") from exc
+    table = select(catalog_frame(cat), a.where)
+    rows = table.index.to_numpy()
+    table["extent"] = ["x".join(str(int(v)) for v in row) for row in cat["extent"].values[rows]]
+    table["spacing_mm"] = ["x".join(f"{v:g}" for v in r) for r in cat["spacing"].values[rows]]
     columns = ["path", "phase", "annotated", "extent", "spacing_mm"]
     with pd.option_context("display.max_rows", None, "display.width", 160):
         print(table[columns].to_string(index=False))
@@ -131,12 +128,12 @@ def cmd_ls(a: argparse.Namespace) -> int:
     import pandas as pd
 
     import livercube
-    from livercube.store.publish import catalog_frame, query
+    from livercube.store.query import catalog_frame, select
 
     store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
     table = catalog_frame(store.catalog)
     total = len(table)
-    table = query(table, a.where)
+    table = select(table, a.where)
     columns = ["path", "phase", "annotated"] + [
         c.strip() for c in (a.columns or "").split(",") if c.strip()
     ]

@@ -82,8 +82,8 @@ def _existing_fingerprint(dest: str, storage_options: dict | None, path: str) ->
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     meta = group.attrs.get("livercube", {}) if isinstance(group, zarr.Group) else {}
-    if meta.get("status") != "complete":
-        return None
+    if meta.get("status") != "complete" or meta.get("schema_version") != STORE_SCHEMA_VERSION:
+        return None  # partial, or written to an older layout: convert again
     return (meta.get("complete") or {}).get("fingerprint")
 
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from livercube.sampling.reader import ArrayInfo, Box, ShardReader
+from livercube.store.layout import data_path
+from livercube.store.query import catalog_frame, select
 
 MODES = ("uniform", "foreground", "class_weighted")
 PAD_VALUE = -1024
@@ -60,18 +61,6 @@ class PatchSpec:
     size: tuple[int, int, int]  # reference-grid size (== patch_size without target spacing)
     cls: int  # class the patch is centred on; -1 = uniform
     anchor: tuple[int, int, int]  # the voxel it is centred on (uniform: patch centre)
-
-
-def catalog_frame(catalog) -> pd.DataFrame:
-    """The catalog as a DataFrame: 1-D variables as columns, ``spacing_z`` etc. for 2-D ones."""
-    cols: dict[str, Any] = {}
-    for name, var in catalog.data_vars.items():
-        if var.dims == ("volume",):
-            cols[name] = var.values
-        elif var.dims == ("volume", "axis"):
-            for i, ax in enumerate(("z", "y", "x")):
-                cols[f"{name}_{ax}"] = var.values[:, i]
-    return pd.DataFrame(cols)
 
 
 def _runtime_rank() -> tuple[int, int]:
@@ -180,7 +169,7 @@ class PatchSampler:
     # -- selection ------------------------------------------------------------------------------
     def _select(self, store, where: str | None) -> None:
         df = catalog_frame(store.catalog)
-        chosen = df.query(where, engine="python") if where else df
+        chosen = select(df, where)
         if not len(chosen):
             raise ValueError(f"no volume matches where={where!r}")
         infos: dict[int, VolumeInfo] = {}
@@ -188,12 +177,13 @@ class PatchSampler:
         def info(row: int) -> VolumeInfo:
             if row not in infos:
                 r = df.iloc[row]
-                group = store.root[r["path"]]
+                arrays = data_path(str(r["path"]))
+                group = store.root[arrays]
                 metas = {}
                 for name in ("image", "label", "class_locations"):
                     if name in group:
                         metas[name] = ArrayInfo.from_metadata(
-                            f"{r['path']}/{name}", group[name].metadata.to_dict()
+                            f"{arrays}/{name}", group[name].metadata.to_dict()
                         )
                 img = metas["image"]
                 infos[row] = VolumeInfo(

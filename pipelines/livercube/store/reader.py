@@ -12,7 +12,7 @@ import zarr
 
 from livercube.errors import StoreError, VolumeNotFoundError
 from livercube.schema import CATALOG_GROUP
-from livercube.store.layout import open_root, open_zarr_store
+from livercube.store.layout import data_path, open_root, open_zarr_store
 
 
 class Store:
@@ -61,7 +61,7 @@ class Store:
 
     def volume(self, key: str | int) -> xr.Dataset:
         """One volume as a lazy xarray Dataset (``image``, ``label``, ``segments``, z/y/x in mm)."""
-        return self._open_dataset(self._path(key))
+        return self._open_dataset(data_path(self._path(key)))
 
     @property
     def consolidated(self) -> bool:
@@ -95,11 +95,11 @@ class Store:
         Overlaps and separate tumour instances survive: each segment is its own bit.  Two
         segments with the same label get `` (2)``, `` (3)`` … suffixes in source order.
         """
-        group = self.root[self._path(key)]
-        meta = group.attrs["livercube"]
+        path = self._path(key)
+        meta = self.root[path].attrs["livercube"]
         if not meta.get("segments"):
             return {}
-        bits = np.asarray(group["segments"][...])
+        bits = np.asarray(self.root[data_path(path)]["segments"][...])
         dt = bits.dtype.type
         out: dict[str, np.ndarray] = {}
         for seg in meta["segments"]:

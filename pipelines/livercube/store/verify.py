@@ -44,7 +44,7 @@ from zarr.core.sync import sync
 from livercube.errors import SourceError, StoreError, UsageError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS
 from livercube.store.contract import check_volume_group
-from livercube.store.layout import open_root, open_zarr_store, with_retries
+from livercube.store.layout import FULL_RES, open_root, open_zarr_store, with_retries
 from livercube.volumes.volume import content_checksum
 
 #: Exit status of ``livercube verify`` when any damage or mismatch is found.
@@ -220,6 +220,11 @@ def _check_class_locations(group: zarr.Group, label: np.ndarray | None) -> list[
     return [f"class_locations: {wrong} rows point at voxels of another class"] if wrong else []
 
 
+def _data_name(name: str) -> str:
+    """Member name relative to a volume group → name relative to its full-resolution group."""
+    return name.removeprefix(f"{FULL_RES}/")
+
+
 def verify_volume(
     root: zarr.Group,
     path: str,
@@ -241,7 +246,13 @@ def verify_volume(
     elif catalog_checksum != res.checksum:
         res.problems.append(f"catalog checksum {catalog_checksum} != group checksum")
     try:
-        group = root[path]
+        # with a listing, as stored now: the volume's own consolidated metadata (what plain
+        # HTTP readers use) could hide what is there
+        group = (
+            root[path]
+            if keys is None
+            else zarr.open_group(root.store, path=path, mode="r", use_consolidated=False)
+        )
         assert isinstance(group, zarr.Group)
     except Exception as exc:
         res.problems.append(f"group unreadable: {type(exc).__name__}: {exc}")
@@ -257,13 +268,15 @@ def verify_volume(
     except Exception as exc:
         res.problems.append(f"group members unreadable: {type(exc).__name__}: {exc}")
         return res
-    names = {name for name, _ in members}
+    # full-resolution arrays by their own name ("image"), browse levels by path ("1/image")
+    names = {_data_name(name) for name, _ in members}
     res.problems += [f"array {n!r} missing" for n in expected if n not in names]
     arrays: dict[str, np.ndarray] = {}
     missing: dict[str, list[str]] = {}
-    for name, arr in members:
+    for member, arr in members:
+        name = _data_name(member)
         if keys is not None:
-            absent = [k for k in expected_shard_keys(path, name, arr) if k not in keys]
+            absent = [k for k in expected_shard_keys(path, member, arr) if k not in keys]
             if absent:
                 missing[name] = absent
         try:
@@ -288,7 +301,7 @@ def verify_volume(
             res.notes.append(f"{len(absent)} shards of {name} not stored (read as fill)")
     try:
         res.problems += [p.removeprefix(f"{path}: ") for p in check_volume_group(path, group)]
-        res.problems += _check_class_locations(group, arrays.get("label"))
+        res.problems += _check_class_locations(group[FULL_RES], arrays.get("label"))
     except Exception as exc:
         res.problems.append(f"metadata/coordinates unreadable: {type(exc).__name__}: {exc}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import warnings
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,15 @@ from zarr.storage import MemoryStore
 
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard
-from livercube.store.layout import open_zarr_store, volume_path
-from livercube.store.pyramid import multiscales, pyramid_factors, subsample
+from livercube.store.layout import FULL_RES, open_zarr_store, volume_path
+from livercube.store.pyramid import (
+    image_level_path,
+    level_group,
+    multiscales,
+    omero,
+    pyramid_factors,
+    subsample,
+)
 from livercube.volumes.volume import (
     CLASS_LOCATIONS_PER_CLASS,
     Volume,
@@ -38,40 +46,15 @@ LABEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 
 
 def ome_multiscales(volume: Volume) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``ome`` attribute: ``image`` then its browse levels ``pyramid/<k>``."""
+    """OME-Zarr 0.5 ``ome`` attribute: ``0/image`` then its browse levels ``<k>/image``."""
     g = volume.grid
     factors = pyramid_factors(g.shape, g.spacing)
-    paths = ["image", *[f"pyramid/{k + 1}" for k in range(len(factors))]]
+    paths = [image_level_path(k) for k in range(len(factors) + 1)]
     name = volume_path(volume.collection, volume.patient_id, volume.study, volume.series)
     return {
         "version": "0.5",
         "multiscales": [multiscales(name, g.spacing, g.origin, paths, factors)],
-    }
-
-
-def _label_image_attrs(volume: Volume) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``labels/unified`` image-label metadata (colours from the label schema)."""
-    g = volume.grid
-    factors = pyramid_factors(g.shape, g.spacing)
-    paths = [str(k) for k in range(len(factors) + 1)]
-    colours = {
-        1: [217, 115, 51, 255],
-        2: [230, 25, 25, 255],
-        3: [51, 102, 255, 255],
-        4: [25, 204, 230, 255],
-        5: [230, 51, 204, 255],
-    }
-    return {
-        "version": "0.5",
-        "multiscales": [multiscales("unified", g.spacing, g.origin, paths, factors)],
-        "image-label": {
-            "version": "0.5",
-            "colors": [{"label-value": v, "rgba": c} for v, c in colours.items()],
-            "properties": [
-                {"label-value": v, "name": n} for v, n in unified_labels().items() if v in colours
-            ],
-            "source": {"image": "../../"},
-        },
+        "omero": omero(g.shape[0]),
     }
 
 
@@ -135,7 +118,9 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
     a tiny volume on S3 before, ≈15 now).
     """
     objects: dict = {}
-    group = zarr.create_group(MemoryStore(objects), zarr_format=3, attributes=attrs)
+    memory = MemoryStore(objects)
+    volume_group = zarr.create_group(memory, zarr_format=3, attributes=attrs)
+    group = volume_group.create_group(FULL_RES)
     _create(
         group,
         "image",
@@ -186,8 +171,20 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
         )
         if locations.size:
             loc[...] = locations
-    for axis, name in enumerate(("z", "y", "x")):
-        coord = volume.grid.centres(axis)
+    _coordinates(group, [volume.grid.centres(axis) for axis in range(3)])
+    _browse_levels(volume_group, volume, arrays)
+    # each group's document lists its whole subtree: opening a volume (or its level 0) by URL
+    # needs no listing, which plain HTTP hosting cannot give
+    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec (yet)"
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(memory, path=FULL_RES, zarr_format=3)
+        zarr.consolidate_metadata(memory, zarr_format=3)
+    return objects
+
+
+def _coordinates(group: zarr.Group, centres: list[np.ndarray]) -> None:
+    """The ``z``, ``y``, ``x`` coordinate arrays (LPS mm of voxel centres) of one level."""
+    for name, coord in zip(("z", "y", "x"), centres, strict=True):
         arr = group.create_array(
             name,
             shape=coord.shape,
@@ -202,49 +199,36 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
             },
         )
         arr[:] = coord
-    _browse_levels(group, volume, arrays, objects)
-    return objects
 
 
-def _browse_levels(
-    group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray], objects: dict
-) -> None:
-    """Pyramid of the image and the OME-Zarr ``labels/unified`` image (viewers only).
+def _browse_levels(group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray]) -> None:
+    """Browse levels ``<k>/image`` (+ ``<k>/label``), viewers and previews only.
 
-    Level 0 of the label image is the ``label`` array itself, same shape, chunking and codec:
-    its encoded shards are shared from ``objects`` rather than compressed a second time.
+    Each level is a group of its own with its own coordinates: every group is one consistent
+    xarray Dataset.  No OME ``labels`` group: see :mod:`livercube.store.pyramid`.
     """
     factors = pyramid_factors(volume.grid.shape, volume.grid.spacing)
-    if factors:
-        pyr = group.create_group("pyramid")
-        for k, f in enumerate(factors, start=1):
-            _create(
-                pyr,
-                str(k),
-                subsample(volume.image, f),
-                ("z", "y", "x"),
-                COMPRESSOR,
-                {"units": "HU", "subsampling": list(f)},
-            )
-    if "label" not in arrays:
-        return
-    labels = group.create_group(
-        "labels", attributes={"ome": {"version": "0.5", "labels": ["unified"]}}
-    )
-    unified = labels.create_group("unified", attributes={"ome": _label_image_attrs(volume)})
-    for k, f in enumerate([(1, 1, 1), *factors]):
-        level = subsample(arrays["label"], f) if k else None
+    centres = [volume.grid.centres(axis) for axis in range(3)]
+    for k, f in enumerate(factors, start=1):
+        level = group.create_group(level_group(k), attributes={"subsampling": list(f)})
         _create(
-            unified,
-            str(k),
-            arrays["label"] if level is None else level,
+            level,
+            "image",
+            subsample(volume.image, f),
             ("z", "y", "x"),
-            LABEL_COMPRESSOR,
-            {"subsampling": list(f)},
-            write=level is not None,
+            COMPRESSOR,
+            {"units": "HU", "subsampling": list(f)},
         )
-    for key in [k for k in objects if k.startswith("label/c/")]:
-        objects["labels/unified/0/" + key[len("label/") :]] = objects[key]
+        if "label" in arrays:
+            _create(
+                level,
+                "label",
+                subsample(arrays["label"], f),
+                ("z", "y", "x"),
+                LABEL_COMPRESSOR,
+                {"subsampling": list(f)},
+            )
+        _coordinates(level, [c[:: f[axis]] for axis, c in enumerate(centres)])
 
 
 def limit_encode_threads(n: int) -> None:
