@@ -395,7 +395,7 @@ def dicom_reference_check(
     from livercube.sources.dicom_ct import FILL_HU
     from livercube.sources.dicom_reference import reference_ct, reference_segments
 
-    coords = tuple(np.asarray(group[a][...]) for a in ("z", "y", "x"))
+    coords = tuple(np.asarray(group[FULL_RES][a][...]) for a in ("z", "y", "x"))
     acq = task.acquisition
     urls = [file_url(acq.source, s.path) for s in acq.slices]
     ref = reference_ct(urls, coords, fill=FILL_HU, storage_options=source_options)  # type: ignore[arg-type]
