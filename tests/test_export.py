@@ -143,7 +143,9 @@ def test_nifti_in_simpleitk_oriented_to_lps(store, nifti_export):
         for name in ("image", "label"):
             if name not in ds:
                 continue
-            im = sitk.DICOMOrient(sitk.ReadImage(str(nifti_export / path / f"{name}.nii.gz")), "LPS")
+            im = sitk.DICOMOrient(
+                sitk.ReadImage(str(nifti_export / path / f"{name}.nii.gz")), "LPS"
+            )
             np.testing.assert_array_equal(sitk.GetArrayFromImage(im), ds[name].values)
             np.testing.assert_allclose(im.GetDirection(), np.eye(3).ravel(), atol=1e-6)
             np.testing.assert_allclose(im.GetOrigin(), (x[0], y[0], z[0]), atol=1e-4)
@@ -189,7 +191,10 @@ def test_nifti_segments_are_the_reader_masks(store, nifti_export):
 def test_cli_export_where_is_the_ls_query(store, store_url, tmp_path, capsys):
     dest = tmp_path / "thick"
     # a per-axis column: the expression `ls` accepts
-    assert main(["export", store_url, str(dest), "--format", "nifti", "--where", "spacing_z > 2.7"]) == 0
+    assert (
+        main(["export", store_url, str(dest), "--format", "nifti", "--where", "spacing_z > 2.7"])
+        == 0
+    )
     assert "volumes exported" in capsys.readouterr().out
     spacing_z = store.catalog["spacing"].values[:, 0]
     expected = [p for p, s in zip(store.paths(), spacing_z, strict=True) if s > 2.7]
@@ -205,9 +210,15 @@ def test_cli_export_where_is_the_ls_query(store, store_url, tmp_path, capsys):
     # an export never mixes into an earlier one by accident; bad expressions are usage errors
     assert main(["export", store_url, str(dest), "--format", "nifti"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["export", store_url, str(tmp_path / "x"), "--format", "nifti", "--where", "nope >"]) == 2
+    assert (
+        main(["export", store_url, str(tmp_path / "x"), "--format", "nifti", "--where", "nope >"])
+        == 2
+    )
     assert main(["export", store_url, str(tmp_path / "y"), "--format", "nnunet", "--segments"]) == 2
-    assert main(["export", store_url, str(tmp_path / "z"), "--format", "nnunet", "--phases", "venous"]) == 2
+    assert (
+        main(["export", store_url, str(tmp_path / "z"), "--format", "nnunet", "--phases", "venous"])
+        == 2
+    )
 
 
 # --------------------------------------------------------------------------------- nnU-Net
@@ -338,7 +349,8 @@ def test_nnunet_phases_resampled_onto_the_annotated_grid(
                 outside |= far.reshape([-1 if e == d else 1 for e in range(3)])
             assert outside.any()
             np.testing.assert_array_equal(got[outside], -1024)
-    run_nnunet_checker(dest, capfd)
+    if interpolation == "linear":  # one checker run covers the two-channel layout
+        run_nnunet_checker(dest, capfd)
 
 
 # ------------------------------------------------------------------------ MONAI, TorchIO
@@ -398,7 +410,9 @@ def test_monai_reads_an_s3_store(store, store_url, s3_bucket):
     load = LoadImaged(["image"], reader=LivercubeReader(storage_options=opts), dtype=None)
     got = load({"image": f"s3://{bucket}/lc#{path}"})["image"]
     np.testing.assert_array_equal(got.numpy().transpose(2, 1, 0), store.volume(path)["image"])
-    np.testing.assert_allclose(got.affine.numpy(), ras_affine(volume_grid(store.volume_attrs(path))))
+    np.testing.assert_allclose(
+        got.affine.numpy(), ras_affine(volume_grid(store.volume_attrs(path)))
+    )
 
 
 def test_torchio_subject_matches_store_and_exported_file(store, store_url, nifti_export):

@@ -76,7 +76,9 @@ def export(
         raise UsageError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}")
     unknown = [p for p in phases or [] if p not in PHASES]
     if unknown:
-        raise UsageError(f"--phases: unknown phase(s) {', '.join(unknown)}; use {', '.join(PHASES)}")
+        raise UsageError(
+            f"--phases: unknown phase(s) {', '.join(unknown)}; use {', '.join(PHASES)}"
+        )
     if phases and len(set(phases)) != len(phases):
         raise UsageError("--phases: each phase once")
     store = livercube.open(url, **(storage_options or {}))

@@ -23,6 +23,7 @@ from livercube.store.layout import sanitize
 from livercube.store.reader import Store
 from livercube.volumes.geometry import Grid
 
+
 def nifti_image(array_zyx: np.ndarray, grid: Grid, dtype: Any | None = None) -> nib.Nifti1Image:
     """A NIfTI-1 image of a stored ``(z, y, x)`` array on ``grid``, voxels unchanged."""
     data = np.asarray(to_ijk(array_zyx))

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from livercube.errors import StoreError
 from livercube.export.geometry import volume_grid
 from livercube.export.nifti import write_nifti
-from livercube.errors import StoreError
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.reader import Store
 
