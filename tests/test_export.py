@@ -207,6 +207,25 @@ def test_cli_export_where_is_the_ls_query(store, store_url, tmp_path, capsys):
     assert main(["ls", store_url, "--where", "spacing_z > 2.7"]) == 0
     assert f"{len(expected)} of {len(spacing_z)} volumes" in capsys.readouterr().out
 
+    liver = tmp_path / "liver"
+    assert (
+        main(
+            [
+                "export",
+                store_url,
+                str(liver),
+                "--format",
+                "nnunet",
+                "--where",
+                "patient_id == 'CRLM-CT-1002'",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "1 cases exported" in out and "DatasetNNN_Name" in out
+    assert json.loads((liver / "dataset.json").read_text())["numTraining"] == 1
+
     # an export never mixes into an earlier one by accident; bad expressions are usage errors
     assert main(["export", store_url, str(dest), "--format", "nifti"]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -8,6 +8,7 @@ wrote in ``dest/livercube-export.json`` (store, expression, files per volume or 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,13 @@ class ExportResult:
     format: str
     written: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         what = "cases" if self.format == "nnunet" else "volumes"
         lines = [f"{len(self.written)} {what} exported to {self.dest} ({self.format})"]
         lines += [f"  left out {path}: {reason}" for path, reason in self.skipped]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -101,6 +104,11 @@ def export(
             interpolation=interpolation,
             extra={"store": redact(url), "where": where},
         )
+        if not re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9_-]+", dest.name):
+            result.notes.append(
+                f"nnU-Net finds datasets named DatasetNNN_Name under $nnUNet_raw; rename "
+                f"{dest.name!r} (e.g. Dataset501_Liver) before nnUNetv2_plan_and_preprocess"
+            )
     manifest = {
         "store": redact(url),
         "where": where,

@@ -9,8 +9,10 @@ channel holds is in ``dataset.json["livercube"]["channels"]``.
 With ``phases``, each case is one study: its annotated reference volume (the first of
 ``phases`` that is annotated and selected) and, as ``_0000``, ``_0001`` …, the study's volume of
 each phase resampled onto the reference grid by the patch sampler's own geometry (nearest or
-linear, no registration).  The reference channel keeps exact int16 HU; resampled channels are
-float32 with linear interpolation.  Studies lacking a phase are left out and reported.
+linear, no registration); ``where`` picks the references, their partner phases come from
+the same study whatever it says, as in the sampler.  The reference channel keeps exact int16
+HU; resampled channels are float32 with linear interpolation.  Studies lacking a phase are
+left out and reported.
 ``livercube-export.json`` maps every case back to its store volumes.
 """
 
