@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -412,6 +413,29 @@ def test_monai_loadimaged_gives_the_store_geometry(store, store_url, nifti_expor
     np.testing.assert_array_equal(one.numpy(), item["image"].numpy())
     with pytest.raises(ValueError, match="not on the grid"):
         LoadImage(reader=reader)([path, "plc-cect/P0002/CECT/C1"])
+    # DataLoader workers get a pickled copy that opens its own store
+    clone = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(LoadImage(reader=clone)(path).numpy(), one.numpy())
+
+
+def test_store_references_survive_pathlib():
+    from livercube.errors import UsageError
+    from livercube.integrations.volumes import parse_ref, repair_url
+
+    assert repair_url(str(Path("s3://b/lc"))) == "s3://b/lc"
+    assert repair_url(str(Path("https://host/lc"))) == "https://host/lc"
+    assert repair_url(str(Path("file:///tmp/lc"))) == "file:///tmp/lc"
+    assert repair_url("/tmp/lc") == "/tmp/lc" and repair_url("C:/data/lc") == "C:/data/lc"
+    assert parse_ref("s3:/b/lc#crlm/P/S/7:label", None, "image") == (
+        "s3://b/lc",
+        "crlm/P/S/7",
+        "label",
+    )
+    assert parse_ref("crlm/P/S/7", "/x/lc", "image") == ("/x/lc", "crlm/P/S/7", "image")
+    with pytest.raises(UsageError, match="STORE_URL#"):
+        parse_ref("crlm/P/S/7", None, "image")
+    with pytest.raises(UsageError, match="array must be one of"):
+        parse_ref("/x#crlm/P/S/7:segments", None, "image")
 
 
 @pytest.mark.slow  # a real S3 endpoint (moto server)
@@ -441,6 +465,7 @@ def test_torchio_subject_matches_store_and_exported_file(store, store_url, nifti
 
     path = "crlm/CRLM-CT-1002/S1/7"
     s = subject(store_url, path)
+    assert subject(store, store.paths().index(path))["path"] == path  # by catalog index too
     ds = store.volume(path)
     ri, rj, rk = world_ras(store, path)
     assert s["path"] == path and s["phase"] == "portal_venous"

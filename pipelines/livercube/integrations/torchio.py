@@ -24,7 +24,8 @@ def subject(
     """
     if not isinstance(store, Store):
         store = Store(str(store), **(storage_options or {}))
-    path = store._path(path)
+    if not isinstance(path, str):
+        path = store.paths()[int(path)]
     img = load_array(store, path, "image")
     fields: dict[str, Any] = {
         "image": tio.ScalarImage(tensor=torch.from_numpy(img.data[None]), affine=img.affine),
