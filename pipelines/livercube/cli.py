@@ -1,5 +1,5 @@
 """The ``livercube`` command line: synth, convert, demo, info, catalog, preview, verify,
-publish, ls.
+publish, ls, export.
 
 Exit status: 0 everything converted; 3 some inputs skipped or failed (the report says which
 and why, everything else is in the store); 4 ``verify`` found damage; 2 usage errors; 1
@@ -170,6 +170,25 @@ def cmd_publish(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from livercube.export import export
+
+    phases = [p.strip() for p in (a.phases or "").split(",") if p.strip()] or None
+    result = export(
+        a.url,
+        a.dest,
+        a.format,
+        where=a.where,
+        segments=a.segments,
+        phases=phases,
+        interpolation=a.interpolation,
+        overwrite=a.overwrite,
+        storage_options=_storage_options(a.storage_option),
+    )
+    print(result.summary())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livercube", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -284,6 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("url")
     pb.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     pb.set_defaults(func=cmd_publish)
+
+    ex = sub.add_parser(
+        "export",
+        help="write volumes as NIfTI files or as an nnU-Net v2 raw dataset",
+        description="nifti: DEST/<volume path>/image.nii.gz, label.nii.gz (+ segments/). "
+        "nnunet: DEST/dataset.json, imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz "
+        "(annotated volumes only). Voxels unchanged, affine = the store's grid in RAS.",
+    )
+    ex.add_argument("url", help="store URL")
+    ex.add_argument("dest", help="local output directory (nnunet: e.g. $nnUNet_raw/Dataset501_X)")
+    ex.add_argument("--format", required=True, choices=("nifti", "nnunet"))
+    ex.add_argument("--where", help="pandas query on the catalog, as for `ls`")
+    ex.add_argument("--segments", action="store_true", help="nifti: also one mask per segment")
+    ex.add_argument(
+        "--phases",
+        metavar="A,B",
+        help="nnunet: one case per study, these phases resampled onto the annotated volume's "
+        "grid as channels _0000, _0001, …",
+    )
+    ex.add_argument("--interpolation", default="linear", choices=("linear", "nearest"))
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in DEST")
+    ex.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    ex.set_defaults(func=cmd_export)
     return p
 
 
