@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from livercube.store.publish import catalog_frame, query
+from livercube.store.query import catalog_frame
+from livercube.store.query import select as query
 from livercube.store.reader import Store
 
 
