@@ -52,6 +52,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         overwrite=a.overwrite,
         only=a.only,
+        where=a.where,
     )
     print(report.summary())
     return report.exit_code
@@ -223,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="rewrite complete, unchanged volumes too"
     )
     c.add_argument("--only", nargs="+", metavar="PATIENT", help="convert only these patients")
+    c.add_argument(
+        "--where",
+        metavar="EXPR",
+        help="with an idc:// source: series to take from the IDC index, e.g. "
+        "\"PatientID in ['HCC_001', 'HCC_002']\"",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

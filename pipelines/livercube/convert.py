@@ -242,22 +242,31 @@ def plan_collection(
     clinical: str | None = None,
     overrides: str | None = None,
     source_options: dict | None = None,
+    where: str | None = None,
 ) -> Any:
     """Plan a collection from headers and file names only: tasks, skipped inputs, warnings.
 
     One entry point so that ``convert`` and ``verify --source`` see exactly the same tasks.
+    ``where`` selects series of an ``idc://`` source from the IDC index.
     """
     check_collection(collection)
     if collection == "plc-cect":
         from livercube.sources import plc_cect
 
+        if where:
+            raise UsageError("--where selects series of an idc:// source only")
         return plc_cect.plan(
             source, clinical=clinical, overrides=overrides, storage_options=source_options
         )
     from livercube.sources import dicom_collection
 
     return dicom_collection.plan(
-        source, collection, clinical=clinical, overrides=overrides, storage_options=source_options
+        source,
+        collection,
+        clinical=clinical,
+        overrides=overrides,
+        storage_options=source_options,
+        where=where,
     )
 
 
@@ -275,6 +284,7 @@ def convert(
     progress: bool = True,
     overwrite: bool = False,
     only: list[str] | None = None,
+    where: str | None = None,
 ) -> ConvertReport:
     """Convert one collection at ``source`` into the store at ``dest``; returns the report.
 
@@ -290,7 +300,12 @@ def convert(
         collection, str(source), str(dest), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
     plan = plan_collection(
-        source, collection, clinical=clinical, overrides=overrides, source_options=source_options
+        source,
+        collection,
+        clinical=clinical,
+        overrides=overrides,
+        source_options=source_options,
+        where=where,
     )
     report.skipped.extend(plan.skipped)
     report.warnings.extend(plan.warnings)

@@ -20,8 +20,9 @@ import fsspec
 
 from livercube.errors import SourceError, UsageError
 from livercube.schema import STORE_SCHEMA_VERSION
+from livercube.sources import idc
 from livercube.sources.dicom_scan import Acquisition, SegInstance, scan
-from livercube.store.layout import sanitize, volume_path
+from livercube.store.layout import sanitize, volume_path, with_retries
 from livercube.volumes.volume import Volume
 
 #: File names of the clinical spreadsheets as released (found in SOURCE when --clinical is absent).
@@ -153,21 +154,38 @@ def plan(
     clinical: str | None = None,
     overrides: str | None = None,
     storage_options: dict | None = None,
+    where: str | None = None,
 ) -> DicomPlan:
-    """Scan headers and decide every volume of a DICOM collection."""
+    """Scan headers and decide every volume of a DICOM collection.
+
+    ``source`` is a directory or URL, or ``idc://<collection>`` for the IDC bucket (then
+    ``where`` narrows the series selected from the IDC index).
+    """
     from livercube.sources import clinical as clinical_mod
     from livercube.sources import dicom_phase, dicom_seg
 
-    result = scan(source, storage_options)
+    scanned: str | list[str] = source
+    selection = None
+    if idc.is_idc(source):
+        selection = idc.select_series(source, where)
+        scanned = list(selection.prefixes)
+        # the IDC bucket is public; S3 throttling is retried like any S3 source
+        storage_options = with_retries("s3://", storage_options or {"anon": True})
+    elif where:
+        raise UsageError("--where selects series of an idc:// source only")
+    result = scan(scanned, storage_options)
     if not result.n_files:
         raise UsageError(f"{source}: no files found (is it a DICOM collection?)")
-    rel = _relative_to(result.source, storage_options)
+    # IDC paths are "<bucket>/<series uuid>/<instance uuid>.dcm": already short and unique
+    rel = _relative_to(result.source, storage_options) if selection is None else str
     # files that were never slices (other objects, localizers, redundant copies) are notes;
     # inputs that were lost (damaged files, stray single slices, refused geometry) are skipped
     skipped: list[dict[str, str]] = [
         {"input": rel(n.path), "reason": n.reason} for n in result.left_out
     ]
     warnings: list[str] = [f"{rel(n.path)}: {n.reason}" for n in result.notes]
+    if selection is not None:
+        warnings.insert(0, selection.describe())
     if not result.acquisitions:
         skipped.append(
             {
@@ -179,7 +197,9 @@ def plan(
 
     # clinical covariates
     table = None
-    path = clinical or _find_clinical(source, collection, storage_options)
+    path = clinical or (
+        None if selection is not None else _find_clinical(source, collection, storage_options)
+    )
     if path:
         table = clinical_mod.read_clinical(
             path, collection, storage_options if not clinical else None

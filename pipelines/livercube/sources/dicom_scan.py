@@ -48,7 +48,7 @@ the UIDs needed to find the data again are never carried.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -296,17 +296,27 @@ def _file_kind(path: str) -> str:
 
 
 def scan(
-    source: str,
+    source: str | Sequence[str],
     storage_options: dict | None = None,
     *,
     header_bytes: int = HEADER_PREFIX_BYTES,
     max_workers: int | None = None,
     tol: Tolerances = DEFAULT_TOLERANCES,
 ) -> ScanResult:
-    """Discover CT acquisitions and SEG instances below ``source`` from headers only."""
-    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    result = ScanResult(source=source)
-    files = list_files(fs, root)
+    """Discover CT acquisitions and SEG instances below ``source`` from headers only.
+
+    ``source`` may be several URLs on one filesystem (the series prefixes of an IDC
+    selection); the result's ``source`` is then the first one, which only names the
+    filesystem the recorded paths belong to.
+    """
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise ValueError("scan needs at least one source URL")
+    fs, _ = fsspec.core.url_to_fs(sources[0], **(storage_options or {}))
+    result = ScanResult(source=sources[0])
+    files: list[tuple[str, int]] = []
+    for url in sources:
+        files += list_files(fs, fsspec.core.url_to_fs(url, **(storage_options or {}))[1])
     result.n_files = len(files)
 
     def load(item: tuple[str, int]) -> Header | tuple[ScanNote, str]:
@@ -341,10 +351,10 @@ def scan(
             elif where == "note":
                 result.notes.append(note)
             continue
-        images.extend(_classify(item, result, source))
+        images.extend(_classify(item, result, result.source))
 
     images = _drop_duplicate_instances(images, result)
-    _build_acquisitions(images, result, source, tol)
+    _build_acquisitions(images, result, result.source, tol)
     result.acquisitions.sort(
         key=lambda a: (
             a.patient_id,
