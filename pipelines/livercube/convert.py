@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from livercube import registry
 from livercube.errors import SourceError, UsageError
 from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store.catalog import write_catalog
@@ -250,19 +251,8 @@ def plan_collection(
     ``where`` selects series of an ``idc://`` source from the IDC index.
     """
     check_collection(collection)
-    if collection == "plc-cect":
-        from livercube.sources import plc_cect
-
-        if where:
-            raise UsageError("--where selects series of an idc:// source only")
-        return plc_cect.plan(
-            source, clinical=clinical, overrides=overrides, storage_options=source_options
-        )
-    from livercube.sources import dicom_collection
-
-    return dicom_collection.plan(
+    return registry.get(collection).plan(
         source,
-        collection,
         clinical=clinical,
         overrides=overrides,
         storage_options=source_options,

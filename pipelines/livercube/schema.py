@@ -13,6 +13,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+# collection ids; their entries, with everything that differs between them, are the registry's
+from livercube.registry import COLLECTIONS as COLLECTIONS
+
 #: Version of the on-disk contract written into every store root and volume group.
 STORE_SCHEMA_VERSION = "2.0"
 
@@ -22,7 +25,6 @@ PHASES = ("non_contrast", "arterial", "portal_venous", "delayed", "unknown")
 #: Catalog group at the store root.
 CATALOG_GROUP = "catalog"
 
-COLLECTIONS = ("hcc-tace-seg", "crlm", "plc-cect")
 
 
 def schemas_dir() -> Path:

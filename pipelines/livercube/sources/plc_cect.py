@@ -325,11 +325,21 @@ def _stamp(fs, url: str, prefix: str) -> tuple:
 def plan(
     source: str,
     *,
+    collection: str = COLLECTION,
     clinical: str | None = None,
     overrides: str | None = None,
     storage_options: dict | None = None,
+    where: str | None = None,
 ) -> PlcPlan:
-    """List the volumes of a PLC-CECT release from file names and ``patient_data.csv``."""
+    """List the volumes of a PLC-CECT release from file names and ``patient_data.csv``.
+
+    ``collection`` and ``where`` complete the planner interface of the collection registry;
+    a release has no series index to select from, so ``where`` is refused.
+    """
+    if collection != COLLECTION:
+        raise UsageError(f"the PLC-CECT planner cannot plan {collection!r}")
+    if where:
+        raise UsageError("--where selects series of an idc:// source only")
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     root = root.rstrip("/")
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol

@@ -241,3 +241,8 @@ def write_plc_cect(
         if t.slice_order == "header"
     )
     return truth
+
+
+def write_plc_example(root: Path, *, n: int, size: str, seed: int) -> PlcTruth:
+    """The registry's example writer for PLC-CECT."""
+    return write_plc_cect(root, n_subjects=n, size=size, seed=seed)
