@@ -18,6 +18,7 @@ from typing import Any
 
 import fsspec
 
+from livercube import registry
 from livercube.errors import SourceError, UsageError
 from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.sources import idc
@@ -26,10 +27,7 @@ from livercube.store.layout import sanitize, volume_path, with_retries
 from livercube.volumes.volume import Volume
 
 #: File names of the clinical spreadsheets as released (found in SOURCE when --clinical is absent).
-CLINICAL_FILES = {
-    "hcc-tace-seg": ("HCC-TACE-Seg_clinical_data-V2.xlsx",),
-    "crlm": ("Colorectal-Liver-Metastases-Clinical-data-April-2023.xlsx",),
-}
+CLINICAL_FILES = {c.id: c.clinical_files for c in registry.REGISTRY.values()}
 
 
 @dataclass

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from livercube import registry
 from livercube.schema import (
     COLLECTIONS,
     PHASES,
@@ -41,27 +42,7 @@ from livercube.store.query import catalog_frame
 
 #: Public facts about each collection (``shared/reference/collections.md``).
 COLLECTION_INFO: dict[str, dict[str, str]] = {
-    "hcc-tace-seg": {
-        "title": "HCC-TACE-Seg",
-        "publisher": "The Cancer Imaging Archive (TCIA)",
-        "licence": "CC BY 4.0",
-        "licence_url": "https://creativecommons.org/licenses/by/4.0/",
-        "doi": "10.7937/TCIA.5FNA-0924",
-    },
-    "crlm": {
-        "title": "Colorectal-Liver-Metastases (CRLM)",
-        "publisher": "The Cancer Imaging Archive (TCIA)",
-        "licence": "CC BY 4.0",
-        "licence_url": "https://creativecommons.org/licenses/by/4.0/",
-        "doi": "10.7937/QXK2-QG03",
-    },
-    "plc-cect": {
-        "title": "PLC-CECT",
-        "publisher": "Science Data Bank",
-        "licence": "CC BY 4.0",
-        "licence_url": "https://creativecommons.org/licenses/by/4.0/",
-        "doi": "10.57760/sciencedb.12207",
-    },
+    c.id: dict(c.provenance) for c in registry.REGISTRY.values()
 }
 
 REPORT_NAME = "livercube-report.json"
