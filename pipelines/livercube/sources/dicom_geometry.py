@@ -33,7 +33,8 @@ class Tolerances:
     ``max(spacing_abs_mm, spacing_rel * spacing)`` (scanner rounding of positions).
     ``orientation``: two orientations are equal when no direction cosine differs by more.
     ``drift_voxel``: slice origins may wander in-plane, off the line along the normal, by this
-    fraction of a pixel; more is gantry tilt or shear, which an orthogonal grid cannot hold.
+    fraction of a pixel over the whole stack (an orthogonal grid then misplaces no slice by more
+    than half a pixel, the same order as position rounding); more is gantry tilt or shear.
     ``max_fill_slices``: a gap of up to this many missing slices is filled (and recorded);
     a longer gap separates two stacks.
     """
@@ -42,7 +43,7 @@ class Tolerances:
     spacing_rel: float = 0.01
     spacing_abs_mm: float = 0.01
     orientation: float = 1e-3
-    drift_voxel: float = 0.1
+    drift_voxel: float = 0.5
     max_fill_slices: int = 10
 
     def spacing(self, spacing: float) -> float:

@@ -42,7 +42,7 @@ from livercube.sources.seg_match import (
     seg_kind,
 )
 from livercube.volumes.geometry import Grid
-from livercube.volumes.volume import SegmentField
+from livercube.volumes.volume import SegmentField, unique_segment_names
 
 
 @dataclass
@@ -320,7 +320,8 @@ def place_seg(
         frames_outside = 0
         pixels_outside = 0
         frames_empty_target = set()
-        counts: dict[str, dict[str, int]] = {}
+        counts: dict[str, dict[str, int]] = {}  # keyed like Store.segments
+        names_so_far: list[str] = []
         for item in segment_seq:
             number = int(item.SegmentNumber)
             label = str(item.get("SegmentLabel", "") or "")
@@ -356,7 +357,9 @@ def place_seg(
                         frames_empty_target.add(int(f))
                         n_lost += positives
             stored = int(np.count_nonzero(mask))
-            counts[label or str(number)] = {
+            name = unique_segment_names([*names_so_far, label])[-1]
+            names_so_far.append(label)
+            counts[name] = {
                 "source_voxels": n_source,
                 "stored_voxels": stored,
                 "outside_voxels": n_lost,

@@ -13,6 +13,7 @@ import zarr
 from livercube.errors import StoreError, VolumeNotFoundError
 from livercube.schema import CATALOG_GROUP
 from livercube.store.layout import data_path, open_root, open_zarr_store
+from livercube.volumes.volume import unique_segment_names
 
 
 class Store:
@@ -101,13 +102,11 @@ class Store:
             return {}
         bits = np.asarray(self.root[data_path(path)]["segments"][...])
         dt = bits.dtype.type
-        out: dict[str, np.ndarray] = {}
-        for seg in meta["segments"]:
-            name, k = seg["label"], 2
-            while name in out:
-                name, k = f"{seg['label']} ({k})", k + 1
-            out[name] = ((bits >> dt(seg["bit"])) & dt(1)).astype(bool)
-        return out
+        names = unique_segment_names([seg["label"] for seg in meta["segments"]])
+        return {
+            name: ((bits >> dt(seg["bit"])) & dt(1)).astype(bool)
+            for name, seg in zip(names, meta["segments"], strict=True)
+        }
 
 
 def open(url: str, **storage_options: Any) -> Store:

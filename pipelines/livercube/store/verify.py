@@ -397,7 +397,7 @@ def dicom_reference_check(
 
     coords = tuple(np.asarray(group[FULL_RES][a][...]) for a in ("z", "y", "x"))
     acq = task.acquisition
-    urls = [file_url(acq.source, s.path) for s in acq.slices]
+    urls = list(dict.fromkeys(file_url(acq.source, s.path) for s in acq.slices))
     ref = reference_ct(urls, coords, fill=FILL_HU, storage_options=source_options)  # type: ignore[arg-type]
     stored = arrays.get("image")
     problems: list[str] = []
