@@ -52,6 +52,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         overwrite=a.overwrite,
         only=a.only,
+        keep_descriptions=a.keep_descriptions,
+        clinical_columns=a.clinical_column,
     )
     print(report.summary())
     return report.exit_code
@@ -207,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="rewrite complete, unchanged volumes too"
     )
     c.add_argument("--only", nargs="+", metavar="PATIENT", help="convert only these patients")
+    c.add_argument(
+        "--keep-descriptions",
+        action="store_true",
+        help="store DICOM Study/SeriesDescription, ContrastBolusAgent … verbatim instead of "
+        "cleaned (DICOM PS3.15 Clean Descriptors); only for already de-identified sources",
+    )
+    c.add_argument(
+        "--clinical-column",
+        action="append",
+        metavar="NAME",
+        help="also store this undocumented clinical spreadsheet column (repeatable; columns "
+        "whose names look identifying are never stored)",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
