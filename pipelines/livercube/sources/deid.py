@@ -20,8 +20,9 @@ The rule (pure, deterministic, the same on every machine):
    accession numbers, compact dates); date-like runs ("3/14/1950", "1950-03-14", "14.03.1950")
    are removed whole.
 4. Everything else is removed.  A text from which nothing was removed is returned verbatim
-   (double spaces included); otherwise the removal points are tidied (emptied brackets
-   dropped, repeated spaces collapsed, separators left dangling at either end stripped).
+   (double spaces included); otherwise the removal points are tidied (no spaces pile up
+   where a word went, emptied brackets are dropped, separators left dangling at either end
+   are stripped).
 
 Phase classification keeps using the raw text in memory; only what is stored is cleaned.
 ``convert --keep-descriptions`` turns the cleaning off for sources that are already
@@ -115,7 +116,7 @@ _TOKEN = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?|[^A-Za-z\d]+")
 _DATE = re.compile(
     r"(?<!\d)(\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|\d{4}[/.-]\d{1,2}[/.-]\d{1,2})(?![\d.]*\d)"
 )
-_DANGLING = " \t-_,;:/&.|"
+_DANGLING = " \t-_,;:/&.|^"
 
 
 def _kept(token: str) -> bool:
@@ -145,9 +146,18 @@ def clean_description(text: str | None) -> str:
     pieces = _pieces(text)
     if all(k for _, k in pieces):
         return text
-    kept = "".join(p for p, k in pieces if k)
-    kept = re.sub(r"\(\s*\)|\[\s*\]", "", kept)  # brackets emptied by the removal
-    return re.sub(r"\s{2,}", " ", kept).strip(_DANGLING)
+    out = ""
+    gap = False  # a piece was just removed: do not let spaces pile up at that point
+    for piece, kept in pieces:
+        if not kept:
+            gap = True
+            continue
+        if gap and out[-1:].isspace():
+            piece = piece.lstrip()
+        out += piece
+        gap = False
+    out = re.sub(r"\s*(\(\s*\)|\[\s*\])", "", out)  # brackets emptied by the removal
+    return out.strip(_DANGLING)
 
 
 def removed_words(text: str | None) -> set[str]:
