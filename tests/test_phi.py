@@ -382,3 +382,27 @@ def test_kept_pseudonymous_ids_are_found_by_the_same_scan(phi_store):
     cat = livercube.open(str(dest)).catalog
     date = pd.Timestamp(cat["study_date"].values[0]).strftime("%Y%m%d")
     assert date.encode() in blob
+
+
+def test_skipped_volume_message_quotes_the_cleaned_description(tmp_path):
+    """A volume that cannot be read is reported with its series' description: cleaned too."""
+    root = tmp_path / "HCC-TACE-Seg"
+    write_hcc_tace_seg(root, n_patients=1, size="tiny")
+    files = [
+        f
+        for f in sorted(root.rglob("*.dcm"))
+        if f.parent.name.split("-")[1:2] == ["PRE LIVER"] and "Recon" not in f.parent.name
+    ]
+    assert len(files) > 4
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = f"PRE LIVER {DESCRIPTOR_NAMES['SeriesDescription']}"
+        ds.save_as(f)
+    files[3].write_bytes(files[3].read_bytes()[:-300])  # pixel data cut short
+    dest = tmp_path / "store.zarr"
+    report = convert(str(root), str(dest), "hcc-tace-seg", progress=False)
+    assert report.exit_code == 3
+    (entry,) = [s for s in report.skipped if files[3].name in s["input"]]
+    assert "'PRE LIVER'" in entry["input"] and "pixel data" in entry["reason"]
+    saved = (dest / "livercube-report.json").read_text().lower()
+    assert all(w not in saved for w in _name_words(DESCRIPTOR_NAMES["SeriesDescription"]))

@@ -335,6 +335,9 @@ def convert(
         workers=workers,
         progress=progress,
     ):
+        descriptors = getattr(_task, "descriptors", None)  # DICOM: messages may quote them
+        if descriptors is not None:
+            rec = descriptors.scrub_record(rec)
         status = rec.pop("status")
         if status == "converted":
             report.skipped.extend(rec.pop("skipped", []))
