@@ -353,6 +353,9 @@ def test_cleaned_descriptions_keep_their_protocol_words(phi_store):
     for column in SHEET_PHI:
         assert f"column {column!r} looks identifying" in warnings
     assert EXTRA_COLUMN[0] in warnings and "--clinical-column" in warnings
+    # the stray file in the folder named after a description is reported, the name is not
+    (note,) = [w for w in phi_store.reports["cleaned"]["warnings"] if "scanner-notes.txt" in w]
+    assert "PRE LIVER-" in note and "scanner-notes.txt: not a DICOM file" in note
 
 
 def test_positive_control_kept_descriptions_and_named_column_are_found(phi_store):
