@@ -342,3 +342,22 @@ def test_empty_crlm_workbook_converts_images(tmp_path):
     assert entry["input"] == str(truth.clinical_path) and "Patient-ID" in entry["reason"]
     assert len(report.converted) == len(truth.patient_ids) >= 1
     assert not [v for v in livercube.open(str(dest)).catalog.variables if v.startswith("crlm_")]
+
+
+def test_cli_passes_clinical_columns_and_description_mode(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_convert(source, dest, collection, **kwargs):
+        seen.update(kwargs)
+        from livercube.convert import ConvertReport
+
+        return ConvertReport(collection, source, dest, "now")
+
+    monkeypatch.setattr(cli, "convert", fake_convert)
+    argv = ["convert", "src", str(tmp_path / "s.zarr"), "--collection", "crlm", "--quiet"]
+    assert cli.main(argv) == 0
+    assert seen["keep_descriptions"] is False and not seen["clinical_columns"]
+    argv += ["--keep-descriptions", "--clinical-column", "A b", "--clinical-column", "C"]
+    assert cli.main(argv) == 0
+    assert seen["keep_descriptions"] is True and seen["clinical_columns"] == ["A b", "C"]
+    capsys.readouterr()
