@@ -22,6 +22,8 @@ from livercube.sources.clinical import (
     reconcile,
     select_columns,
 )
+from livercube.store.contract import check_store
+from livercube.store.verify import verify
 from livercube.synth.dicom_collections import write_crlm, write_hcc_tace_seg
 
 
@@ -294,6 +296,7 @@ def _assert_images_without_covariates(report: dict, source: str, dest: Path, she
     assert cat.sizes["volume"] == n_volumes
     assert not [v for v in cat.variables if str(v).startswith("hcc_")]
     assert np.isnan(cat["age"].values).all()
+    assert check_store(str(dest)) == [] and verify(str(dest)).exit_code == 0
 
 
 def _saved_report(dest: Path) -> dict:

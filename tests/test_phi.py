@@ -27,7 +27,9 @@ from openpyxl import load_workbook
 
 import livercube
 from livercube.convert import convert
+from livercube.store.contract import check_store
 from livercube.store.publish import publish
+from livercube.store.verify import verify
 from livercube.synth.dicom_collections import write_hcc_tace_seg
 
 #: keyword -> VR; a unique marker value is written into each (PN: family^given).
@@ -356,6 +358,13 @@ def test_cleaned_descriptions_keep_their_protocol_words(phi_store):
     # the stray file in the folder named after a description is reported, the name is not
     (note,) = [w for w in phi_store.reports["cleaned"]["warnings"] if "scanner-notes.txt" in w]
     assert "PRE LIVER-" in note and "scanner-notes.txt: not a DICOM file" in note
+
+
+def test_both_stores_follow_the_contract_and_verify(phi_store):
+    for dest in (phi_store.cleaned, phi_store.kept):
+        assert check_store(str(dest)) == []
+        report = verify(str(dest))
+        assert report.exit_code == 0, report.summary()
 
 
 def test_positive_control_kept_descriptions_and_named_column_are_found(phi_store):
