@@ -184,13 +184,12 @@ def _plant_in_spreadsheet(path: Path) -> dict[str, set[str]]:
 
 
 def _tcia_folder_with_the_name(root: Path) -> Path:
-    """TCIA names series folders after SeriesDescription: one carries the planted name, and
-    a stray file in it makes the converter mention that path in its notes."""
-    folder = next(p for p in sorted(root.rglob("*")) if p.is_dir() and "PRE LIVER" in p.name)
+    """TCIA names series folders after SeriesDescription: one carries the planted name.  Its
+    series holds two acquisitions at repeated positions, so the report notes its file paths."""
+    folder = next(p for p in sorted(root.rglob("*")) if p.is_dir() and "C-A-P-" in p.name)
     stem, _, suffix = folder.name.rpartition("-")
     renamed = folder.with_name(f"{stem} {DESCRIPTOR_NAMES['SeriesDescription']}-{suffix}")
     folder.rename(renamed)
-    (renamed / "scanner-notes.txt").write_text("not DICOM\n")
     return renamed
 
 
@@ -355,9 +354,9 @@ def test_cleaned_descriptions_keep_their_protocol_words(phi_store):
     for column in SHEET_PHI:
         assert f"column {column!r} looks identifying" in warnings
     assert EXTRA_COLUMN[0] in warnings and "--clinical-column" in warnings
-    # the stray file in the folder named after a description is reported, the name is not
-    (note,) = [w for w in phi_store.reports["cleaned"]["warnings"] if "scanner-notes.txt" in w]
-    assert "PRE LIVER-" in note and "scanner-notes.txt: not a DICOM file" in note
+    # files in the folder named after a description are noted by path, without the name
+    notes = [w for w in phi_store.reports["cleaned"]["warnings"] if "split by" in w]
+    assert [w for w in notes if ".000000-C-A-P-" in w]
 
 
 def test_both_stores_follow_the_contract_and_verify(phi_store):
@@ -409,12 +408,12 @@ def test_skipped_volume_message_quotes_the_cleaned_description(tmp_path):
     for f in files:
         ds = pydicom.dcmread(f)
         ds.SeriesDescription = f"PRE LIVER {DESCRIPTOR_NAMES['SeriesDescription']}"
+        ds.RescaleSlope = 0.37  # non-integer HU: the series cannot be stored exactly
         ds.save_as(f)
-    files[3].write_bytes(files[3].read_bytes()[:-300])  # pixel data cut short
     dest = tmp_path / "store.zarr"
     report = convert(str(root), str(dest), "hcc-tace-seg", progress=False)
     assert report.exit_code == 3
-    (entry,) = [s for s in report.skipped if files[3].name in s["input"]]
-    assert "'PRE LIVER'" in entry["input"] and "pixel data" in entry["reason"]
+    (entry,) = [s for s in report.skipped if "non-integer HU" in s["reason"]]
+    assert "'PRE LIVER'" in entry["input"]
     saved = (dest / "livercube-report.json").read_text().lower()
     assert all(w not in saved for w in _name_words(DESCRIPTOR_NAMES["SeriesDescription"]))
