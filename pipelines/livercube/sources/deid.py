@@ -37,6 +37,7 @@ strings, replacing each raw description by its cleaned form and every removed wo
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -292,6 +293,7 @@ class Descriptors:
         return {"descriptions": CLEANED, "rule": RULE}
 
 
+@functools.lru_cache(maxsize=8)
 def _words_pattern(words: frozenset[str]) -> re.Pattern[str]:
     alternatives = sorted((re.escape(w) for w in words), key=len, reverse=True)
     return re.compile(
