@@ -53,6 +53,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         overwrite=a.overwrite,
         only=a.only,
         where=a.where,
+        keep_descriptions=a.keep_descriptions,
+        clinical_columns=a.clinical_column,
     )
     print(report.summary())
     return report.exit_code
@@ -229,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXPR",
         help="with an idc:// source: series to take from the IDC index, e.g. "
         "\"PatientID in ['HCC_001', 'HCC_002']\"",
+    )
+    c.add_argument(
+        "--keep-descriptions",
+        action="store_true",
+        help="store DICOM Study/SeriesDescription, ContrastBolusAgent … verbatim instead of "
+        "cleaned (DICOM PS3.15 Clean Descriptors); only for already de-identified sources",
+    )
+    c.add_argument(
+        "--clinical-column",
+        action="append",
+        metavar="NAME",
+        help="also store this undocumented clinical spreadsheet column (repeatable; columns "
+        "whose names look identifying are never stored)",
     )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)

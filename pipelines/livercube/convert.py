@@ -38,6 +38,8 @@ class ConvertReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: How free-text DICOM descriptors were stored (cleaned or kept), and by which rule.
+    deidentification: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -57,6 +59,7 @@ class ConvertReport:
                 "skipped",
                 "failed",
                 "warnings",
+                "deidentification",
             )
         }
         body["exit_code"] = self.exit_code
@@ -70,6 +73,8 @@ class ConvertReport:
         ]
         lines += [f"  SKIPPED {s['input']}: {s['reason']}" for s in self.skipped]
         lines += [f"  FAILED  {f['input']}: {f['reason']}" for f in self.failed]
+        if self.deidentification:
+            lines.append(f"  descriptions {self.deidentification.get('descriptions')}")
         lines += [f"  warning {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -244,6 +249,8 @@ def plan_collection(
     overrides: str | None = None,
     source_options: dict | None = None,
     where: str | None = None,
+    keep_descriptions: bool = False,
+    clinical_columns: list[str] | None = None,
 ) -> Any:
     """Plan a collection from headers and file names only: tasks, skipped inputs, warnings.
 
@@ -257,6 +264,8 @@ def plan_collection(
         overrides=overrides,
         storage_options=source_options,
         where=where,
+        keep_descriptions=keep_descriptions,
+        clinical_columns=tuple(clinical_columns or ()),
     )
 
 
@@ -275,12 +284,16 @@ def convert(
     overwrite: bool = False,
     only: list[str] | None = None,
     where: str | None = None,
+    keep_descriptions: bool = False,
+    clinical_columns: list[str] | None = None,
 ) -> ConvertReport:
     """Convert one collection at ``source`` into the store at ``dest``; returns the report.
 
     Re-runs are cheap and safe: a volume whose group is complete and whose source fingerprint
     is unchanged is left alone (``unchanged`` in the report); partial groups are redone.
     ``overwrite`` rewrites everything; ``only`` restricts the run to some patient ids.
+    DICOM free-text descriptors are stored cleaned unless ``keep_descriptions``; clinical
+    columns beyond the documented ones are stored only when named in ``clinical_columns``.
     """
     check_collection(collection)
     # retries for flaky object storage on both ends; local paths are unaffected
@@ -296,7 +309,10 @@ def convert(
         overrides=overrides,
         source_options=source_options,
         where=where,
+        keep_descriptions=keep_descriptions,
+        clinical_columns=clinical_columns,
     )
+    report.deidentification = dict(getattr(plan, "deidentification", None) or {})
     report.skipped.extend(plan.skipped)
     report.warnings.extend(plan.warnings)
     tasks, columns = plan.tasks, plan.clinical_columns
@@ -316,6 +332,9 @@ def convert(
         workers=workers,
         progress=progress,
     ):
+        descriptors = getattr(_task, "descriptors", None)  # DICOM: messages may quote them
+        if descriptors is not None:
+            rec = descriptors.scrub_record(rec)
         status = rec.pop("status")
         if status == "converted":
             report.skipped.extend(rec.pop("skipped", []))

@@ -22,6 +22,7 @@ from livercube import registry
 from livercube.errors import SourceError, UsageError
 from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.sources import idc
+from livercube.sources.deid import DESCRIPTOR_ATTRIBUTES, Descriptors, clean_segment_item
 from livercube.sources.dicom_scan import Acquisition, SegInstance, scan
 from livercube.store.layout import sanitize, volume_path, with_retries
 from livercube.volumes.volume import Volume
@@ -46,6 +47,8 @@ class DicomVolumeTask:
     clinical: dict[str, Any] = field(default_factory=dict)
     age: float | None = None
     sex: str | None = None
+    #: How free-text descriptors are stored (cleaned unless --keep-descriptions).
+    descriptors: Descriptors = field(default_factory=Descriptors)
 
     @property
     def key(self) -> str:
@@ -72,12 +75,17 @@ class DicomVolumeTask:
                 sorted(self.clinical.items()),
                 self.age,
                 self.sex,
+                self.descriptors.mode,
             )
         )
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
     def read(self, storage_options: dict | None = None) -> tuple[Volume, list[dict[str, str]]]:
-        return read_volume(self, storage_options)
+        try:
+            return read_volume(self, storage_options)
+        except SourceError as exc:  # its message may quote the raw SeriesDescription
+            scrub = self.descriptors.scrub
+            raise type(exc)(scrub(exc.source), scrub(exc.reason)) from None
 
 
 @dataclass
@@ -86,6 +94,8 @@ class DicomPlan:
     skipped: list[dict[str, str]]
     warnings: list[str]
     clinical_columns: dict[str, dict[str, Any]]
+    #: The descriptor mode of the run, for the conversion report.
+    deidentification: dict[str, Any] = field(default_factory=dict)
 
 
 def _short(uid: str, n: int = 6) -> str:
@@ -153,11 +163,18 @@ def plan(
     overrides: str | None = None,
     storage_options: dict | None = None,
     where: str | None = None,
+    keep_descriptions: bool = False,
+    clinical_columns: list[str] | tuple[str, ...] = (),
 ) -> DicomPlan:
     """Scan headers and decide every volume of a DICOM collection.
 
     ``source`` is a directory or URL, or ``idc://<collection>`` for the IDC bucket (then
     ``where`` narrows the series selected from the IDC index).
+    Free-text descriptors are classified raw but stored cleaned (:mod:`livercube.sources.deid`)
+    unless ``keep_descriptions``; every message of the plan that quotes them is scrubbed too.
+    Clinical columns: the collection's documented ones plus ``clinical_columns``
+    (:func:`livercube.sources.clinical.select_columns`).  An unreadable spreadsheet skips the
+    covariates (a skipped input), never the images.
     """
     from livercube.sources import clinical as clinical_mod
     from livercube.sources import dicom_phase, dicom_seg
@@ -192,6 +209,7 @@ def plan(
                 "each file that was not used is listed with its reason",
             }
         )
+    descriptors = _descriptors(result.acquisitions, result.segs, keep_descriptions)
 
     # clinical covariates
     table = None
@@ -199,11 +217,21 @@ def plan(
         None if selection is not None else _find_clinical(source, collection, storage_options)
     )
     if path:
-        table = clinical_mod.read_clinical(
-            path, collection, storage_options if not clinical else None
-        )
-        warnings += table.notes
-        warnings += clinical_mod.reconcile(table, {a.patient_id for a in result.acquisitions})
+        try:
+            table = clinical_mod.read_clinical(
+                path, collection, storage_options if not clinical else None
+            )
+        except SourceError as exc:
+            skipped.append(
+                {
+                    "input": exc.source,
+                    "reason": f"{exc.reason}; clinical covariates skipped, images converted",
+                }
+            )
+        else:
+            table = clinical_mod.select_columns(table, clinical_columns)
+            warnings += table.notes
+            warnings += clinical_mod.reconcile(table, {a.patient_id for a in result.acquisitions})
     else:
         warnings.append(f"no clinical spreadsheet found for {collection}: no covariates")
 
@@ -232,10 +260,11 @@ def plan(
                 study=study_name(a),
                 series=names[(a.series_uid, a.index_in_series)],
                 phase=call.phase,
-                phase_evidence=f"{call.rule}: {call.evidence}",
+                phase_evidence=descriptors.scrub(f"{call.rule}: {call.evidence}"),
                 clinical=dict(table.rows.get(pid, {})) if table else {},
                 age=table.age.get(pid) if table else None,
                 sex=table.sex.get(pid) if table else None,
+                descriptors=descriptors,
             )
             if task.key in tasks:  # series_names makes names unique; never overwrite a volume
                 skipped.append(
@@ -279,7 +308,26 @@ def plan(
         task.seg_target = next(t for t in targets if t.key == match.target_key)
         task.seg_notes = [*match.notes, f"matched: {match.reason}"]
     columns = dict(table.columns) if table else {}
-    return DicomPlan(sorted(tasks.values(), key=lambda t: t.key), skipped, warnings, columns)
+    return DicomPlan(
+        sorted(tasks.values(), key=lambda t: t.key),
+        [descriptors.scrub_record(s) for s in skipped],
+        [descriptors.scrub(w) for w in warnings],
+        columns,
+        descriptors.summary(),
+    )
+
+
+def _descriptors(
+    acqs: list[Acquisition], segs: list[SegInstance], keep: bool
+) -> Descriptors:
+    """The run's descriptor policy, knowing every raw descriptor the headers carry."""
+    texts: list[Any] = []
+    for a in acqs:
+        texts += [a.study_description, a.series_description]
+        texts += [v for k, v in a.attrs.items() if k in DESCRIPTOR_ATTRIBUTES]
+    texts += [s.series_description for s in segs]
+    flat = [t for v in texts for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
+    return Descriptors.collect(flat, keep=keep)
 
 
 def _relative_to(source: str, storage_options: dict | None):
@@ -311,6 +359,7 @@ def read_volume(
     from livercube.sources.dicom_seg import place_seg
 
     ct = read_acquisition(task.acquisition, storage_options)
+    descriptors = task.descriptors
     rel = _relative_to(task.acquisition.source, storage_options)
     skipped: list[dict[str, str]] = [
         {
@@ -334,12 +383,14 @@ def read_volume(
             if placed.segments.bits.shape != ct.image.shape:
                 raise SourceError(task.seg.path, "SEG target grid differs from the CT read")
             segments = placed.segments
+            for info in segments.segments:  # the source item, allow-listed
+                info.codes = clean_segment_item(info.codes, descriptors.keep)
             seg_meta = {
-                **placed.seg_attrs,
+                **descriptors.clean_attrs(placed.seg_attrs),
                 "resampled": placed.resampled,
                 "unknown_labels": placed.unknown_labels,
                 "voxel_counts": placed.voxel_counts,
-                "notes": [*task.seg_notes, *placed.notes],
+                "notes": [descriptors.scrub(n) for n in (*task.seg_notes, *placed.notes)],
             }
             annotation_complete = True
             lost = {k: c["outside_voxels"] for k, c in placed.voxel_counts.items()}
@@ -372,11 +423,13 @@ def read_volume(
         "study_date": study_date,
         "series_uid": a.get("series_uid"),
         "series_number": a.get("series_number"),
-        "series_description": a.get("series_description"),
+        "series_description": descriptors.clean(a.get("series_description")),
         "acquisition_number": a.get("acquisition_number"),
         "phase_evidence": task.phase_evidence,
         "source": {
-            "dicom": {k: v for k, v in a.items() if k not in ("scan_notes",)},
+            "dicom": descriptors.clean_attrs(
+                {k: v for k, v in a.items() if k not in ("scan_notes",)}
+            ),
             "spacing_report": ct.spacing_report,
             "filled_slices": ct.filled_slices,
             "segmentation": seg_meta,
@@ -394,7 +447,8 @@ def read_volume(
             "obliquity_deg": ct.reorientation.obliquity_deg,
         },
         "annotation_complete": annotation_complete,
-        "notes": notes,
+        "deidentification": descriptors.summary(),
+        "notes": [descriptors.scrub(n) for n in notes],
         "age": task.age,
         "sex": task.sex,
     }
@@ -411,4 +465,4 @@ def read_volume(
         meta=meta,
         clinical=task.clinical,
     )
-    return vol, skipped
+    return vol, [descriptors.scrub_record(s) for s in skipped]

@@ -330,12 +330,17 @@ def plan(
     overrides: str | None = None,
     storage_options: dict | None = None,
     where: str | None = None,
+    keep_descriptions: bool = False,
+    clinical_columns: tuple[str, ...] = (),
 ) -> PlcPlan:
     """List the volumes of a PLC-CECT release from file names and ``patient_data.csv``.
 
-    ``collection`` and ``where`` complete the planner interface of the collection registry;
-    a release has no series index to select from, so ``where`` is refused.
+    ``collection``, ``where``, ``keep_descriptions`` and ``clinical_columns`` complete the
+    planner interface of the collection registry: a release has no series index to select
+    from (``where`` is refused), no free-text descriptors, and only the documented columns of
+    ``patient_data.csv`` (:data:`CLINICAL_COLUMNS`) are ever stored.
     """
+    del keep_descriptions, clinical_columns
     if collection != COLLECTION:
         raise UsageError(f"the PLC-CECT planner cannot plan {collection!r}")
     if where:
