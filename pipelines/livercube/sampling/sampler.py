@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from livercube.errors import VolumeIncompleteError
 from livercube.sampling.reader import ArrayInfo, Box, ShardReader
 
 MODES = ("uniform", "foreground", "class_weighted")
@@ -72,6 +73,28 @@ def catalog_frame(catalog) -> pd.DataFrame:
             for i, ax in enumerate(("z", "y", "x")):
                 cols[f"{name}_{ax}"] = var.values[:, i]
     return pd.DataFrame(cols)
+
+
+def _complete_group(store, path: str):
+    """The volume group at ``path``, refusing one without a completion record.
+
+    The catalog is a derived index: the group's own record (written last) is what says the
+    arrays are whole, so a listed group that is gone or half-written is an error, not zeros.
+    """
+    try:
+        group = store.root[path]
+    except KeyError:
+        raise VolumeIncompleteError(
+            f"{store.url}: the catalog lists {path!r} but the store has no such volume group; "
+            f"rebuild the catalog with `livercube catalog {store.url}`"
+        ) from None
+    meta = group.attrs.get("livercube") or {}
+    if meta.get("status") != "complete" or not isinstance(meta.get("complete"), dict):
+        raise VolumeIncompleteError(
+            f"{store.url}: volume {path!r} has no completion record (status "
+            f"{meta.get('status', 'missing')!r}): its write never finished; re-convert it"
+        )
+    return group
 
 
 def _runtime_rank() -> tuple[int, int]:
@@ -188,7 +211,7 @@ class PatchSampler:
         def info(row: int) -> VolumeInfo:
             if row not in infos:
                 r = df.iloc[row]
-                group = store.root[r["path"]]
+                group = _complete_group(store, str(r["path"]))
                 metas = {}
                 for name in ("image", "label", "class_locations"):
                     if name in group:
