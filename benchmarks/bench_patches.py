@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -145,13 +146,11 @@ def _median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times)
 
 
-def bench_local(url: str, paths: list[str], n: int) -> dict[str, float]:
-    import google_crc32c
-
-    from livercube.sampling import ArrayInfo, Box, PatchSampler, ShardReader
+def engines_local(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
+    """name → ``read(path, start)`` returning (image, label) patches, for every local engine."""
+    from livercube.sampling import ArrayInfo, Box, PatchSampler, PatchSpec, ShardReader
     from livercube.sampling import reader as reader_mod
 
-    patches = random_patches(url, paths, n)
     arrays = {
         p: {k: zarr.open_array(url, path=f"{p}/{k}", mode="r") for k in ("image", "label")}
         for p in paths
@@ -163,58 +162,36 @@ def bench_local(url: str, paths: list[str], n: int) -> dict[str, float]:
         ]
         for p in paths
     }
-    res: dict[str, float] = {}
-
-    # zarr-python
-    times = []
-    for p, s in patches:
-        t = time.perf_counter()
-        arrays[p]["image"][box(s)], arrays[p]["label"][box(s)]
-        times.append(time.perf_counter() - t)
-    res["zarr_ms"] = _median_ms(times)
-
-    # livercube ShardReader, checksums verified (the default) and skipped (to price them)
     reader = ShardReader(url)
-    for p in paths:  # shard indexes cached, as after the first patches of a run
-        reader.read_boxes([Box(i, (0, 0, 0), (1, 1, 1)) for i in infos[p]])
-    # interleaved per patch (alternating order), so drift in machine load hits both alike
-    times = {"fast": [], "nocrc": []}
-    saved = reader_mod.crc32c_ok
-    reader.stats.reset()
-    try:
-        for k, (p, s) in enumerate(patches):
-            for label in ("fast", "nocrc") if k % 2 else ("nocrc", "fast"):
-                reader_mod.crc32c_ok = saved if label == "fast" else (lambda data: True)
-                t = time.perf_counter()
-                reader.read_boxes([Box(i, s, PATCH) for i in infos[p]])
-                times[label].append(time.perf_counter() - t)
-    finally:
-        reader_mod.crc32c_ok = saved
-    for label, ts_ in times.items():
-        res[f"{label}_ms"] = _median_ms(ts_)
-    res["fast_chunk_mb"] = reader.stats.chunk_bytes / (2 * len(patches)) / 1e6
-    p, s = patches[-1]
-    a, b = reader.read_boxes([Box(i, s, PATCH) for i in infos[p]])
-    assert np.array_equal(a, arrays[p]["image"][box(s)])
-    assert np.array_equal(b, arrays[p]["label"][box(s)])
-    # the checksum alone: CRC-32C over one patch's compressed chunk bytes
-    blob = np.frombuffer(os.urandom(int(res["fast_chunk_mb"] * 1e6)), np.uint8)
-    t = time.perf_counter()
-    for _ in range(20):
-        google_crc32c.value(blob)
-    res["crc_only_ms"] = 1000 * (time.perf_counter() - t) / 20
+    checked = reader_mod.crc32c_ok
 
-    # PatchSampler.patch (uniform patches over the same volumes: spec + read)
+    def fast(p, s):
+        return reader.read_boxes([Box(i, s, PATCH) for i in infos[p]])
+
+    def nocrc(p, s):  # the same read with the CRC-32C comparisons skipped: prices them
+        reader_mod.crc32c_ok = lambda data: True
+        try:
+            return fast(p, s)
+        finally:
+            reader_mod.crc32c_ok = checked
+
     sampler = PatchSampler(url, patch_size=PATCH, seed=0, prefetch=1)
-    sampler.patch(0)
-    times = []
-    for k in range(n):
-        t = time.perf_counter()
-        sampler.patch(k + 1)
-        times.append(time.perf_counter() - t)
-    res["sampler_ms"] = _median_ms(times)
+    vol_index = {v.path: k for k, v in enumerate(sampler.volumes)}
 
-    # TensorStore, zarr3 driver, same store, no cache
+    def sampler_read(p, s):
+        spec = PatchSpec(0, 0, vol_index[p], s, PATCH, -1, s)
+        out = sampler.read(spec)
+        return out["image"][0], out["label"][0]
+
+    def zarr_read(p, s):
+        return arrays[p]["image"][box(s)], arrays[p]["label"][box(s)]
+
+    engines: dict[str, Any] = {
+        "fast": fast,
+        "nocrc": nocrc,
+        "sampler": sampler_read,
+        "zarr": zarr_read,
+    }
     try:
         import tensorstore as ts
     except ImportError:
@@ -233,19 +210,20 @@ def bench_local(url: str, paths: list[str], n: int) -> dict[str, float]:
             ]
             for p in paths
         }
-        times = []
-        for p, s in patches:
-            t = time.perf_counter()
+
+        def ts_read(p, s):
             futs = [a[box(s)].read() for a in tsa[p]]
-            [f.result() for f in futs]
-            times.append(time.perf_counter() - t)
-        res["ts_ms"] = _median_ms(times)
-        p, s = patches[-1]
-        assert np.array_equal(tsa[p][0][box(s)].read().result(), arrays[p]["image"][box(s)])
-    return res
+            return [f.result() for f in futs]
+
+        engines["ts"] = ts_read
+    engines.update(blosc2_engines(url, paths, tmp))
+    for p in paths:  # shard indexes cached, as after the first patches of a run
+        fast(p, (0, 0, 0))
+        sampler_read(p, (0, 0, 0))
+    return engines
 
 
-def bench_blosc2(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, float] | None:
+def blosc2_engines(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
     """nnU-Net v2's on-disk form, written and opened by nnU-Net's own code.
 
     ``comp_blosc2_params`` (nnU-Net's chunk/block heuristic for the patch size) and
@@ -253,7 +231,7 @@ def bench_blosc2(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, flo
     loader call them; a patch is ``data[:, box]`` and ``seg[:, box]`` as in its data loader.
     Two forms: nnU-Net's real one (float32 normalised image, int16 seg) and the same voxels as
     int16/uint8 (what livercube stores), so the format and the dtype effect can be told apart.
-    Same patches as :func:`bench_local`.  Skipped without ``nnunetv2``/``blosc2``.
+    Empty without ``nnunetv2``/``blosc2`` (``pip install -e '.[bench]'``).
     """
     try:
         from nnunetv2.training.dataloading.nnunet_dataset import (
@@ -261,9 +239,8 @@ def bench_blosc2(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, flo
             nnUNetDatasetBlosc2,
         )
     except ImportError:
-        return None
-    patches = random_patches(url, paths, n)
-    out: dict[str, float] = {}
+        return {}
+    engines: dict[str, Any] = {}
     for form in ("nnunet", "nnunet_int16"):
         cases, size = {}, 0
         for i, p in enumerate(paths):
@@ -292,18 +269,81 @@ def bench_blosc2(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, flo
             size += sum((tmp / f).stat().st_size for f in (f"{name}.b2nd", f"{name}_seg.b2nd"))
             ds = nnUNetDatasetBlosc2(str(tmp), identifiers=[name])
             cases[p] = ds.load_case(name)[:2]
-            out[f"{form}_chunks"] = str(chunks)  # type: ignore[assignment]
-            out[f"{form}_blocks"] = str(blocks)  # type: ignore[assignment]
-        times = []
-        for p, st in patches:
+
+        def read(p, s, cases=cases):
             d, sg = cases[p]
-            sel = (slice(None), *box(st))
+            sel = (slice(None), *box(s))
+            return np.asarray(d[sel])[0], np.asarray(sg[sel])[0]
+
+        read.mb = size / 1e6  # type: ignore[attr-defined]
+        read.layout = f"chunks {chunks}, blocks {blocks}"  # type: ignore[attr-defined]
+        engines[form] = read
+    return engines
+
+
+def bench_local(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, Any]:
+    """Median ms per patch of every engine on the same patches, interleaved.
+
+    Each patch is read by every engine in turn (the order rotates from patch to patch), so
+    changes in machine load during the run hit every engine alike; ratios are what to read.
+    """
+    import google_crc32c
+
+    engines = engines_local(url, paths, tmp)
+    names = list(engines)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    paired: list[float] = []
+    patches = random_patches(url, paths, n)
+    for k, (p, s) in enumerate(patches):
+        order = names[k % len(names) :] + names[: k % len(names)]
+        for name in order:
             t = time.perf_counter()
-            np.asarray(d[sel]), np.asarray(sg[sel])
-            times.append(time.perf_counter() - t)
-        out[f"{form}_ms"] = _median_ms(times)
-        out[f"{form}_mb"] = size / 1e6
-    return out
+            engines[name](p, s)
+            times[name].append(time.perf_counter() - t)
+        paired.append(times["fast"][-1] - times["nocrc"][-1])
+    p, s = patches[-1]
+    want = engines["zarr"](p, s)
+    for name in names:
+        got = engines[name](p, s)
+        if name != "nnunet":  # float32-normalised image: compared by nnU-Net's own loader
+            assert np.array_equal(np.asarray(got[0]), want[0]), name
+        assert np.array_equal(np.asarray(got[1]), want[1]), name
+    res: dict[str, Any] = {f"{k}_ms": _median_ms(v) for k, v in times.items()}
+    res["crc_paired_ms"] = 1000 * statistics.median(paired)
+    for name in ("nnunet", "nnunet_int16"):
+        if name in engines:
+            res[f"{name}_mb"] = engines[name].mb
+            res[f"{name}_layout"] = engines[name].layout
+    # the checksum alone: CRC-32C over one patch's compressed chunks (sizes as stored), best
+    # of 100 rounds — the CPU it costs when the machine is not busy with anything else
+    from livercube.sampling import ArrayInfo, Box, ShardReader
+
+    reader = ShardReader(url)
+    q, st = patches[0]
+    boxes = [
+        Box(
+            ArrayInfo.from_metadata(
+                f"{q}/{a}", zarr.open_array(url, path=f"{q}/{a}").metadata.to_dict()
+            ),
+            st,
+            PATCH,
+        )
+        for a in ("image", "label")
+    ]
+    reader.read_boxes(boxes)
+    res["chunk_mb"] = reader.stats.chunk_bytes / 1e6
+    n_chunks = reader.stats.chunks
+    piece = np.frombuffer(
+        os.urandom(max(1, reader.stats.chunk_bytes // max(1, n_chunks))), np.uint8
+    )
+    best = float("inf")
+    for _ in range(100):
+        t = time.perf_counter()
+        for _ in range(n_chunks):
+            google_crc32c.value(piece)
+        best = min(best, time.perf_counter() - t)
+    res["crc_only_ms"] = 1000 * best
+    return res
 
 
 # -- slow object store ---------------------------------------------------------------------------
@@ -475,48 +515,43 @@ def main() -> None:
         t0 = time.perf_counter()
         url, paths, sizes = build_store(base, slices)
         built = time.perf_counter() - t0
-        loc = bench_local(url, paths, args.n)
-        b2 = bench_blosc2(url, paths, tmp, args.n)
+        loc = bench_local(url, paths, tmp, args.n)
         print(
             f"{len(paths)} noisy CRLM-style volumes, {PLANE}² x {slices} slices (built in "
-            f"{built:.0f} s); patch {PATCH} (image int16 + label uint8), {args.n} patches"
+            f"{built:.0f} s); patch {PATCH} (image int16 + label uint8), {args.n} patches, "
+            f"every engine on every patch, interleaved; 1-min load {os.getloadavg()[0]:.1f}"
         )
         print(
             f"compression: image {sizes['image_raw'] / sizes['image_stored']:.2f}x "
             f"(patient CT ~3x), image + label {sizes['raw'] / sizes['stored']:.2f}x; "
             f"{sizes['stored'] / 1e6:.0f} MB stored"
         )
-        ref = loc.get("ts_ms")
         rows = [
-            ("livercube ShardReader (CRC-32C checked)", loc["fast_ms"]),
-            ("livercube ShardReader, CRC checks skipped", loc["nocrc_ms"]),
-            ("livercube PatchSampler.patch", loc["sampler_ms"]),
-            ("TensorStore zarr3, same store, cache off", ref),
-            ("zarr-python arr[box]", loc["zarr_ms"]),
+            ("fast", "livercube ShardReader (CRC-32C checked)"),
+            ("nocrc", "livercube ShardReader, CRC checks skipped"),
+            ("sampler", "livercube PatchSampler.read"),
+            ("ts", "TensorStore zarr3, same store, cache off"),
+            ("zarr", "zarr-python arr[box]"),
+            ("nnunet", "nnU-Net v2 blosc2 (float32 image, int16 seg)"),
+            ("nnunet_int16", "nnU-Net v2 blosc2, int16 image + uint8 label"),
         ]
-        if b2:
-            rows += [
-                ("nnU-Net v2 blosc2 (float32 image, int16 seg)", b2["nnunet_ms"]),
-                ("nnU-Net v2 blosc2, int16 image + uint8 label", b2["nnunet_int16_ms"]),
-            ]
-        print("\nlocal store, median ms per patch        ms    ShardReader / this")
-        for name, ms in rows:
+        print("\nlocal store, median ms per patch               ms   ShardReader / this")
+        for key, name in rows:
+            ms = loc.get(f"{key}_ms")
             if ms is None:
-                print(f"  {name:44s}   not installed (pip install -e '.[bench]')")
+                print(f"  {name:46s}   not installed (pip install -e '.[bench]')")
                 continue
-            print(f"  {name:44s} {ms:7.2f}  {loc['fast_ms'] / ms:6.2f}x")
-        if not b2:
-            print("  nnU-Net v2 blosc2: not installed (pip install -e '.[bench]') — skipped")
-        else:
+            print(f"  {name:46s} {ms:7.2f}  {loc['fast_ms'] / ms:6.2f}x")
+        if "nnunet_mb" in loc:
             print(
-                f"  (blosc2 on disk: {b2['nnunet_mb']:.0f} MB float32 form, "
-                f"{b2['nnunet_int16_mb']:.0f} MB int16 form; chunks {b2['nnunet_int16_chunks']}, "
-                f"blocks {b2['nnunet_int16_blocks']})"
+                f"  (blosc2 on disk: {loc['nnunet_mb']:.0f} MB float32 form, "
+                f"{loc['nnunet_int16_mb']:.0f} MB int16 form; {loc['nnunet_int16_layout']})"
             )
         print(
-            f"checksum cost per patch: {loc['fast_ms'] - loc['nocrc_ms']:+.2f} ms median "
-            f"(CRC-32C alone over the patch's {loc['fast_chunk_mb']:.2f} MB of compressed chunks: "
-            f"{loc['crc_only_ms']:.2f} ms, {loc['crc_only_ms'] / loc['fast_ms']:.1%} of the read)"
+            f"checksum cost per patch: median paired difference {loc['crc_paired_ms']:+.2f} ms "
+            f"({loc['crc_paired_ms'] / loc['nocrc_ms']:+.1%}); CRC-32C alone over a patch's "
+            f"{loc['chunk_mb']:.2f} MB of compressed chunks: {loc['crc_only_ms']:.2f} ms "
+            f"({loc['crc_only_ms'] / loc['fast_ms']:.1%} of the read)"
         )
         if args.no_s3:
             return
