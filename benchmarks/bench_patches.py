@@ -186,8 +186,6 @@ def engines_local(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
     def zarr_read(p, s):
         return arrays[p]["image"][box(s)], arrays[p]["label"][box(s)]
 
-    # nocrc is kept away from fast in the rotation: the engine that reads a patch right
-    # after another one finds its chunks hot in the CPU caches
     engines: dict[str, Any] = {"fast": fast, "zarr": zarr_read, "nocrc": nocrc}
     try:
         import tensorstore as ts
@@ -282,8 +280,10 @@ def blosc2_engines(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
 def bench_local(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, Any]:
     """Median ms per patch of every engine on the same patches, interleaved.
 
-    Each patch is read by every engine in turn (the order rotates from patch to patch), so
-    changes in machine load during the run hit every engine alike; ratios are what to read.
+    Each patch is read by every engine in turn, in a fresh random order per patch, so changes
+    in machine load hit every engine alike and no engine always follows the same one (an
+    engine right after blosc2, whose threads keep spinning for a while, or right after a read
+    of the same chunks, would be measured unfairly); ratios are what to read.
     """
     import google_crc32c
 
@@ -292,9 +292,9 @@ def bench_local(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, Any]
     times: dict[str, list[float]] = {k: [] for k in names}
     paired: list[float] = []
     patches = random_patches(url, paths, n)
-    for k, (p, s) in enumerate(patches):
-        order = names[k % len(names) :] + names[: k % len(names)]
-        for name in order:
+    shuffle = np.random.default_rng(7)
+    for p, s in patches:
+        for name in shuffle.permutation(names):
             t = time.perf_counter()
             engines[name](p, s)
             times[name].append(time.perf_counter() - t)
