@@ -81,9 +81,7 @@ def test_writer_records_exactly_the_shards_it_skips(store):
         path, arr = _array(store, name)
         info = _info(path, arr, name)
         grid = chunking.shard_grid(arr.shape, info.object_shape)
-        present = {
-            c for c in np.ndindex(*grid) if (store / info.object_key(c)).is_file()
-        }
+        present = {c for c in np.ndindex(*grid) if (store / info.object_key(c)).is_file()}
         recorded = {tuple(c) for c in arr.attrs["livercube"][FILL_SHARDS_ATTR]}
         assert info.fill_shards == recorded
         assert recorded.isdisjoint(present) and recorded | present == set(np.ndindex(*grid))
@@ -122,9 +120,7 @@ def test_missing_shard_of_complete_volume_is_an_error_naming_it(store):
     with pytest.raises(MissingShardError, match="lost"):
         sampler.patch(0)
     # boxes that avoid the lost shard still read
-    np.testing.assert_array_equal(
-        reader.read(info, (0, 0, 0), (4, *arr.shape[1:])), arr[:4]
-    )
+    np.testing.assert_array_equal(reader.read(info, (0, 0, 0), (4, *arr.shape[1:])), arr[:4])
 
 
 def test_missing_label_shard_that_is_not_background_is_an_error(store):
@@ -224,3 +220,35 @@ def test_catalog_listing_a_vanished_group_is_refused(store):
     _edit_consolidated(store, vanished)
     with pytest.raises(VolumeIncompleteError, match="rebuild the catalog"):
         PatchSampler(str(store), seed=0)
+
+
+@pytest.mark.slow
+def test_missing_and_corrupt_shards_are_caught_on_s3(store, s3_bucket):
+    """Same guarantees through ranged GETs on object storage (moto on loopback)."""
+    import s3fs
+
+    bucket, opts = s3_bucket
+    path, arr = _array(store, "image")
+    info = _info(path, arr, "image")
+    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+    fs.put(f"{store}/", f"{bucket}/s/", recursive=True)
+    url = f"s3://{bucket}/s"
+    lost, hit = info.object_key((2, 0, 0)), info.object_key((1, 0, 0))
+    fs.rm(f"{bucket}/s/{lost}")
+    shard = store / hit
+    off, nb = _inner_chunk_range(shard, info, 2)
+    data = bytearray(shard.read_bytes())
+    data[off + nb // 2] ^= 0x01
+    fs.pipe(f"{bucket}/s/{hit}", bytes(data))
+
+    reader = ShardReader(url, opts)
+    np.testing.assert_array_equal(reader.read(info, (0, 0, 0), (4, 40, 40)), arr[:4, :40, :40])
+    with pytest.raises(MissingShardError, match=re.escape(lost)):
+        reader.read(info, (8, 0, 0), (4, 40, 40))
+    with pytest.raises(ChecksumMismatchError, match=re.escape(hit)):
+        reader.read(info, (4, 0, 0), (4, *arr.shape[1:]))
+    sampler = PatchSampler(
+        url, storage_options=opts, where=f"path == '{path}'", patch_size=SHAPE, seed=0
+    )
+    with pytest.raises((MissingShardError, ChecksumMismatchError)):
+        sampler.patch(0)
