@@ -211,10 +211,18 @@ def engines_local(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
             return [f.result() for f in futs]
 
         engines["ts"] = ts_read
+        ts_reader = ShardReader(url, engine="tensorstore")
+
+        def ts_inside(p, s):  # the same engine behind livercube's API and integrity checks
+            return ts_reader.read_boxes([Box(i, s, PATCH) for i in infos[p]])
+
+        engines["ts_reader"] = ts_inside
     engines["sampler"] = sampler_read
     engines.update(blosc2_engines(url, paths, tmp))
     for p in paths:  # shard indexes cached, as after the first patches of a run
         fast(p, (0, 0, 0))
+        if "ts_reader" in engines:
+            engines["ts_reader"](p, (0, 0, 0))
         sampler_read(p, (0, 0, 0))
     return engines
 
@@ -530,6 +538,7 @@ def main() -> None:
             ("nocrc", "livercube ShardReader, CRC checks skipped"),
             ("sampler", "livercube PatchSampler.read"),
             ("ts", "TensorStore zarr3, same store, cache off"),
+            ("ts_reader", "ShardReader(engine='tensorstore')"),
             ("zarr", "zarr-python arr[box]"),
             ("nnunet", "nnU-Net v2 blosc2 (float32 image, int16 seg)"),
             ("nnunet_int16", "nnU-Net v2 blosc2, int16 image + uint8 label"),

@@ -252,3 +252,34 @@ def test_missing_and_corrupt_shards_are_caught_on_s3(store, s3_bucket):
     )
     with pytest.raises((MissingShardError, ChecksumMismatchError)):
         sampler.patch(0)
+
+
+def test_tensorstore_engine_reads_the_same_and_keeps_the_guarantees(store):
+    pytest.importorskip("tensorstore")
+    rng = np.random.default_rng(5)
+    own, ts_engine = ShardReader(str(store)), ShardReader(str(store), engine="tensorstore")
+    for name, fill in (("image", -1024), ("label", 0)):
+        path, arr = _array(store, name)
+        info = _info(path, arr, name)
+        for _ in range(12):  # boxes partly or wholly outside, over all-fill label shards too
+            start = tuple(int(rng.integers(-8, n)) for n in arr.shape)
+            size = tuple(int(rng.integers(1, n + 8)) for n in arr.shape)
+            np.testing.assert_array_equal(
+                ts_engine.read(info, start, size, fill), own.read(info, start, size, fill)
+            )
+    path, arr = _array(store, "image")
+    info = _info(path, arr, "image")
+    lost, hit = info.object_key((2, 0, 0)), info.object_key((1, 0, 0))
+    (store / lost).unlink()
+    shard = store / hit
+    off, nb = _inner_chunk_range(shard, info, 0)
+    data = bytearray(shard.read_bytes())
+    data[off + nb // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    fresh = ShardReader(str(store), engine="tensorstore")
+    with pytest.raises(MissingShardError, match=re.escape(lost)):
+        fresh.read(info, (8, 0, 0), (4, 8, 8))
+    with pytest.raises(ChecksumMismatchError, match=re.escape(hit)):
+        fresh.read(info, (4, 0, 0), (4, *arr.shape[1:]))
+    with pytest.raises(ValueError, match="local stores only"):
+        ShardReader("s3://bucket/store", engine="tensorstore")

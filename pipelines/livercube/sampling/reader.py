@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -264,6 +265,7 @@ class ShardReader:
         cache_bytes: int = 0,
         cache_dir: str | None = None,
         fs: Any = None,
+        engine: str = "livercube",
     ) -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
@@ -278,6 +280,11 @@ class ShardReader:
         self.stats = ReaderStats()
         self._index: dict[tuple[str, tuple[int, ...]], np.ndarray | None] = {}
         self._user_fs = fs
+        if engine not in ("livercube", "tensorstore"):
+            raise ValueError(f"engine must be 'livercube' or 'tensorstore', not {engine!r}")
+        if engine == "tensorstore" and (self.remote or fs is not None):
+            raise ValueError("engine='tensorstore' reads local stores only")
+        self.engine = engine
         self._pid: int | None = None
         self._init_runtime()
 
@@ -288,6 +295,7 @@ class ShardReader:
         self._lru: OrderedDict[tuple, bytes] = OrderedDict()
         self._lru_size = 0
         self._lock = threading.Lock()
+        self._ts: _TensorStoreEngine | None = None
         if self._user_fs is not None:
             self.fs, self.root = self._user_fs, fsspec.core.url_to_fs(self.url)[1]
         elif self.remote:
@@ -299,7 +307,7 @@ class ShardReader:
         state = {
             k: v
             for k, v in self.__dict__.items()
-            if k not in {"_pool", "_lru", "_lru_size", "_lock", "fs", "stats"}
+            if k not in {"_pool", "_lru", "_lru_size", "_lock", "fs", "stats", "_ts"}
         }
         state["_index"] = dict(self._index)
         return state
@@ -464,6 +472,11 @@ class ShardReader:
 
     def read_boxes(self, boxes: Sequence[Box]) -> list[np.ndarray]:
         """Read several boxes in one concurrent round; voxels outside an array get ``fill``."""
+        if self.engine == "tensorstore":
+            self._check_pid()
+            if self._ts is None:
+                self._ts = _TensorStoreEngine(self.url, self.root)
+            return self._ts.read_boxes(boxes)
         outs: list[np.ndarray] = []
         # chunk id -> list of (out array, dst slices, src slices)
         uses: dict[tuple, list[tuple[np.ndarray, tuple, tuple]]] = {}
@@ -614,6 +627,85 @@ class ShardReader:
 
 #: Concurrent decode tasks per read: Blosc releases the GIL, so one per core pays off.
 DECODE_TASKS = max(1, min(8, os.cpu_count() or 1))
+
+
+class _TensorStoreEngine:
+    """Local box reads through TensorStore's ``zarr3`` driver (``engine="tensorstore"``).
+
+    An experiment behind the same API (see ``benchmarks/README.md``): TensorStore verifies the
+    CRC-32C checksums itself (mapped to :class:`ChecksumMismatchError`), but reads a missing
+    shard as fill, so shard presence is checked here against the array's ``fill_shards``
+    record (one ``stat`` per shard, remembered).  No cache (cache pool 0).
+    """
+
+    def __init__(self, url: str, root: str) -> None:
+        import tensorstore as ts
+
+        self.ts, self.url, self.root = ts, url, root
+        self.context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        self.handles: dict[str, Any] = {}
+        self.present: set[str] = set()
+
+    def handle(self, a: ArrayInfo):
+        h = self.handles.get(a.path)
+        if h is None:
+            spec = {
+                "driver": "zarr3",
+                "kvstore": {"driver": "file", "path": os.path.join(self.root, a.path) + "/"},
+            }
+            h = self.ts.open(spec, context=self.context, open=True, read=True).result()
+            self.handles[a.path] = h
+        return h
+
+    def check_present(self, a: ArrayInfo, lo: Sequence[int], hi: Sequence[int]) -> None:
+        if a.fill_shards is None:
+            return
+        first = [q // o for q, o in zip(lo, a.object_shape, strict=True)]
+        last = [(h - 1) // o for h, o in zip(hi, a.object_shape, strict=True)]
+        for offs in np.ndindex(*[b - e + 1 for e, b in zip(first, last, strict=True)]):
+            coords = tuple(e + i for e, i in zip(first, offs, strict=True))
+            key = a.object_key(coords)
+            if key in self.present or coords in a.fill_shards:
+                continue
+            if not os.path.exists(os.path.join(self.root, key)):
+                raise MissingShardError(
+                    self.url, key, "object is missing but not recorded as all fill: data was lost"
+                )
+            self.present.add(key)
+
+    def read_boxes(self, boxes: Sequence[Box]) -> list[np.ndarray]:
+        outs: list[np.ndarray | None] = []
+        pending = []
+        for b, box in enumerate(boxes):
+            a = box.array
+            fill = a.fill_value if box.fill is None else box.fill
+            lo = [max(0, s) for s in box.start]
+            hi = [min(n, s + k) for s, k, n in zip(box.start, box.size, a.shape, strict=True)]
+            ends = [s + k for s, k in zip(box.start, box.size, strict=True)]
+            inside = lo == list(box.start) and hi == ends and min(box.size) > 0
+            # wholly inside: TensorStore's own result is the output (no fill, no copy)
+            out = None if inside else np.full(box.size, fill, a.dtype)
+            outs.append(out)
+            if any(h <= q for q, h in zip(lo, hi, strict=True)):
+                continue
+            self.check_present(a, lo, hi)
+            src = tuple(slice(q, h) for q, h in zip(lo, hi, strict=True))
+            dst = tuple(slice(q - s, h - s) for q, h, s in zip(lo, hi, box.start, strict=True))
+            pending.append((b, dst, self.handle(a)[src].read()))
+        for b, dst, fut in pending:
+            try:
+                if outs[b] is None:
+                    outs[b] = fut.result()
+                else:
+                    outs[b][dst] = fut.result()  # type: ignore[index]
+            except ValueError as exc:
+                text = str(exc)
+                found = re.search(r'file "([^"]+)"', text)
+                key = os.path.relpath(found.group(1), self.root) if found else "?"
+                if "DATA_LOSS" in text or "igest" in text:
+                    raise ChecksumMismatchError(self.url, key, text) from exc
+                raise StoreIntegrityError(self.url, key, text) from exc
+        return outs  # type: ignore[return-value]
 
 
 def _chunk_name(a: ArrayInfo, chunk: tuple[int, ...]) -> str:
