@@ -283,3 +283,19 @@ def test_tensorstore_engine_reads_the_same_and_keeps_the_guarantees(store):
         fresh.read(info, (4, 0, 0), (4, *arr.shape[1:]))
     with pytest.raises(ValueError, match="local stores only"):
         ShardReader("s3://bucket/store", engine="tensorstore")
+
+
+def test_sampler_on_tensorstore_engine_equals_default_also_after_pickle(pristine):
+    import pickle
+
+    pytest.importorskip("tensorstore")
+    own = PatchSampler(str(pristine), patch_size=(8, 40, 40), mode="foreground", seed=2)
+    fast = PatchSampler(
+        str(pristine), patch_size=(8, 40, 40), mode="foreground", seed=2, engine="tensorstore"
+    )
+    for pos in range(12):
+        a, b = own.patch(pos), fast.patch(pos)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    clone = pickle.loads(pickle.dumps(fast))  # what a spawned DataLoader worker receives
+    np.testing.assert_array_equal(clone.patch(3)["image"], own.patch(3)["image"])

@@ -252,6 +252,9 @@ class ShardReader:
     (default 1 MiB remote — a 50 ms round trip costs more than 1 MiB of transfer — and 64 KiB
     local).  ``workers``: threads for local reads and for decoding.  ``cache_bytes``: LRU of
     compressed chunks kept in memory.  ``cache_dir``: compressed chunks kept on local disk.
+    ``engine="tensorstore"``: local stores only, reads through TensorStore's ``zarr3`` driver
+    with the same integrity guarantees (measured faster here; no caches or stats, and
+    DataLoader workers must be spawned, not forked — see ``benchmarks/README.md``).
     """
 
     def __init__(
@@ -635,7 +638,10 @@ class _TensorStoreEngine:
     An experiment behind the same API (see ``benchmarks/README.md``): TensorStore verifies the
     CRC-32C checksums itself (mapped to :class:`ChecksumMismatchError`), but reads a missing
     shard as fill, so shard presence is checked here against the array's ``fill_shards``
-    record (one ``stat`` per shard, remembered).  No cache (cache pool 0).
+    record (one ``stat`` per shard, remembered).  No cache (cache pool 0), no ``stats``.
+    TensorStore aborts a process forked after it started its threads, so DataLoader workers
+    must be spawned (``multiprocessing_context="spawn"`` or ``"forkserver"``) — one reason
+    this is not the default engine.
     """
 
     def __init__(self, url: str, root: str) -> None:
