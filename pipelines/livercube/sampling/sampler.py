@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from livercube.errors import VolumeIncompleteError
 from livercube.sampling.reader import ArrayInfo, Box, ShardReader
 from livercube.store.layout import data_path
 from livercube.store.query import catalog_frame, select
@@ -61,6 +62,28 @@ class PatchSpec:
     size: tuple[int, int, int]  # reference-grid size (== patch_size without target spacing)
     cls: int  # class the patch is centred on; -1 = uniform
     anchor: tuple[int, int, int]  # the voxel it is centred on (uniform: patch centre)
+
+
+def _complete_group(store, path: str):
+    """The volume group at ``path``, refusing one without a completion record.
+
+    The catalog is a derived index: the group's own record (written last) is what says the
+    arrays are whole, so a listed group that is gone or half-written is an error, not zeros.
+    """
+    try:
+        group = store.root[path]
+    except KeyError:
+        raise VolumeIncompleteError(
+            f"{store.url}: the catalog lists {path!r} but the store has no such volume group; "
+            f"rebuild the catalog with `livercube catalog {store.url}`"
+        ) from None
+    meta = group.attrs.get("livercube") or {}
+    if meta.get("status") != "complete" or not isinstance(meta.get("complete"), dict):
+        raise VolumeIncompleteError(
+            f"{store.url}: volume {path!r} has no completion record (status "
+            f"{meta.get('status', 'missing')!r}): its write never finished; re-convert it"
+        )
+    return group
 
 
 def _runtime_rank() -> tuple[int, int]:
@@ -177,6 +200,7 @@ class PatchSampler:
         def info(row: int) -> VolumeInfo:
             if row not in infos:
                 r = df.iloc[row]
+                _complete_group(store, str(r["path"]))
                 arrays = data_path(str(r["path"]))
                 group = store.root[arrays]
                 metas = {}

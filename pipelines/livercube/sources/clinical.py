@@ -38,6 +38,7 @@ from typing import Any
 
 import fsspec
 
+from livercube import registry
 from livercube.errors import UnreadableFileError, UsageError
 
 MISSING_CODES = (-999,)
@@ -47,7 +48,7 @@ _TIME_UNVERIFIED = "unverified; possibly weeks"
 #: Per collection: file, sheet, id column, sex column and its coding, age column.
 COLLECTIONS: dict[str, dict[str, Any]] = {
     "hcc-tace-seg": {
-        "file": "HCC-TACE-Seg_clinical_data-V2.xlsx",
+        "file": registry.get("hcc-tace-seg").clinical_files[0],
         "sheet": "data table",
         "id": "TCIA_ID",
         "sex_column": "Sex",
@@ -55,20 +56,13 @@ COLLECTIONS: dict[str, dict[str, Any]] = {
         "age_column": "age",
     },
     "crlm": {
-        "file": "Colorectal-Liver-Metastases-Clinical-data-April-2023.xlsx",
+        "file": registry.get("crlm").clinical_files[0],
         "sheet": "TCIA_n=197",
         "id": "Patient-ID",
         "sex_column": "sex",
         "sex_codes": {1: "male", 2: "female"},
         "age_column": "age",
     },
-}
-_ALIASES = {
-    "hcc-tace-seg": "hcc-tace-seg",
-    "hcc_tace_seg": "hcc-tace-seg",
-    "crlm": "crlm",
-    "colorectal-liver-metastases": "crlm",
-    "colorectal_liver_metastases": "crlm",
 }
 
 _BINARY = "0/1"
@@ -164,8 +158,8 @@ class ClinicalTable:
 
 
 def _collection_id(collection: str) -> str:
-    c = _ALIASES.get(collection.strip().lower())
-    if c is None:
+    c = registry.canonical(collection)
+    if c not in COLLECTIONS:
         raise UsageError(
             f"no clinical spreadsheet rules for collection {collection!r}; "
             f"known: {', '.join(sorted(COLLECTIONS))}"

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
-from livercube.store.chunking import chunk_and_shard
+from livercube.store.chunking import chunk_and_shard, fill_shards
 from livercube.store.layout import FULL_RES, open_zarr_store, volume_path
 from livercube.store.pyramid import (
     image_level_path,
@@ -43,6 +43,16 @@ from livercube.volumes.volume import (
 #: and for sparse label/bit fields (see benchmarks/).
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 LABEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+#: CRC-32C of every stored chunk, after compression (the zarr v3 ``crc32c`` codec): livercube's
+#: reader, zarr-python and TensorStore all verify it on every read, so a flipped byte is an
+#: error naming the object instead of wrong voxels.  Shard indexes carry one too (zarr's
+#: default ``index_codecs``: bytes + crc32c).
+CHECKSUM = Crc32cCodec()
+
+#: Array attribute (under ``livercube``) listing the shards that hold only the fill value and
+#: were therefore never written; any other missing shard of a complete volume is damage.
+FILL_SHARDS_ATTR = "fill_shards"
 
 
 def ome_multiscales(volume: Volume) -> dict[str, Any]:
@@ -92,18 +102,23 @@ def _create(
     *,
     write: bool = True,
 ) -> None:
-    """Create a sharded array shaped like ``data`` and (unless ``write`` is False) fill it."""
+    """Create a sharded array shaped like ``data`` and (unless ``write`` is False) fill it.
+
+    Inner chunks are compressed then checksummed (``CHECKSUM``); the all-fill shards zarr will
+    skip are recorded in ``attrs.livercube.fill_shards``.
+    """
     chunks, shards = chunk_and_shard(data.shape)  # type: ignore[arg-type]
+    record = {FILL_SHARDS_ATTR: fill_shards(data, shards, 0)}
     arr = group.create_array(
         name,
         shape=data.shape,
         dtype=data.dtype,
         chunks=chunks,
         shards=shards,
-        compressors=[compressor],
+        compressors=[compressor, CHECKSUM],
         dimension_names=dims,
         fill_value=0,
-        attributes=attrs,
+        attributes={**attrs, "livercube": {**attrs.get("livercube", {}), **record}},
     )
     if write:
         arr[...] = data
@@ -160,13 +175,16 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
             shape=locations.shape,
             dtype="int32",
             chunks=(max(1, locations.shape[0]), 4),
-            compressors=[LABEL_COMPRESSOR],
+            compressors=[LABEL_COMPRESSOR, CHECKSUM],
             dimension_names=("location", "component"),
             fill_value=0,
             attributes={
                 "long_name": "sampled voxel indices per unified class, for foreground sampling",
                 "columns": ["class", "z", "y", "x"],
                 "per_class": CLASS_LOCATIONS_PER_CLASS,
+                "livercube": {
+                    FILL_SHARDS_ATTR: fill_shards(locations, (max(1, locations.shape[0]), 4), 0)
+                },
             },
         )
         if locations.size:
@@ -190,6 +208,7 @@ def _coordinates(group: zarr.Group, centres: list[np.ndarray]) -> None:
             shape=coord.shape,
             dtype="float64",
             chunks=coord.shape,
+            compressors=[ZstdCodec(), CHECKSUM],
             dimension_names=(name,),
             fill_value=0.0,
             attributes={
