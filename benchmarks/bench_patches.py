@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from livercube.store.layout import data_path
+
 PATCH = (96, 96, 96)
 PLANE = 512
 
@@ -100,7 +102,6 @@ def noisy_volume(seed: int, slices: int):
 def build_store(tmp: Path, slices: list[int]) -> tuple[str, list[str], dict[str, float]]:
     """Write the noisy volumes with the store's writer; (url, level-0 paths, sizes)."""
     from livercube.store.catalog import write_catalog
-    from livercube.store.layout import data_path
     from livercube.store.writer import write_volume
 
     url = str(tmp / "bench.zarr")
@@ -180,7 +181,7 @@ def engines_local(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
             reader_mod.crc32c_ok = checked
 
     sampler = PatchSampler(url, patch_size=PATCH, seed=0, prefetch=1)
-    vol_index = {v.path: k for k, v in enumerate(sampler.volumes)}
+    vol_index = {data_path(v.path): k for k, v in enumerate(sampler.volumes)}
 
     def sampler_read(p, s):
         spec = PatchSpec(0, 0, vol_index[p], s, PATCH, -1, s)
