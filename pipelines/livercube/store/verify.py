@@ -232,11 +232,14 @@ def verify_volume(
     *,
     keys: set[str] | None,
     catalog_checksum: str | None,
-    source_arrays: Callable[[], dict[str, np.ndarray]] | None = None,
     source_check: Callable[[zarr.Group, dict[str, np.ndarray]], tuple[list[str], list[str]]]
     | None = None,
 ) -> VolumeResult:
-    """Re-read one complete volume group and report everything wrong with it."""
+    """Re-read one complete volume group and report everything wrong with it.
+
+    ``source_check(group, stored arrays)`` compares the volume with its re-decoded source and
+    returns (problems, notes).
+    """
     res = VolumeResult(path, checksum=str(meta.get("checksum", "")))
     record = (meta.get("complete") or {}).get("checksum")
     if record != res.checksum:
@@ -305,17 +308,6 @@ def verify_volume(
     except Exception as exc:
         res.problems.append(f"metadata/coordinates unreadable: {type(exc).__name__}: {exc}")
 
-    if source_arrays is not None:
-        try:
-            src = source_arrays()
-        except SourceError as exc:
-            res.problems.append(f"source cannot be read: {exc.source}: {exc.reason}")
-            return res
-        except Exception as exc:
-            res.problems.append(f"source cannot be read: {type(exc).__name__}: {exc}")
-            return res
-        res.source_checked = True
-        res.problems += compare_arrays(src, arrays)
     if source_check is not None:
         try:
             problems, notes = source_check(group, arrays)
@@ -435,6 +427,17 @@ def dicom_reference_check(
     return problems, notes
 
 
+def _source_check(task: Any, source_options: dict | None):
+    """How to compare a volume with its source: independent decoders for DICOM, the NIfTI
+    reader (with the release's corrections) for PLC-CECT."""
+    if hasattr(task, "acquisition"):
+        return lambda group, arrays: dicom_reference_check(task, group, arrays, source_options)
+    return lambda group, arrays: (
+        compare_arrays(decoded_arrays(task, source_options), arrays),
+        [],
+    )
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -537,23 +540,13 @@ def verify(
     def one(item: tuple[str, dict[str, Any]]) -> VolumeResult:
         path, meta = item
         task = tasks.get(path)
-        dicom = task is not None and hasattr(task, "acquisition")
         return verify_volume(
             root,
             path,
             meta,
             keys=keys,
             catalog_checksum=None if catalog is None else catalog.get(path),
-            source_arrays=(
-                None
-                if task is None or dicom
-                else (lambda: decoded_arrays(task, source_options))
-            ),
-            source_check=(
-                (lambda g, a: dicom_reference_check(task, g, a, source_options))
-                if dicom
-                else None
-            ),
+            source_check=None if task is None else _source_check(task, source_options),
         )
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
