@@ -93,3 +93,41 @@ def s3_bucket(s3_endpoint) -> tuple[str, dict]:
     name = f"lc-{time.monotonic_ns()}"
     fs.mkdir(name)
     return name, opts
+
+
+#: Modules whose tests run whole conversions, the CLI in subprocesses or real servers; all of
+#: their tests are ``slow``.  A test elsewhere that starts a real S3 endpoint is slow too.
+#: ``pytest -m "not slow"`` is the quick run of the logic tests.
+E2E_MODULES = frozenset(
+    {
+        "test_cli",
+        "test_clinical",
+        "test_cluster",
+        "test_dicom_convert",
+        "test_dicom_defects",
+        "test_export",
+        "test_faults",
+        "test_idc",
+        "test_phi",
+        "test_plc_cect",
+        "test_plc_inputs",
+        "test_preview",
+        "test_publish",
+        "test_query",
+        "test_real_dicom",
+        "test_s3",
+        "test_sampling",
+        "test_sampling_integrity",
+        "test_sampling_stream",
+        "test_synth_dicom",
+        "test_verify",
+    }
+)
+SERVER_FIXTURES = frozenset({"s3_endpoint", "s3_bucket"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in E2E_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
