@@ -297,9 +297,9 @@ def test_agents_kernels_units_and_numbers_are_kept(text):
 
 
 def test_every_phase_keyword_survives_cleaning():
-    from livercube.sources.dicom_phase import _KEYWORDS
+    from livercube.sources.dicom_phase import PHASE_KEYWORDS
 
-    for words in _KEYWORDS.values():
+    for words in PHASE_KEYWORDS.values():
         for kw in words:
             assert clean_description(f"CT {kw} LIVER") == f"CT {kw} LIVER"
 

@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from livercube.sources.dicom_phase import _KEYWORDS as _PHASE_KEYWORDS
+from livercube.sources.dicom_phase import PHASE_KEYWORDS
 
 #: Mode names recorded in volume attributes and in the conversion report.
 CLEANED, KEPT = "cleaned", "kept"
@@ -110,7 +110,7 @@ _PROTOCOL_WORDS = """
 #: of it by construction, so a cleaned description never loses a phase word.
 VOCABULARY: frozenset[str] = frozenset(
     set(_PROTOCOL_WORDS.split())
-    | {w for kws in _PHASE_KEYWORDS.values() for kw in kws for w in kw.split()}
+    | {w for kws in PHASE_KEYWORDS.values() for kw in kws for w in kw.split()}
 )
 
 _TOKEN = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?|[^A-Za-z\d]+")

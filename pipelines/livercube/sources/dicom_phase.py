@@ -78,7 +78,8 @@ PORTAL_VENOUS_COLLECTIONS = frozenset(
     c.id for c in registry.REGISTRY.values() if c.single_portal_venous
 )
 
-_KEYWORDS: dict[str, tuple[str, ...]] = {
+#: Words of a description that name each phase (the de-identification vocabulary keeps them).
+PHASE_KEYWORDS: dict[str, tuple[str, ...]] = {
     "non_contrast": (
         "PRE",
         "NC",
@@ -161,7 +162,7 @@ def describe(description: str) -> DescriptionFacts:
     multiphase = _MULTIPHASE.search(full) is not None
     found: dict[str, str] = {}
     with_word = _has(re.sub(r"\bW O\b", " ", full), "W") or _has(full, "WITH")
-    for phase, words in _KEYWORDS.items():
+    for phase, words in PHASE_KEYWORDS.items():
         for kw in words:
             if kw in ("WO", "W O") and with_word and not _has(full, "WITHOUT"):
                 continue  # "W/WO": with and without
