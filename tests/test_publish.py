@@ -406,6 +406,8 @@ def test_public_bucket_reads_anonymously(s3_published, s3_endpoint, plc_store, n
 def test_opening_the_catalog_costs_few_requests(s3_published, s3_endpoint, no_aws_env):
     from faulty_proxy import FaultyProxy
 
+    _public(s3_published["bucket"], s3_endpoint)  # this test must not rely on another's policy
+
     class CountingProxy(FaultyProxy):
         async def _handle(self, request):
             self.log.append((request.method, request.path_qs))

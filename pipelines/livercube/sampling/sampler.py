@@ -29,6 +29,7 @@ import numpy as np
 
 from livercube.errors import VolumeIncompleteError
 from livercube.sampling.reader import ArrayInfo, Box, ShardReader
+from livercube.store.completion import is_complete
 from livercube.store.layout import data_path
 from livercube.store.query import catalog_frame, select
 
@@ -78,7 +79,7 @@ def _complete_group(store, path: str):
             f"rebuild the catalog with `livercube catalog {store.url}`"
         ) from None
     meta = group.attrs.get("livercube") or {}
-    if meta.get("status") != "complete" or not isinstance(meta.get("complete"), dict):
+    if not is_complete(meta):
         raise VolumeIncompleteError(
             f"{store.url}: volume {path!r} has no completion record (status "
             f"{meta.get('status', 'missing')!r}): its write never finished; re-convert it"

@@ -37,6 +37,7 @@ from livercube.schema import (
     label_schema,
     unified_labels,
 )
+from livercube.store.completion import CompletionRecord
 from livercube.store.layout import filesystem, with_retries
 from livercube.store.query import catalog_frame
 
@@ -177,7 +178,7 @@ def dataset_card(
     prov = []
     for c in present:
         written = [
-            str((m.get("complete") or {}).get("written_at", ""))
+            getattr(CompletionRecord.of(m), "written_at", "")
             for m in volume_meta.values()
             if m.get("collection") == c
         ]

@@ -43,6 +43,7 @@ from zarr.core.sync import sync
 
 from livercube.errors import SourceError, StoreError, UsageError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS
+from livercube.store.completion import CompletionRecord, is_complete
 from livercube.store.contract import check_volume_group
 from livercube.store.layout import FULL_RES, open_root, open_zarr_store, with_retries
 from livercube.volumes.volume import content_checksum
@@ -171,7 +172,7 @@ def _volume_groups(
         meta = doc.get("attributes", {}).get("livercube")
         if not isinstance(meta, dict) or "collection" not in meta:
             continue  # intermediate group (collection / patient / study)
-        if meta.get("status") == "complete":
+        if is_complete(meta):
             found[path] = meta
         else:
             notes.append(f"{path}: incomplete volume (status {meta.get('status')!r}), ignored")
@@ -187,7 +188,7 @@ def _consolidated_volumes(root: zarr.Group) -> dict[str, dict[str, Any]]:
         if (
             getattr(node, "node_type", "") == "group"
             and isinstance(meta, dict)
-            and meta.get("status") == "complete"
+            and is_complete(meta)
             and path.split("/", 1)[0] in COLLECTIONS
         ):
             out[path] = meta
@@ -241,7 +242,7 @@ def verify_volume(
     returns (problems, notes).
     """
     res = VolumeResult(path, checksum=str(meta.get("checksum", "")))
-    record = (meta.get("complete") or {}).get("checksum")
+    record = getattr(CompletionRecord.of(meta), "checksum", None)
     if record != res.checksum:
         res.problems.append(f"completion record checksum {record} != group checksum")
     if catalog_checksum is None:
