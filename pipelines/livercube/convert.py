@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livercube.errors import SourceError, UsageError
+from livercube.faults import fault_point
 from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store.catalog import write_catalog
 from livercube.store.layout import filesystem, open_root, with_retries
@@ -111,6 +112,7 @@ def _volume_task(
     except SourceError as exc:
         return {"status": "skipped", "input": exc.source, "reason": exc.reason}
     record = write_volume(dest, volume, storage_options=storage_options, fingerprint=fingerprint)
+    fault_point("volume-written")
     return {
         "status": "converted",
         "input": task.key,

@@ -20,6 +20,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
+from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard
 from livercube.store.layout import open_zarr_store, volume_path
@@ -284,6 +285,7 @@ async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None
         *(put(f"{path}/{k}", v) for k, v in objects.items() if k != "zarr.json"),
         *(put(f"{p}/zarr.json", proto.buffer.from_bytes(_GROUP_DOC)) for p in parents),
     )
+    fault_point("before-group-doc")
     await store.set(f"{path}/zarr.json", objects["zarr.json"])
 
 
