@@ -54,6 +54,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         only=a.only,
     )
     print(report.summary())
+    if report.fatal:
+        print(f"livercube: error: {report.fatal}", file=sys.stderr)
     return report.exit_code
 
 
@@ -91,9 +93,12 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_catalog(a: argparse.Namespace) -> int:
+    from livercube.store import lease
     from livercube.store.catalog import write_catalog
 
-    ds = write_catalog(a.url, _storage_options(a.storage_option))
+    opts = _storage_options(a.storage_option)
+    with lease.held(a.url, opts, purpose="livercube catalog"):
+        ds = write_catalog(a.url, opts)
     print(f"catalog rebuilt: {ds.sizes['volume']} complete volumes")
     return EXIT_OK
 

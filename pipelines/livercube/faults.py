@@ -3,7 +3,9 @@
 A test cannot reliably kill a process "while it works" by polling from outside: the
 process may finish first, or die one step earlier or later than intended.  Instead a test
 starts the process (a Dask worker, a ``convert`` run) with ``LIVERCUBE_FAULT=POINT:N`` and
-the process SIGKILLs itself the N-th time it reaches the named point.  Unset (always, outside
+the process SIGKILLs itself the N-th time it reaches the named point
+(``POINT:N:stop``: SIGSTOPs itself instead, so a test can act while it is frozen there and
+then let it go on with SIGCONT).  Unset (always, outside
 tests), :func:`fault_point` is a dictionary lookup and nothing else.
 
 Points:
@@ -32,11 +34,12 @@ def fault_point(name: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    point, _, nth = spec.partition(":")
+    point, _, rest = spec.partition(":")
     if point != name:
         return
+    nth, _, action = rest.partition(":")
     with _lock:
         _hits[name] = _hits.get(name, 0) + 1
         due = _hits[name] == int(nth or 1)
     if due:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)

@@ -20,6 +20,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
+from livercube.errors import ForeignFilesError
 from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard
@@ -264,15 +265,43 @@ UPLOAD_CONCURRENCY = 16
 _GROUP_DOC = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 
+#: Children of a volume group that livercube writes; only these are ever deleted.
+OWN_CHILDREN = ("image", "label", "segments", "class_locations", "z", "y", "x", "pyramid", "labels")
+
+
+async def _clear_own_group(store: zarr.abc.store.Store, path: str) -> None:
+    """Delete the previous version of the volume at ``path`` — livercube's objects only.
+
+    The group document goes first, so a reader never pairs an old completion record with new
+    data.  Anything else found under the path (a user's own file in a folder that happens to
+    sit where a volume goes) is refused, not deleted.
+    """
+    keys = [k async for k in store.list_prefix(f"{path}/")]
+    foreign = sorted(
+        k
+        for k in keys
+        if k != f"{path}/zarr.json" and k[len(path) + 1 :].split("/", 1)[0] not in OWN_CHILDREN
+    )
+    if foreign:
+        shown = ", ".join(f.rsplit("/", 1)[-1] for f in foreign[:3])
+        raise ForeignFilesError(
+            f"{path}: refusing to replace this volume, the folder holds files livercube did "
+            f"not write ({shown}{', …' if len(foreign) > 3 else ''}); move them away"
+        )
+    await store.delete(f"{path}/zarr.json")
+    present = {k[len(path) + 1 :].split("/", 1)[0] for k in keys}
+    for child in OWN_CHILDREN:
+        if child in present:
+            await store.delete_dir(f"{path}/{child}")
+
+
 async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None:
     """Replace the group at ``path`` with ``objects``; its ``zarr.json`` goes last.
 
-    The old group document is deleted before anything else, so a reader never pairs an old
-    completion record with new data; until the new document lands the volume is invisible.
+    Until the new document lands the volume is invisible (see :func:`_clear_own_group`).
     """
     proto = default_buffer_prototype()
-    await store.delete(f"{path}/zarr.json")
-    await store.delete_dir(path)
+    await _clear_own_group(store, path)
     sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
     async def put(key: str, value) -> None:
