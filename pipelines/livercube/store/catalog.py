@@ -185,6 +185,9 @@ def build_catalog(vols: list[tuple[str, dict[str, Any]]], root_attrs: dict[str, 
 
 async def _metadata_documents(store: zarr.abc.store.Store) -> dict[str, Any]:
     """Every ``zarr.json`` in the store, fetched concurrently after one recursive listing."""
+    fs = getattr(store, "fs", None)
+    if fs is not None:  # fsspec caches listings per instance: a second rebuild must see now
+        fs.invalidate_cache()
     keys = [k async for k in store.list() if k == "zarr.json" or k.endswith("/zarr.json")]
     proto = default_buffer_prototype()
     sem = asyncio.Semaphore(32)
