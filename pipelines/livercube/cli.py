@@ -95,8 +95,11 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_catalog(a: argparse.Namespace) -> int:
     from livercube.store import lease
     from livercube.store.catalog import write_catalog
+    from livercube.store.layout import is_remote
 
     opts = _storage_options(a.storage_option)
+    if not is_remote(a.url) and not Path(a.url.removeprefix("file://")).is_dir():
+        raise UsageError(f"{a.url}: no such store")
     with lease.held(a.url, opts, purpose="livercube catalog"):
         ds = write_catalog(a.url, opts)
     print(f"catalog rebuilt: {ds.sizes['volume']} complete volumes")
