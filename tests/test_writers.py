@@ -372,3 +372,17 @@ def test_unreachable_s3_endpoint_is_one_line_naming_it(plc_release, plc_override
     )
     assert res.returncode == 1, res.stdout + res.stderr
     assert endpoint in _one_line_error(res)
+
+
+@pytest.mark.slow
+def test_missing_bucket_is_a_one_line_usage_error(s3_endpoint, plc_release, plc_overrides):
+    root, _ = plc_release
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
+    res = subprocess.run(
+        _cmd(root, "s3://no-such-bucket/store", plc_overrides, opts=opts),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "no such bucket 'no-such-bucket'" in _one_line_error(res)

@@ -329,14 +329,19 @@ def check_destination(dest: str, storage_options: dict | None) -> None:
         return
     fs, path = filesystem(dest, _fail_fast(dest, storage_options))
     try:
-        if fs.isfile(path):
-            raise UsageError(f"destination {dest} is an object, not a store prefix")
         try:
-            entries = sorted(
-                e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False, refresh=True)
-            )
+            listed = fs.ls(path, detail=False, refresh=True)
         except FileNotFoundError:
-            entries = []
+            listed = []
+            if str(dest).startswith(("s3://", "s3a://")):
+                bucket = path.split("/", 1)[0]
+                try:
+                    fs.ls(bucket, detail=False, refresh=True)
+                except FileNotFoundError:
+                    raise UsageError(f"destination {dest}: no such bucket {bucket!r}") from None
+        if not listed and fs.isfile(path):
+            raise UsageError(f"destination {dest} is an object, not a store prefix")
+        entries = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in listed)
         entries = [e for e in entries if e != lease.LEASE_NAME]
         body = fs.cat_file(f"{path.rstrip('/')}/zarr.json") if "zarr.json" in entries else None
     except (UsageError, PermissionError):
