@@ -494,6 +494,39 @@ def convert(
         tasks = [t for t in tasks if t.patient_id in wanted]
 
     check_destination(dest, storage_options)
+    try:
+        return _convert_holding_lease(
+            report,
+            tasks,
+            columns,
+            dest,
+            storage_options,
+            source_options,
+            overwrite,
+            scheduler,
+            workers,
+            progress,
+        )
+    except OSError as exc:  # the disk filled up before the report or catalog could say so
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreFullError(f"no space left on the device of {dest}: {exc.strerror}") from exc
+
+
+def _convert_holding_lease(
+    report: ConvertReport,
+    tasks: list[Any],
+    columns: dict[str, Any],
+    dest: str,
+    storage_options: dict | None,
+    source_options: dict | None,
+    overwrite: bool,
+    scheduler: str,
+    workers: int | None,
+    progress: bool,
+) -> ConvertReport:
+    """Everything that writes: under the store's lease, report first, catalog last."""
+    collection = report.collection
     with lease.held(dest, storage_options, purpose=f"livercube convert {collection}") as held:
         _prepare_root(dest, storage_options, collection, columns)
         write_report(dest, storage_options, report, reserve=True)
