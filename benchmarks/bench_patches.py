@@ -1,15 +1,22 @@
-"""Random 96³ patch reads: livercube's ShardReader vs zarr-python, local and over slow S3.
+"""Random 96³ patch reads: livercube vs TensorStore, zarr-python and nnU-Net v2, local and S3.
 
-    python benchmarks/bench_patches.py [--n 40] [--latency-ms 50]
+    python benchmarks/bench_patches.py [--n 40] [--latency-ms 50] [--slices 100,160,130]
+                                       [--keep DIR] [--no-s3]
 
-1. Local store: median ms per random 96³ patch (image + label), ShardReader vs naive
-   ``zarr.Array[box]``.
+1. Local store: median ms per random 96³ patch (image + label) from full-size (512²) noisy
+   CRLM-style volumes, on the same patches: livercube's ``ShardReader`` (with its CRC-32C
+   checks on, and with them skipped, to price them), ``PatchSampler.patch``, TensorStore's
+   ``zarr3`` driver on the same store (cache off), zarr-python ``arr[box]``, and nnU-Net v2's
+   blosc2 form written and opened by nnU-Net's own code.
 2. Object store: a moto S3 server behind a loopback asyncio proxy that delays every request by
    ``--latency-ms``; patches/s per process, GETs per patch, bytes fetched ÷ compressed bytes of
    the chunks the patch needs, for naive zarr-python and for PatchSampler (prefetching).
 
-The volume is a generated "small" PLC-CECT volume tiled to 160×256×256 and written with the
-store's own chunking (32×64×64 inner chunks, 64-slice shards) and codecs.  Not a test.
+Volumes: the example phantom with scanner-like noise (σ 15 HU, in-plane correlated,
+``livercube.synth.phantom``), anatomy rendered at 256² and repeated ×2 in-plane (rendering is
+the slow part), noise added at 512², written by the store's own writer (chunking, codecs,
+checksums).  The compression ratio is printed so it can be compared with patient CT (~3×).
+Not a test.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
+from livercube.store.layout import data_path
+
 PATCH = (96, 96, 96)
-SHAPE = (160, 256, 256)
+PLANE = 512
 
 
 def free_port() -> int:
@@ -39,88 +49,190 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_volume(tmp: Path) -> str:
-    """A store-like group ``vol`` with image + label written like the converter writes them."""
-    from livercube.convert import convert
-    from livercube.store.chunking import chunk_and_shard
-    from livercube.store.writer import COMPRESSOR, LABEL_COMPRESSOR
-    from livercube.synth.plc_cect import write_plc_cect
+def noisy_volume(seed: int, slices: int):
+    """A full-size CRLM-style volume (512², ``slices`` slices) with scanner-like noise."""
+    from livercube.synth.phantom import (
+        abdomen_grid,
+        correlated_noise,
+        make_anatomy,
+        reconstruction_circle,
+        render,
+    )
+    from livercube.volumes.volume import SegmentField, Volume
 
-    write_plc_cect(tmp / "PLC", n_subjects=1, size="small", seed=0)
-    convert(str(tmp / "PLC"), str(tmp / "src.zarr"), "plc-cect", progress=False)
-    src = zarr.open_group(str(tmp / "src.zarr"), mode="r", zarr_format=3, use_consolidated=False)
-    path = "plc-cect/P0001/CECT/C2"
-    image, label = src[path]["image"][...], src[path]["label"][...]
-    reps = [int(np.ceil(t / s)) for t, s in zip(SHAPE, image.shape, strict=True)]
-    crop = tuple(slice(0, t) for t in SHAPE)
-    out = str(tmp / "bench.zarr")
-    root = zarr.open_group(out, mode="w", zarr_format=3)
-    g = root.create_group("vol")
-    for name, data, comp in (("image", image, COMPRESSOR), ("label", label, LABEL_COMPRESSOR)):
-        big = np.tile(data, reps)[crop]
-        chunks, shards = chunk_and_shard(big.shape)
-        arr = g.create_array(
-            name,
-            shape=big.shape,
-            dtype=big.dtype,
-            chunks=chunks,
-            shards=shards,
-            compressors=[comp],
-            fill_value=0,
+    spacing = (2.5, 0.78, 0.78)
+    coarse = abdomen_grid((slices, PLANE // 2, PLANE // 2), (spacing[0], 1.56, 1.56))
+    r = render(
+        make_anatomy(seed, tumour_kind="tumor_met"),
+        coarse,
+        "portal_venous",
+        seed=seed,
+        scanner_noise=False,
+        noise_hu=0.0,
+    )
+
+    def up(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, 2, axis=1), 2, axis=2)
+
+    rng = np.random.default_rng([seed, 15])
+    image = up(r.image).astype(np.float32)
+    fov = reconstruction_circle(PLANE, PLANE)
+    for z0 in range(0, slices, 16):  # in slabs: bounded memory
+        image[z0 : z0 + 16] += correlated_noise(rng, image[z0 : z0 + 16].shape) * fov
+    image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+    grid = abdomen_grid((slices, PLANE, PLANE), spacing)
+    n_tumours = len(r.masks) - 6  # body, liver, remnant, 3 vessels, then tumor_1 …
+    field = SegmentField(grid.shape, 1 + n_tumours)
+    field.add(up(r.masks["liver"]), label="Liver", number=1, unified=1)
+    for i in range(n_tumours):
+        field.add(up(r.masks[f"tumor_{i + 1}"]), label=f"Tumor_{i + 1}", number=2 + i, unified=2)
+    return Volume(
+        "crlm",
+        f"CRLM-CT-{1001 + seed}",
+        "S1",
+        "100",
+        image,
+        grid,
+        "portal_venous",
+        segments=field,
+        meta={"intensity": {"exact": True}, "geometry_flags": {}, "source": {}},
+    )
+
+
+def build_store(tmp: Path, slices: list[int]) -> tuple[str, list[str], dict[str, float]]:
+    """Write the noisy volumes with the store's writer; (url, level-0 paths, sizes)."""
+    from livercube.store.catalog import write_catalog
+    from livercube.store.writer import write_volume
+
+    url = str(tmp / "bench.zarr")
+    marker = Path(url, ".bench-volumes")
+    if marker.exists() and marker.read_text() == repr(slices):
+        paths = sorted(
+            str(p.parent.relative_to(url)) for p in Path(url).glob("crlm/*/*/*/0/image")
         )
-        arr[...] = big
-    return out
+    else:
+        zarr.open_group(url, mode="w", zarr_format=3)
+        paths = []
+        for i, n in enumerate(slices):
+            # the full-resolution level of each volume: where its training arrays are
+            paths.append(data_path(write_volume(url, noisy_volume(i, n))["path"]))
+        write_catalog(url)
+        marker.write_text(repr(slices))
+    sizes = {"raw": 0.0, "stored": 0.0, "image_raw": 0.0, "image_stored": 0.0}
+    for p in paths:
+        for name in ("image", "label"):
+            arr = zarr.open_array(url, path=f"{p}/{name}", mode="r")
+            raw = arr.nbytes
+            stored = sum(f.stat().st_size for f in Path(url, p, name).rglob("*") if f.is_file())
+            sizes["raw"] += raw
+            sizes["stored"] += stored
+            if name == "image":
+                sizes["image_raw"] += raw
+                sizes["image_stored"] += stored
+    return url, paths, sizes
 
 
-def random_starts(n: int, seed: int = 0) -> list[tuple[int, int, int]]:
+def random_patches(url: str, paths: list[str], n: int, seed: int = 0):
+    """``n`` (volume path, start) pairs, volumes and positions uniform at random."""
     rng = np.random.default_rng(seed)
-    return [
-        tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(SHAPE, PATCH, strict=True))
-        for _ in range(n)
-    ]
+    out = []
+    for _ in range(n):
+        p = paths[int(rng.integers(len(paths)))]
+        shape = zarr.open_array(url, path=f"{p}/image", mode="r").shape
+        out.append((p, random_starts(shape, 1, int(rng.integers(2**31)))[0]))
+    return out
 
 
 def box(start):
     return tuple(slice(s, s + p) for s, p in zip(start, PATCH, strict=True))
 
 
-def bench_local(url: str, n: int) -> dict[str, float]:
-    from livercube.sampling import ArrayInfo, Box, ShardReader
+def _median_ms(times: list[float]) -> float:
+    return 1000 * statistics.median(times)
 
-    g = zarr.open_group(url, mode="r", zarr_format=3)["vol"]
-    img, lab = g["image"], g["label"]
-    starts = random_starts(n)
-    naive = []
-    for s in starts:
-        t = time.perf_counter()
-        img[box(s)], lab[box(s)]
-        naive.append(time.perf_counter() - t)
-    reader = ShardReader(url)
-    infos = [
-        ArrayInfo.from_metadata(f"vol/{k}", g[k].metadata.to_dict()) for k in ("image", "label")
-    ]
-    fast = []
-    reader.read_boxes([Box(i, starts[0], PATCH) for i in infos])  # index warm-up
-    for s in starts:
-        t = time.perf_counter()
-        a, b = reader.read_boxes([Box(i, s, PATCH) for i in infos])
-        fast.append(time.perf_counter() - t)
-    a, b = reader.read_boxes([Box(i, starts[-1], PATCH) for i in infos])
-    assert np.array_equal(a, img[box(starts[-1])]) and np.array_equal(b, lab[box(starts[-1])])
-    store_bytes = sum(
-        f.stat().st_size
-        for k in ("image", "label")
-        for f in Path(url, "vol", k).rglob("*")
-        if f.is_file()
-    )
-    return {
-        "zarr_ms": 1000 * statistics.median(naive),
-        "fast_ms": 1000 * statistics.median(fast),
-        "store_mb": store_bytes / 1e6,
+
+def engines_local(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
+    """name → ``read(path, start)`` returning (image, label) patches, for every local engine."""
+    from livercube.sampling import ArrayInfo, Box, PatchSampler, PatchSpec, ShardReader
+    from livercube.sampling import reader as reader_mod
+
+    arrays = {
+        p: {k: zarr.open_array(url, path=f"{p}/{k}", mode="r") for k in ("image", "label")}
+        for p in paths
     }
+    infos = {
+        p: [
+            ArrayInfo.from_metadata(f"{p}/{k}", arrays[p][k].metadata.to_dict())
+            for k in ("image", "label")
+        ]
+        for p in paths
+    }
+    reader = ShardReader(url)
+    checked = reader_mod.crc32c_ok
+
+    def fast(p, s):
+        return reader.read_boxes([Box(i, s, PATCH) for i in infos[p]])
+
+    def nocrc(p, s):  # the same read with the CRC-32C comparisons skipped: prices them
+        reader_mod.crc32c_ok = lambda data: True
+        try:
+            return fast(p, s)
+        finally:
+            reader_mod.crc32c_ok = checked
+
+    sampler = PatchSampler(url, patch_size=PATCH, seed=0, prefetch=1)
+    vol_index = {data_path(v.path): k for k, v in enumerate(sampler.volumes)}
+
+    def sampler_read(p, s):
+        spec = PatchSpec(0, 0, vol_index[p], s, PATCH, -1, s)
+        out = sampler.read(spec)
+        return out["image"][0], out["label"][0]
+
+    def zarr_read(p, s):
+        return arrays[p]["image"][box(s)], arrays[p]["label"][box(s)]
+
+    engines: dict[str, Any] = {"fast": fast, "zarr": zarr_read, "nocrc": nocrc}
+    try:
+        import tensorstore as ts
+    except ImportError:
+        ts = None
+    if ts is not None:
+        ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        tsa = {
+            p: [
+                ts.open(
+                    {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{url}/{p}/{k}/"}},
+                    context=ctx,
+                    open=True,
+                    read=True,
+                ).result()
+                for k in ("image", "label")
+            ]
+            for p in paths
+        }
+
+        def ts_read(p, s):
+            futs = [a[box(s)].read() for a in tsa[p]]
+            return [f.result() for f in futs]
+
+        engines["ts"] = ts_read
+        ts_reader = ShardReader(url, engine="tensorstore")
+
+        def ts_inside(p, s):  # the same engine behind livercube's API and integrity checks
+            return ts_reader.read_boxes([Box(i, s, PATCH) for i in infos[p]])
+
+        engines["ts_reader"] = ts_inside
+    engines["sampler"] = sampler_read
+    engines.update(blosc2_engines(url, paths, tmp))
+    for p in paths:  # shard indexes cached, as after the first patches of a run
+        fast(p, (0, 0, 0))
+        if "ts_reader" in engines:
+            engines["ts_reader"](p, (0, 0, 0))
+        sampler_read(p, (0, 0, 0))
+    return engines
 
 
-def bench_blosc2(url: str, tmp: Path, n: int) -> dict[str, float] | None:
+def blosc2_engines(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
     """nnU-Net v2's on-disk form, written and opened by nnU-Net's own code.
 
     ``comp_blosc2_params`` (nnU-Net's chunk/block heuristic for the patch size) and
@@ -128,7 +240,7 @@ def bench_blosc2(url: str, tmp: Path, n: int) -> dict[str, float] | None:
     loader call them; a patch is ``data[:, box]`` and ``seg[:, box]`` as in its data loader.
     Two forms: nnU-Net's real one (float32 normalised image, int16 seg) and the same voxels as
     int16/uint8 (what livercube stores), so the format and the dtype effect can be told apart.
-    Skipped when ``nnunetv2``/``blosc2`` are not installed (``pip install -e '.[bench]'``).
+    Empty without ``nnunetv2``/``blosc2`` (``pip install -e '.[bench]'``).
     """
     try:
         from nnunetv2.training.dataloading.nnunet_dataset import (
@@ -136,47 +248,114 @@ def bench_blosc2(url: str, tmp: Path, n: int) -> dict[str, float] | None:
             nnUNetDatasetBlosc2,
         )
     except ImportError:
-        return None
-    g = zarr.open_group(url, mode="r", zarr_format=3)["vol"]
-    image, label = g["image"][...], g["label"][...]
-    norm = ((image.astype(np.float32) - image.mean()) / image.std())[None]
-    forms = {
-        "nnunet": (norm, label[None].astype(np.int16)),
-        "nnunet_int16": (image[None], label[None]),
-    }
-    out: dict[str, float] = {}
-    starts = random_starts(n)
-    for name, (data, seg) in forms.items():
-        blocks, chunks = comp_blosc2_params(data.shape, PATCH, data.itemsize)
-        blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, PATCH, seg.itemsize)
-        nnUNetDatasetBlosc2.save_case(
-            data,
-            seg,
-            {},
-            str(tmp / name),
-            chunks=chunks,
-            blocks=blocks,
-            chunks_seg=chunks_seg,
-            blocks_seg=blocks_seg,
-        )
-        ds = nnUNetDatasetBlosc2(str(tmp), identifiers=[name])
-        d, sg, _, _ = ds.load_case(name)
-        times = []
-        for st in starts:
-            sel = (slice(None), *box(st))
+        return {}
+    engines: dict[str, Any] = {}
+    for form in ("nnunet", "nnunet_int16"):
+        cases, size = {}, 0
+        for i, p in enumerate(paths):
+            image = zarr.open_array(url, path=f"{p}/image", mode="r")[...]
+            label = zarr.open_array(url, path=f"{p}/label", mode="r")[...]
+            if form == "nnunet":
+                data = ((image.astype(np.float32) - image.mean()) / image.std())[None]
+                seg = label[None].astype(np.int16)
+            else:
+                data, seg = image[None], label[None]
+            del image, label
+            blocks, chunks = comp_blosc2_params(data.shape, PATCH, data.itemsize)
+            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, PATCH, seg.itemsize)
+            name = f"{form}_{i}"
+            nnUNetDatasetBlosc2.save_case(
+                data,
+                seg,
+                {},
+                str(tmp / name),
+                chunks=chunks,
+                blocks=blocks,
+                chunks_seg=chunks_seg,
+                blocks_seg=blocks_seg,
+            )
+            del data, seg
+            size += sum((tmp / f).stat().st_size for f in (f"{name}.b2nd", f"{name}_seg.b2nd"))
+            ds = nnUNetDatasetBlosc2(str(tmp), identifiers=[name])
+            cases[p] = ds.load_case(name)[:2]
+
+        def read(p, s, cases=cases):
+            d, sg = cases[p]
+            sel = (slice(None), *box(s))
+            return np.asarray(d[sel])[0], np.asarray(sg[sel])[0]
+
+        read.mb = size / 1e6  # type: ignore[attr-defined]
+        read.layout = f"chunks {chunks}, blocks {blocks}"  # type: ignore[attr-defined]
+        engines[form] = read
+    return engines
+
+
+def bench_local(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, Any]:
+    """Median ms per patch of every engine on the same patches, interleaved.
+
+    Each patch is read by every engine in turn, in a fresh random order per patch, so changes
+    in machine load hit every engine alike and no engine always follows the same one (an
+    engine right after blosc2, whose threads keep spinning for a while, or right after a read
+    of the same chunks, would be measured unfairly); ratios are what to read.
+    """
+    import google_crc32c
+
+    engines = engines_local(url, paths, tmp)
+    names = list(engines)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    paired: list[float] = []
+    patches = random_patches(url, paths, n)
+    shuffle = np.random.default_rng(7)
+    for p, s in patches:
+        for name in shuffle.permutation(names):
             t = time.perf_counter()
-            np.asarray(d[sel]), np.asarray(sg[sel])
-            times.append(time.perf_counter() - t)
-        sel = (slice(None), *box(starts[-1]))
-        assert np.array_equal(np.asarray(d[sel]), data[sel])
-        assert np.array_equal(np.asarray(sg[sel]), seg[sel])
-        out[f"{name}_ms"] = 1000 * statistics.median(times)
-        out[f"{name}_mb"] = (
-            sum((tmp / f).stat().st_size for f in (f"{name}.b2nd", f"{name}_seg.b2nd")) / 1e6
+            engines[name](p, s)
+            times[name].append(time.perf_counter() - t)
+        paired.append(times["fast"][-1] - times["nocrc"][-1])
+    p, s = patches[-1]
+    want = engines["zarr"](p, s)
+    for name in names:
+        got = engines[name](p, s)
+        if name != "nnunet":  # float32-normalised image: compared by nnU-Net's own loader
+            assert np.array_equal(np.asarray(got[0]), want[0]), name
+        assert np.array_equal(np.asarray(got[1]), want[1]), name
+    res: dict[str, Any] = {f"{k}_ms": _median_ms(v) for k, v in times.items()}
+    res.update({f"{k}_min_ms": 1000 * min(v) for k, v in times.items()})
+    res["crc_paired_ms"] = 1000 * statistics.median(paired)
+    for name in ("nnunet", "nnunet_int16"):
+        if name in engines:
+            res[f"{name}_mb"] = engines[name].mb
+            res[f"{name}_layout"] = engines[name].layout
+    # the checksum alone: CRC-32C over one patch's compressed chunks (sizes as stored), best
+    # of 100 rounds — the CPU it costs when the machine is not busy with anything else
+    from livercube.sampling import ArrayInfo, Box, ShardReader
+
+    reader = ShardReader(url)
+    q, st = patches[0]
+    boxes = [
+        Box(
+            ArrayInfo.from_metadata(
+                f"{q}/{a}", zarr.open_array(url, path=f"{q}/{a}").metadata.to_dict()
+            ),
+            st,
+            PATCH,
         )
-        out[f"{name}_chunks"] = str(chunks)  # type: ignore[assignment]
-        out[f"{name}_blocks"] = str(blocks)  # type: ignore[assignment]
-    return out
+        for a in ("image", "label")
+    ]
+    reader.read_boxes(boxes)
+    res["chunk_mb"] = reader.stats.chunk_bytes / 1e6
+    n_chunks = reader.stats.chunks
+    piece = np.frombuffer(
+        os.urandom(max(1, reader.stats.chunk_bytes // max(1, n_chunks))), np.uint8
+    )
+    best = float("inf")
+    for _ in range(100):
+        t = time.perf_counter()
+        for _ in range(n_chunks):
+            google_crc32c.value(piece)
+        best = min(best, time.perf_counter() - t)
+    res["crc_only_ms"] = 1000 * best
+    return res
 
 
 # -- slow object store ---------------------------------------------------------------------------
@@ -231,7 +410,16 @@ def start_proxy(upstream: str, latency: float) -> tuple[str, dict]:
     return f"http://127.0.0.1:{port}", counter
 
 
-def bench_s3(local_url: str, n: int, latency_ms: float) -> dict[str, float]:
+def random_starts(shape, n: int, seed: int = 0) -> list[tuple[int, ...]]:
+    rng = np.random.default_rng(seed)
+    return [
+        tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, PATCH, strict=True))
+        for _ in range(n)
+    ]
+
+
+def bench_s3(local_url: str, path: str, n: int, latency_ms: float) -> dict[str, float]:
+    """S3 figures for one volume (``path``): only its image and label are uploaded."""
     import s3fs
     from zarr.storage import FsspecStore
 
@@ -255,17 +443,18 @@ def bench_s3(local_url: str, n: int, latency_ms: float) -> dict[str, float]:
         direct = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{port}"}
         fs = s3fs.S3FileSystem(**direct, skip_instance_cache=True)
         fs.mkdir("bench")
-        fs.put(f"{local_url}/", "bench/store/", recursive=True)
+        for name in ("image", "label"):
+            fs.put(f"{local_url}/{path}/{name}/", f"bench/store/{path}/{name}/", recursive=True)
         proxy, counter = start_proxy(f"http://127.0.0.1:{port}", latency_ms / 1000)
         opts = {**direct, "endpoint_url": proxy}
         url = "s3://bench/store"
-        starts = random_starts(n, seed=1)
         res: dict[str, float] = {}
 
         # naive zarr-python through s3fs
         zs = FsspecStore.from_url(url, storage_options=opts, read_only=True)
-        g = zarr.open_group(zs, mode="r", zarr_format=3, use_consolidated=False)["vol"]
+        g = {k: zarr.open_array(zs, path=f"{path}/{k}", mode="r") for k in ("image", "label")}
         img, lab = g["image"], g["label"]
+        starts = random_starts(img.shape, n, seed=1)
         k = max(3, n // 8)
         counter["requests"] = 0
         t = time.perf_counter()
@@ -278,9 +467,10 @@ def bench_s3(local_url: str, n: int, latency_ms: float) -> dict[str, float]:
         # ShardReader, one patch at a time (latency of one patch)
         reader = ShardReader(url, opts, workers=16)
         infos = [
-            ArrayInfo.from_metadata(f"vol/{a}", g[a].metadata.to_dict()) for a in ("image", "label")
+            ArrayInfo.from_metadata(f"{path}/{a}", g[a].metadata.to_dict())
+            for a in ("image", "label")
         ]
-        for s in random_starts(8, seed=99):  # warm the shard-index cache
+        for s in random_starts(img.shape, 8, seed=99):  # warm the shard-index cache
             reader.read_boxes([Box(i, s, PATCH) for i in infos])
         reader.stats.reset()
         counter["requests"] = counter["bytes"] = 0
@@ -295,7 +485,7 @@ def bench_s3(local_url: str, n: int, latency_ms: float) -> dict[str, float]:
 
         # the test server's own ceiling: plain concurrent ranged GETs through the same proxy,
         # no decoding — no reader can fetch faster than this from this moto server
-        shard = next(p for p in fs.find("bench/store/vol/image") if "/c/" in p)
+        shard = next(p for p in fs.find(f"bench/store/{path}/image") if "/c/" in p)
         size = fs.size(shard)
         m = 200
         begin = [(i * 7919) % max(1, size - 65_536) for i in range(m)]
@@ -319,38 +509,68 @@ def bench_s3(local_url: str, n: int, latency_ms: float) -> dict[str, float]:
 
 
 def main() -> None:
+    from livercube.synth.phantom import use_scanner_noise
+
+    use_scanner_noise(True)  # every phantom rendered here is CT-like
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40, help="patches per measurement")
     ap.add_argument("--latency-ms", type=float, default=50.0)
+    ap.add_argument("--slices", default="100,160,130", help="slices of each 512² volume")
+    ap.add_argument("--keep", help="build (or reuse) the volumes in this directory")
+    ap.add_argument("--no-s3", action="store_true", help="local measurements only")
     args = ap.parse_args()
+    slices = [int(v) for v in args.slices.split(",")]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        url = build_volume(tmp)
-        loc = bench_local(url, args.n)
-        b2 = bench_blosc2(url, tmp, args.n)
-        print(f"volume {SHAPE}, patch {PATCH} (image int16 + label uint8)")
-        print("\nlocal store, median ms per patch")
-        print(f"  zarr-python arr[box]   {loc['zarr_ms']:8.1f} ms   1.00x")
+        base = Path(args.keep) if args.keep else tmp
+        base.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        url, paths, sizes = build_store(base, slices)
+        built = time.perf_counter() - t0
+        loc = bench_local(url, paths, tmp, args.n)
         print(
-            f"  livercube ShardReader  {loc['fast_ms']:8.1f} ms   "
-            f"{loc['fast_ms'] / loc['zarr_ms']:.2f}x"
+            f"{len(paths)} noisy CRLM-style volumes, {PLANE}² x {slices} slices (built in "
+            f"{built:.0f} s); patch {PATCH} (image int16 + label uint8), {args.n} patches, "
+            f"every engine on every patch, interleaved; 1-min load {os.getloadavg()[0]:.1f}"
         )
-        if b2:
-            for name, what in (
-                ("nnunet", "float32 image + int16 seg, as nnU-Net stores them"),
-                ("nnunet_int16", "int16 image + uint8 label, livercube's dtypes"),
-            ):
-                ms = b2[f"{name}_ms"]
-                print(
-                    f"  nnU-Net v2 blosc2      {ms:8.1f} ms   {ms / loc['zarr_ms']:.2f}x  "
-                    f"ShardReader ÷ this = {loc['fast_ms'] / ms:.2f}x  ({what}; "
-                    f"{b2[f'{name}_mb']:.1f} MB on disk, chunks {b2[f'{name}_chunks']}, "
-                    f"blocks {b2[f'{name}_blocks']})"
-                )
-            print(f"  livercube store on disk: {loc['store_mb']:.1f} MB (image + label)")
-        else:
-            print("  nnU-Net v2 blosc2       not installed (pip install -e '.[bench]') — skipped")
-        s3 = bench_s3(url, args.n, args.latency_ms)
+        print(
+            f"compression: image {sizes['image_raw'] / sizes['image_stored']:.2f}x "
+            f"(patient CT ~3x), image + label {sizes['raw'] / sizes['stored']:.2f}x; "
+            f"{sizes['stored'] / 1e6:.0f} MB stored"
+        )
+        rows = [
+            ("fast", "livercube ShardReader (CRC-32C checked)"),
+            ("nocrc", "livercube ShardReader, CRC checks skipped"),
+            ("sampler", "livercube PatchSampler.read"),
+            ("ts", "TensorStore zarr3, same store, cache off"),
+            ("ts_reader", "ShardReader(engine='tensorstore')"),
+            ("zarr", "zarr-python arr[box]"),
+            ("nnunet", "nnU-Net v2 blosc2 (float32 image, int16 seg)"),
+            ("nnunet_int16", "nnU-Net v2 blosc2, int16 image + uint8 label"),
+        ]
+        print("\nlocal store, ms per patch                  median   ShardReader / this   fastest")
+        for key, name in rows:
+            ms = loc.get(f"{key}_ms")
+            if ms is None:
+                print(f"  {name:46s}   not installed (pip install -e '.[bench]')")
+                continue
+            print(
+                f"  {name:46s} {ms:7.2f}  {loc['fast_ms'] / ms:6.2f}x  {loc[f'{key}_min_ms']:12.2f}"
+            )
+        if "nnunet_mb" in loc:
+            print(
+                f"  (blosc2 on disk: {loc['nnunet_mb']:.0f} MB float32 form, "
+                f"{loc['nnunet_int16_mb']:.0f} MB int16 form; {loc['nnunet_int16_layout']})"
+            )
+        print(
+            f"checksum cost per patch: median paired difference {loc['crc_paired_ms']:+.2f} ms "
+            f"({loc['crc_paired_ms'] / loc['nocrc_ms']:+.1%}); CRC-32C alone over a patch's "
+            f"{loc['chunk_mb']:.2f} MB of compressed chunks: {loc['crc_only_ms']:.2f} ms "
+            f"({loc['crc_only_ms'] / loc['fast_ms']:.1%} of the read)"
+        )
+        if args.no_s3:
+            return
+        s3 = bench_s3(url, paths[0], args.n, args.latency_ms)
         print(f"\nmoto S3 behind a {args.latency_ms:.0f} ms/request proxy, one process")
         print(
             f"  zarr-python arr[box]        {s3['zarr_patches_s']:7.2f} patches/s  "

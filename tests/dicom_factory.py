@@ -15,9 +15,11 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+from livercube.sources import dicom_sop
+
+CT_IMAGE_STORAGE = dicom_sop.CT_IMAGE
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_STORAGE = dicom_sop.SEGMENTATION
 
 
 def canonical_test_array(shape=(6, 16, 16), seed=0) -> np.ndarray:

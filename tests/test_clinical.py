@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from openpyxl import Workbook, load_workbook
 
+import livercube
+from livercube import cli
+from livercube.convert import convert, plan_collection
 from livercube.errors import UnreadableFileError
-from livercube.sources.clinical import read_clinical, reconcile
+from livercube.sources.clinical import (
+    COLUMN_SPECS,
+    looks_identifying,
+    read_clinical,
+    reconcile,
+    select_columns,
+)
+from livercube.store.contract import check_store
+from livercube.store.verify import verify
 from livercube.synth.dicom_collections import write_crlm, write_hcc_tace_seg
 
 
@@ -182,3 +195,172 @@ def test_csv_export(crlm, hcc, tmp_path):
     bad.write_text("id,age\nX,1\n")
     with pytest.raises(UnreadableFileError, match=r"'Patient-ID'.*\['id', 'age'\]"):
         read_clinical(str(bad), "crlm")
+
+
+# --------------------------------------------------------------------------- stored columns
+
+
+def test_documented_columns_never_look_identifying():
+    for collection, columns in COLUMN_SPECS.items():
+        assert not [c for c in columns if looks_identifying(c)], collection
+    for name in ("PatientName", "DOB", "Address", "Patient DOB", "date_of_birth", "MRN",
+                 "mrn_number", "e-mail", "Phone", "Zip Code", "first_name", "SSN"):
+        assert looks_identifying(name), name
+    for name in ("toxicity", "Tr_Size", "Okuda", "months_to_DFS_progression"):
+        assert not looks_identifying(name), name
+
+
+def test_only_documented_and_named_columns_are_stored(crlm, tmp_path):
+    wb = load_workbook(crlm.clinical_path)
+    ws = wb["TCIA_n=197"]
+    extra = ["PatientName", "DOB", "Address", "Research_Code", "toxicity_grade"]
+    first = ws.max_column + 1
+    for j, name in enumerate(extra):
+        ws.cell(row=1, column=first + j, value=name)
+        for i in range(2, ws.max_row + 1):
+            ws.cell(row=i, column=first + j, value=f"{name}-{i}")
+    wb.save(tmp_path / "planted.xlsx")
+    table = read_clinical(str(tmp_path / "planted.xlsx"), "crlm")
+    assert set(extra) <= set(table.columns)  # read_clinical reads everything …
+
+    kept = select_columns(table, ["Research_Code", "Address", "Nope"])  # … not all is stored
+    assert set(kept.columns) == set(COLUMN_SPECS["crlm"]) | {"Research_Code"}
+    for row in kept.rows.values():
+        assert set(row) == set(kept.columns)
+    assert kept.age == table.age and kept.sex == table.sex
+    text = "\n".join(kept.notes)
+    assert "'PatientName' looks identifying" in text and "'DOB' looks identifying" in text
+    assert "'Address' named with --clinical-column but looks identifying" in text
+    assert "['toxicity_grade'] are not documented" in text
+    assert "--clinical-column 'Nope': no such column" in text
+    default = select_columns(table)
+    assert set(default.columns) == set(COLUMN_SPECS["crlm"])
+
+
+# --------------------------------------------------------------------------- broken files
+
+
+def _truncated(src: Path) -> bytes:
+    data = src.read_bytes()
+    return data[: len(data) // 2]
+
+
+def _empty_workbook(path: Path) -> bytes:
+    wb = Workbook()
+    wb.active.title = "data table"
+    wb.save(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("zero-byte", r"empty \(0 bytes\)"),
+        ("truncated", r"truncated or corrupt \.xlsx|not a readable \.xlsx"),
+        ("empty-workbook", r"no 'TCIA_ID' column"),
+        ("not-a-zip", r"not an \.xlsx workbook"),
+        ("blank-csv", r"empty \(3 bytes\)"),
+    ],
+)
+def test_broken_spreadsheets_name_the_file_and_reason(hcc, tmp_path, kind, reason):
+    name = "sheet.csv" if kind == "blank-csv" else "sheet.xlsx"
+    path = tmp_path / name
+    data = {
+        "zero-byte": lambda: b"",
+        "truncated": lambda: _truncated(hcc.clinical_path),
+        "empty-workbook": lambda: _empty_workbook(tmp_path / "e.xlsx"),
+        "not-a-zip": lambda: b"TCIA_ID,age\nHCC_001,60\n",
+        "blank-csv": lambda: b" \n\n",
+    }[kind]()
+    path.write_bytes(data)
+    with pytest.raises(UnreadableFileError, match=reason) as err:
+        read_clinical(str(path), "hcc-tace-seg")
+    assert err.value.source == str(path)
+
+
+@pytest.fixture(scope="module")
+def small_hcc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hcc-broken") / "HCC-TACE-Seg"
+    truth = write_hcc_tace_seg(root, n_patients=1)
+    return root, truth
+
+
+def _assert_images_without_covariates(report: dict, source: str, dest: Path, sheet: Path) -> None:
+    """``report``: the saved livercube-report.json."""
+    n_volumes = len(plan_collection(source, "hcc-tace-seg", clinical=str(sheet)).tasks)
+    assert report["exit_code"] == 3, report
+    assert n_volumes > 0 and len(report["converted"]) == n_volumes and not report["failed"]
+    (entry,) = [s for s in report["skipped"] if s["input"] == str(sheet)]
+    assert "clinical covariates skipped, images converted" in entry["reason"]
+    cat = livercube.open(str(dest)).catalog
+    assert cat.sizes["volume"] == n_volumes
+    assert not [v for v in cat.variables if str(v).startswith("hcc_")]
+    assert np.isnan(cat["age"].values).all()
+    assert check_store(str(dest)) == [] and verify(str(dest)).exit_code == 0
+
+
+def _saved_report(dest: Path) -> dict:
+    return json.loads((dest / "livercube-report.json").read_text())
+
+
+def test_zero_byte_spreadsheet_in_source_converts_images_exit_3(small_hcc, tmp_path):
+    root, truth = small_hcc
+    source = tmp_path / "HCC-TACE-Seg"
+    shutil.copytree(root, source)
+    sheet = source / truth.clinical_path.name
+    sheet.write_bytes(b"")  # found in SOURCE, as released
+    dest = tmp_path / "store.zarr"
+    report = convert(str(source), str(dest), "hcc-tace-seg", progress=False)
+    assert report.exit_code == 3
+    _assert_images_without_covariates(_saved_report(dest), str(source), dest, sheet)
+    assert "empty (0 bytes)" in report.summary()
+
+
+def test_truncated_spreadsheet_via_cli_exit_3(small_hcc, tmp_path, capsys):
+    root, truth = small_hcc
+    sheet = tmp_path / "clinical.xlsx"
+    sheet.write_bytes(_truncated(truth.clinical_path))
+    dest = tmp_path / "store.zarr"
+    code = cli.main(
+        ["convert", str(root), str(dest), "--collection", "hcc-tace-seg",
+         "--clinical", str(sheet), "--quiet"]
+    )  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 3
+    assert "Traceback" not in out.out + out.err
+    assert f"SKIPPED {sheet}:" in out.out
+    _assert_images_without_covariates(_saved_report(dest), str(root), dest, sheet)
+
+
+def test_empty_crlm_workbook_converts_images(tmp_path):
+    root = tmp_path / "CRLM"
+    truth = write_crlm(root, n_patients=1)
+    wb = Workbook()
+    wb.active.title = "TCIA_n=197"
+    wb.save(truth.clinical_path)
+    dest = tmp_path / "store.zarr"
+    report = convert(str(root), str(dest), "crlm", progress=False)
+    assert report.exit_code == 3
+    (entry,) = report.skipped
+    assert entry["input"] == str(truth.clinical_path) and "Patient-ID" in entry["reason"]
+    assert len(report.converted) == len(truth.patient_ids) >= 1
+    assert not [v for v in livercube.open(str(dest)).catalog.variables if v.startswith("crlm_")]
+
+
+def test_cli_passes_clinical_columns_and_description_mode(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_convert(source, dest, collection, **kwargs):
+        seen.update(kwargs)
+        from livercube.convert import ConvertReport
+
+        return ConvertReport(collection, source, dest, "now")
+
+    monkeypatch.setattr(cli, "convert", fake_convert)
+    argv = ["convert", "src", str(tmp_path / "s.zarr"), "--collection", "crlm", "--quiet"]
+    assert cli.main(argv) == 0
+    assert seen["keep_descriptions"] is False and not seen["clinical_columns"]
+    argv += ["--keep-descriptions", "--clinical-column", "A b", "--clinical-column", "C"]
+    assert cli.main(argv) == 0
+    assert seen["keep_descriptions"] is True and seen["clinical_columns"] == ["A b", "C"]
+    capsys.readouterr()

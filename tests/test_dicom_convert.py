@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from seg_invariant import assert_segment_counts
 
 import livercube
+from livercube.sources import dicom_sop
 from livercube.store.contract import check_store
 from livercube.synth.dicom_collections import write_crlm, write_hcc_tace_seg
 
@@ -56,6 +59,7 @@ def check_against_truth(url: str, truth, storage_options: dict | None = None) ->
         assert list(got) == list(seg.segment_labels)
         for label, mask in seg.masks.items():
             np.testing.assert_array_equal(got[label], mask, err_msg=f"{seg.path} {label}")
+        assert_segment_counts(store, annotated[0])
     assert check_store(url, storage_options) == []
 
 
@@ -98,6 +102,37 @@ def test_crlm_through_the_cli(crlm, tmp_path):
     assert "crlm_overall_survival_months" in cat and "crlm_mucin_percent" in cat
 
 
+@pytest.mark.slow
+def test_crlm_real_world_variants_through_the_cli(tmp_path):
+    """Per-slice AcquisitionNumbers, a SEG without adjacent frames, a LABELMAP SEG and a tilted
+    CT, written by the generator, converted and verified against independent decoders."""
+    root = tmp_path / "CRLM"
+    truth = write_crlm(
+        root, n_patients=3, size="tiny", seed=5, per_slice_acquisition_numbers=True,
+        sparse_seg_frames=True, labelmap_seg=True, gantry_tilt=True,
+    )  # fmt: skip
+    # the variants are really there
+    numbers = {int(pydicom.dcmread(f, stop_before_pixels=True).AcquisitionNumber)
+               for f in truth.quirks["per_slice_acquisition_numbers"]}  # fmt: skip
+    assert len(numbers) == len(truth.quirks["per_slice_acquisition_numbers"]) > 2
+    sparse = pydicom.dcmread(truth.segs[0].path, stop_before_pixels=True)
+    zs = sorted({round(float(f.PlanePositionSequence[0].ImagePositionPatient[2]), 3)
+                 for f in sparse.PerFrameFunctionalGroupsSequence})  # fmt: skip
+    assert min(np.diff(zs)) > truth.segs[0].grid.spacing[0] * 1.5
+    labelmap = pydicom.dcmread(truth.segs[1].path, stop_before_pixels=True)
+    assert labelmap.SOPClassUID == dicom_sop.LABELMAP_SEGMENTATION
+    dest = tmp_path / "s.zarr"
+    res = cli("convert", str(root), str(dest), "--collection", "crlm", "--quiet")
+    assert res.returncode == 3, res.stdout + res.stderr
+    skipped = [line for line in res.stdout.splitlines() if "SKIPPED" in line]
+    assert any("gantry tilt" in line for line in skipped), skipped
+    assert any("no CT acquisition of its study" in line for line in skipped), skipped
+    assert len(skipped) == 2, skipped
+    check_against_truth(str(dest), truth)
+    res = cli("verify", str(dest), "--source", str(root), "--collection", "crlm")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_crlm_from_idc_layout_on_s3(tmp_path, s3_bucket):
     """The IDC bucket layout, read from a real S3 endpoint, written to another bucket."""
     import s3fs
@@ -138,9 +173,14 @@ def test_quirks_are_reported_not_lost(tmp_path):
     )
     dest = tmp_path / "s.zarr"
     res = cli("convert", str(root), str(dest), "--collection", "hcc-tace-seg", "--quiet")
-    # nothing that exists is lost: junk and the truncated copy are notes, the hole is filled
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "README.txt: not a DICOM file" in res.stdout
+    # nothing that exists is lost: the README is expected, the truncated copy is a note, the
+    # hole is filled; the zero-byte "slice" is a damaged input, so the run says so (exit 3)
+    assert res.returncode == 3, res.stdout + res.stderr
+    skipped = [line for line in res.stdout.splitlines() if "SKIPPED" in line]
+    assert len(skipped) == 1 and skipped[0].endswith(
+        "1-00.dcm: zero-byte file (damaged or incomplete download)"
+    ), skipped
+    assert "README.txt" not in res.stdout
     assert "(1).dcm: duplicate SOPInstanceUID" in res.stdout and "truncated copy" in res.stdout
     assert "missing slice(s) filled with -1024 HU" in res.stdout
     store = livercube.open(str(dest))

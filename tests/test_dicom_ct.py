@@ -31,7 +31,8 @@ from livercube.errors import (
     UnreadableFileError,
 )
 from livercube.sources.dicom_ct import FILL_HU, read_acquisition
-from livercube.sources.dicom_scan import analyse_spacing, scan
+from livercube.sources.dicom_geometry import analyse_spacing
+from livercube.sources.dicom_scan import scan
 
 SHAPE = (6, 16, 16)
 SPACING = (2.5, 0.75, 0.7)
@@ -435,17 +436,35 @@ def test_truncated_duplicate_keeps_the_good_copy(tmp_path, truncated_first):
     assert "truncated" in notes[0].reason
 
 
-def test_truncated_unique_file_is_an_error_not_a_gap(tmp_path):
+def test_truncated_unique_file_is_a_lost_input_and_a_flagged_gap(tmp_path):
     a = canonical_test_array(SHAPE, seed=27)
     paths = write_ct_series(tmp_path, a)
     victim = paths[3]
     victim.write_bytes(victim.read_bytes()[:-100])
     result = scan(str(tmp_path))
-    acq = result.acquisitions[0]
-    assert len(acq.slices) == SHAPE[0]
-    assert any("truncated" in n.reason for n in acq.notes)
-    with pytest.raises(UnreadableFileError, match=victim.name):
-        read_acquisition(acq)
+    (acq,) = result.acquisitions
+    assert len(acq.slices) == SHAPE[0] - 1
+    (lost,) = result.left_out
+    assert lost.path == str(victim) and "truncated" in lost.reason
+    vol = read_acquisition(acq)
+    assert len(vol.filled_slices) == 1 and (vol.image[vol.filled_slices[0]] == FILL_HU).all()
+
+
+def test_slice_damaged_after_the_scan_is_filled_and_named(tmp_path):
+    a = canonical_test_array(SHAPE, seed=28)
+    paths = write_ct_series(tmp_path, a)
+    result = scan(str(tmp_path))
+    paths[2].write_bytes(b"\x00" * 50)  # corrupted between planning and reading
+    vol = read_acquisition(result.acquisitions[0])
+    (damaged,) = vol.damaged_slices
+    assert damaged["path"] == str(paths[2]) and "cannot read DICOM file" in damaged["reason"]
+    assert damaged["z"] in vol.filled_slices
+    keep = [z for z in range(SHAPE[0]) if z != damaged["z"]]
+    np.testing.assert_array_equal(vol.image[keep], a[keep])
+    for p in paths:
+        p.write_bytes(b"")
+    with pytest.raises(UnreadableFileError, match="no slice could be read"):
+        read_acquisition(result.acquisitions[0])
 
 
 def test_identical_duplicate_copy(tmp_path):
@@ -466,11 +485,12 @@ def test_junk_files_are_skipped_with_notes(tmp_path):
     (tmp_path / "metadata.csv").write_text("Series UID,Collection\n1.2.3,X\n")
     result, vol = read_single(tmp_path)
     np.testing.assert_array_equal(vol.image, a)
-    reasons = {Path(n.path).name: n.reason for n in result.notes}
-    assert reasons["README.txt"] == "not a DICOM file"
-    assert reasons["metadata.csv"] == "not a DICOM file"
-    assert reasons["empty.dcm"] == "zero-byte file"
-    assert "noise.dcm" in reasons
+    # files the download layout ships are not worth a word; damaged "DICOM" files are losses
+    assert result.notes == []
+    lost = {Path(n.path).name: n.reason for n in result.left_out}
+    assert set(lost) == {"empty.dcm", "noise.dcm"}
+    assert lost["empty.dcm"].startswith("zero-byte file")
+    assert "not DICOM" in lost["noise.dcm"]
     assert result.n_files == 6 + 4
 
 

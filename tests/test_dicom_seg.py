@@ -17,9 +17,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_factory import Study, canonical_test_array, write_ct_series
+from seg_factory import sorted_sources, write_hd_seg
 
 from livercube.errors import UsageError
 from livercube.schema import map_segment_label
+from livercube.sources import dicom_sop
 from livercube.sources.dicom_ct import read_acquisition
 from livercube.sources.dicom_scan import scan
 from livercube.sources.dicom_seg import (
@@ -104,49 +106,9 @@ def image_of(mask: np.ndarray, spacing_zyx, origin_zyx) -> sitk.Image:
     return img
 
 
-def sorted_sources(directory: Path) -> list[pydicom.Dataset]:
-    dss = [pydicom.dcmread(p) for p in sorted(directory.glob("*.dcm"))]
-    for ds in dss:  # type 2 patient/study attributes highdicom copies into the SEG
-        for keyword in ("PatientSex", "StudyID", "StudyTime", "AccessionNumber"):
-            ds.setdefault(keyword, "")
-        ds.setdefault("ReferringPhysicianName", "")
-        ds.setdefault("FrameOfReferenceUID", "1.2.3.4")
-    return sorted(dss, key=lambda d: int(d.InstanceNumber))
-
-
 def scan_target(directory: Path, key: str = "ct") -> SegTarget:
     (acq,) = scan(str(directory)).acquisitions
     return target_from_acquisition(acq, key)
-
-
-def descriptions(labels: list[str], algorithm: str = "MANUAL") -> list:
-    cat = hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure")
-    typ = hd.sr.CodedConcept("10200004", "SCT", "Liver")
-    return [
-        hd.seg.SegmentDescription(n, label, cat, typ, algorithm, None)
-        for n, label in enumerate(labels, start=1)
-    ]
-
-
-def write_hd_seg(path: Path, sources, stack: np.ndarray, labels, seg_type="BINARY", **kw) -> Path:
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=stack,
-        segmentation_type=seg_type,
-        segment_descriptions=descriptions(labels),
-        series_instance_uid=hd.UID(),
-        series_number=300,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="test",
-        manufacturer_model_name="test",
-        software_versions="1",
-        device_serial_number="1",
-        series_description="Segmentation",
-        **kw,
-    )
-    seg.save_as(path)
-    return path
 
 
 # --------------------------------------------------------------------------- targets
@@ -555,7 +517,7 @@ def test_highdicom_labelmap(tmp_path: Path) -> None:
     # source frames: k along the normal -z, rows along +x, columns along +y (transposed)
     frames = np.ascontiguousarray(np.transpose(lab[::-1], (0, 2, 1)))
     url = str(write_hd_seg(tmp_path / "lm.dcm", sources, frames, ["Liver", "Mass"], "LABELMAP"))
-    assert pydicom.dcmread(url).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    assert pydicom.dcmread(url).SOPClassUID == dicom_sop.LABELMAP_SEGMENTATION
     placed = place_seg(url, target, collection="crlm")
     assert not placed.resampled
     got = masks_by_label(placed)
@@ -572,7 +534,7 @@ def _tools() -> None:
 
 def test_resampling_path_equals_copy_on_grid(crlm: Generated, monkeypatch) -> None:
     """Forcing the nearest-neighbour path on on-grid SEGs (flipped one included) changes nothing."""
-    import livercube.sources.dicom_seg as mod
+    import livercube.sources.seg_match as mod
 
     monkeypatch.setattr(mod, "GRID_TOL_VOXEL", -1.0)  # no frame counts as on the lattice
     for st in crlm.truth.segs:
@@ -583,16 +545,32 @@ def test_resampling_path_equals_copy_on_grid(crlm: Generated, monkeypatch) -> No
             np.testing.assert_array_equal(mask, st.masks[label], err_msg=label)
 
 
-def test_pydicom_fallback_decoder(crlm: Generated, monkeypatch) -> None:
-    """When highdicom refuses a SEG, frames are decoded by pydicom with the same result."""
+def test_placement_does_not_depend_on_highdicom(crlm: Generated, monkeypatch) -> None:
+    """The hot path unpacks frames with numpy; highdicom stays an independent reference."""
 
     def refuse(*args, **kwargs):
-        raise ValueError("refused")
+        raise AssertionError("highdicom must not be on the placement path")
 
     monkeypatch.setattr(hd.seg, "segread", refuse)
     st = next(s for s in crlm.truth.segs if s.in_plane_flipped)
     url = crlm.seg_url[st.sop_instance_uid]
     placed = place_seg(url, crlm.targets[st.referenced_volumes[0]], collection="crlm")
-    assert any("decoded with pydicom" in n for n in placed.notes)
     for label, mask in masks_by_label(placed).items():
         np.testing.assert_array_equal(mask, st.masks[label], err_msg=label)
+
+
+def test_encapsulated_seg_frames(tmp_path: Path) -> None:
+    """Compressed (encapsulated, RLE) frames decode frame by frame to the same masks."""
+    from pydicom.uid import RLELossless
+
+    shape = (4, 10, 12)
+    write_ct_series(tmp_path / "ct", canonical_test_array(shape))
+    target = scan_target(tmp_path / "ct")
+    lab = np.zeros(shape, np.uint8)
+    lab[1:3, 2:7, 3:9] = 1
+    url = write_hd_seg(
+        tmp_path / "s.dcm", sorted_sources(tmp_path / "ct"), lab, ["Liver"], "LABELMAP",
+        transfer_syntax_uid=RLELossless,
+    )  # fmt: skip
+    placed = place_seg(str(url), target, collection="crlm")
+    np.testing.assert_array_equal(masks_by_label(placed)["Liver"], lab == 1)

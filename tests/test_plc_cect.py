@@ -42,7 +42,7 @@ def test_every_volume_equals_truth(plc_store):
             expected_label = np.where(t.lesion, 2, expected_label)
         np.testing.assert_array_equal(ds.label.values, expected_label.astype(np.uint8))
         forms.add(t.form)
-    assert {"rgb", "4d", "5d", "3d"} <= forms  # the quirky files were really exercised
+    assert {"rgb", "vector", "4d", "5d", "3d"} <= forms  # the quirky files were really exercised
 
 
 def test_window_mapping_is_lossless_and_marked_approximate(plc_store):
@@ -88,18 +88,53 @@ def test_reorientation_matches_simpleitk(plc_store, plc_release):
     assert checked >= 6
 
 
-def test_without_override_the_exception_is_flipped(plc_release, tmp_path):
-    """The one header-ordered volume is (wrongly) reversed unless the overrides file says so."""
+def test_flipped_phase_is_detected_without_overrides(plc_release, tmp_path):
+    """The one phase stored as the header says is found from the other phases and kept as is."""
     root, truth = plc_release
-    ((key, t),) = [(k, t) for k, t in truth.volumes.items() if t.slice_order == "header"]
+    ((key, _t),) = [(k, t) for k, t in truth.volumes.items() if t.slice_order == "header"]
     dest = str(tmp_path / "s.zarr")
-    assert convert(str(root), dest, "plc-cect", progress=False).exit_code == 0
+    report = convert(str(root), dest, "plc-cect", progress=False)
+    assert report.exit_code == 0, report.summary()
     store = livercube.open(dest)
-    got = store.volume(_by_key(store)[key]).image.values
-    np.testing.assert_array_equal(got, t.image[::-1])
-    assert (
-        store.volume_attrs(_by_key(store)[key])["geometry_flags"]["slice_order"] == "superior_first"
-    )
+    for k, other in truth.volumes.items():
+        got = store.volume(_by_key(store)[k]).image.values
+        np.testing.assert_array_equal(got, other.image, err_msg=str(k))
+    attrs = store.volume_attrs(_by_key(store)[key])
+    assert attrs["geometry_flags"]["slice_order"] == "header"
+    assert "detected" in attrs["geometry_flags"]["slice_order_source"]
+    assert any(f"phase {key[1]} runs opposite" in n for n in attrs["notes"])
+    assert any(key[0] in w and "runs opposite" in w for w in report.warnings)
+
+
+def test_overrides_win_over_detection(release_copy, tmp_path):
+    root, truth = release_copy
+    ((key, t),) = [(k, t) for k, t in truth.volumes.items() if t.slice_order == "header"]
+    ov = tmp_path / "ov.csv"
+    ov.write_text(f"patient_id,phase,slice_order\n{key[0]},{key[1]},superior_first\n")
+    dest = str(tmp_path / "s.zarr")
+    assert convert(str(root), dest, "plc-cect", overrides=str(ov), progress=False).exit_code == 0
+    store = livercube.open(dest)
+    i = _by_key(store)[key]
+    np.testing.assert_array_equal(store.volume(i).image.values, t.image[::-1])
+    attrs = store.volume_attrs(i)
+    assert attrs["geometry_flags"]["slice_order_source"] == "overrides file"
+    assert any("overrides file sets" in n for n in attrs["notes"])
+
+
+@pytest.mark.parametrize("flipped", [(1, "P"), (0, "C1")])
+def test_generator_flipped_phase_is_detected(tmp_path, flipped):
+    from livercube.synth.plc_cect import write_plc_cect
+
+    root = tmp_path / "PLC"
+    truth = write_plc_cect(root, n_subjects=2, size="tiny", seed=11, flipped={flipped})
+    assert sum(t.slice_order == "header" for t in truth.volumes.values()) == 1
+    report = convert(str(root), str(tmp_path / "s.zarr"), "plc-cect", progress=False)
+    assert report.exit_code == 0, report.summary()
+    store = livercube.open(str(tmp_path / "s.zarr"))
+    for k, t in truth.volumes.items():
+        i = _by_key(store)[k]
+        np.testing.assert_array_equal(store.volume(i).image.values, t.image, err_msg=str(k))
+        assert store.volume_attrs(i)["geometry_flags"]["slice_order"] == t.slice_order
 
 
 def test_spacing_override_is_used_and_trusted(plc_release, tmp_path):
@@ -236,3 +271,22 @@ def test_gzip_of_non_nifti_is_unreadable(tmp_path):
     bad.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
     with pytest.raises(UnreadableFileError, match="not a readable NIfTI"):
         load_nifti(str(bad))
+
+
+def test_empty_liver_masks_fall_back_to_intensity_profiles(tmp_path):
+    """A patient whose liver masks are empty is still checked, from the CTs' mean intensity."""
+    import nibabel as nib
+
+    from livercube.sources.plc_cect import plan
+    from livercube.synth.plc_cect import write_plc_cect
+
+    root = tmp_path / "PLC"
+    truth = write_plc_cect(root, n_subjects=2, size="tiny", seed=1)
+    for f in (root / "liver_mask_files").glob("P0001-*"):
+        img = nib.load(str(f))
+        empty = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, header=img.header)
+        nib.save(empty, str(f))
+    tasks = {t.key: t for t in plan(str(root)).tasks}
+    for (pid, code), t in truth.volumes.items():
+        assert tasks[f"{pid}_{code}"].slice_order == t.slice_order, (pid, code)
+    assert any("mean intensity" in n for n in tasks["P0001_C3"].notes)

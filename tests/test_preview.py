@@ -65,7 +65,7 @@ def test_thumbnail_is_the_coarsest_level_through_the_liver(two_collections) -> N
         group = store.root[path]
         level = coarsest_level(group)
         assert level >= 1, "these volumes are large enough for browse levels"
-        f = group[f"pyramid/{level}"].attrs["subsampling"]
+        f = group[f"{level}/image"].attrs["subsampling"]
         image = vol.image[:: f[0], :: f[1], :: f[2]]
         t = read_thumbnail(store, i)
         assert t.level == level
@@ -94,7 +94,7 @@ def test_contact_sheets_cli_never_reads_full_resolution(two_collections, tmp_pat
     shutil.copytree(url, stripped)
     removed = 0
     for arr in ("image", "label", "segments"):
-        for shard in stripped.glob(f"*/*/*/*/{arr}/c"):
+        for shard in stripped.glob(f"*/*/*/*/0/{arr}/c"):
             shutil.rmtree(shard)
             removed += 1
     assert removed == 4 + 3 + 3

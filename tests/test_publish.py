@@ -205,11 +205,31 @@ def test_store_reads_over_plain_http_without_listing(http_site, published):
         for k in rs:
             np.testing.assert_array_equal(rs[k], ls_[k])
     path = remote.paths()[3]
-    part = remote.root[path]["image"][1:3, 2:9, 4:7]
-    np.testing.assert_array_equal(part, local.root[path]["image"][1:3, 2:9, 4:7])
+    part = remote.root[path]["0/image"][1:3, 2:9, 4:7]
+    np.testing.assert_array_equal(part, local.root[path]["0/image"][1:3, 2:9, 4:7])
     # plain xarray, no livercube, over HTTP (consolidated metadata)
     plain = xr.open_zarr(url, group="catalog", zarr_format=3, consolidated=True)
     assert plain.sizes["volume"] == 12
+
+
+def test_a_volume_url_opens_over_http_without_listing(http_site, published):
+    """Only the volume's URL is known (no root, no catalog): its documents suffice."""
+    import zarr
+    from ome_zarr_models.v05.image import Image
+
+    server, base = http_site
+    path = livercube.open(str(published)).paths()[4]
+    local = livercube.open(str(published)).volume(path)
+    del server.log[:]
+    ds = xr.open_zarr(f"{base}/store.zarr/{path}/0", zarr_format=3, consolidated=True)
+    np.testing.assert_array_equal(ds["image"].values, local["image"].values)
+    np.testing.assert_array_equal(ds["z"].values, local["z"].values)
+    group = zarr.open_group(f"{base}/store.zarr/{path}", mode="r", zarr_format=3)
+    Image.from_zarr(group)  # the OME image, as a viewer opens it
+    assert {"0", "image", "label"} <= {k.rsplit("/", 1)[-1] for k, _ in group.members(2)}
+    requested = [p for _, p, _ in server.log]
+    assert not [p for p in requested if p.endswith("/")], requested
+    assert all(p.startswith(f"/store.zarr/{path}/") for p in requested), requested
 
 
 def test_partial_shard_reads_over_http_use_byte_ranges(http_site, published):

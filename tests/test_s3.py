@@ -66,7 +66,7 @@ def test_convert_to_s3_through_the_cli_reads_back_identical(s3_store, plc_store)
     report = json.loads(fs.cat(f"{bucket}/stores/plc/livercube-report.json"))
     assert report["exit_code"] == 0 and len(report["converted"]) == 12
     first = remote.paths()[0]
-    objects = fs.find(f"{bucket}/stores/plc/{first}/image")
+    objects = fs.find(f"{bucket}/stores/plc/{first}/0/image")
     assert len([o for o in objects if "/c/" in o]) == 1  # one shard for a tiny volume
 
 

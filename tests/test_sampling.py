@@ -16,6 +16,7 @@ import livercube
 from livercube.convert import convert
 from livercube.sampling import ArrayInfo, PatchSampler, ShardReader
 from livercube.store import chunking
+from livercube.store.layout import data_path
 from livercube.synth.plc_cect import write_plc_cect
 
 PATCH = (6, 20, 20)
@@ -117,8 +118,8 @@ def test_reader_equals_zarr_on_store_arrays(small_chunk_store):
     rng = np.random.default_rng(1)
     for path in store.paths()[:4]:
         for name in ("image", "label", "segments", "class_locations", "z"):
-            arr = store.root[path][name]
-            info = ArrayInfo.from_metadata(f"{path}/{name}", arr.metadata.to_dict())
+            arr = store.root[data_path(path)][name]
+            info = ArrayInfo.from_metadata(f"{data_path(path)}/{name}", arr.metadata.to_dict())
             assert info.sharded == (name in ("image", "label", "segments"))
             full = arr[...]
             for start, size in random_boxes(rng, arr.shape, 5):
@@ -130,8 +131,8 @@ def test_reader_equals_zarr_on_store_arrays(small_chunk_store):
 def test_reader_caches_shard_index_and_chunks(small_chunk_store, tmp_path):
     store = livercube.open(small_chunk_store)
     path = store.paths()[0]
-    arr = store.root[path]["image"]
-    info = ArrayInfo.from_metadata(f"{path}/image", arr.metadata.to_dict())
+    arr = store.root[data_path(path)]["image"]
+    info = ArrayInfo.from_metadata(f"{data_path(path)}/image", arr.metadata.to_dict())
     reader = ShardReader(small_chunk_store, cache_dir=str(tmp_path / "cache"), cache_bytes=2**20)
     first = reader.read(info, (0, 0, 0), arr.shape)
     n_index = reader.stats.index_requests
@@ -154,7 +155,7 @@ def test_patches_equal_direct_reads_with_border_padding(store):
     full = {}
     for sample in sampler.take(30):
         if sample["volume"] not in full:
-            group = store.root[sample["volume"]]
+            group = store.root[data_path(sample["volume"])]
             full[sample["volume"]] = group["image"][...], group["label"][...]
         image, label = full[sample["volume"]]
         start, size = tuple(sample["start"]), (16, 40, 40)
@@ -276,8 +277,8 @@ def shifted_store(small_chunk_store, tmp_path) -> tuple[str, tuple[int, int, int
     shutil.copytree(small_chunk_store, dest)
     shift = (2, -3, 5)
     root = zarr.open_group(str(dest), mode="r+", zarr_format=3, use_consolidated=False)
-    pv = root["plc-cect/P0001/CECT/C2/image"][...]
-    art = root["plc-cect/P0001/CECT/C1/image"]
+    pv = root["plc-cect/P0001/CECT/C2/0/image"][...]
+    art = root["plc-cect/P0001/CECT/C1/0/image"]
     moved = np.full(art.shape, 500, dtype=np.int16)  # 500: visibly wrong where not covered
     for k in np.ndindex(*art.shape):
         j = tuple(a + s for a, s in zip(k, shift, strict=True))
@@ -307,7 +308,7 @@ def test_multiphase_channels_are_geometrically_consistent(shifted_store, interpo
     store = livercube.open(url)
     pv_full = store.volume("plc-cect/P0001/CECT/C2")["image"].values
     n = pv_full.shape
-    n_art = store.root["plc-cect/P0001/CECT/C1/image"].shape
+    n_art = store.root["plc-cect/P0001/CECT/C1/0/image"].shape
     compared = 0
     for sample in sampler.take(10):
         img = sample["image"]
@@ -336,7 +337,8 @@ def test_target_spacing_resamples_on_the_fly(store):
     )
     for sample in sampler.take(6):
         vol = next(v for v in sampler.volumes if v.path == sample["volume"])
-        lab, img = store.root[vol.path]["label"][...], store.root[vol.path]["image"][...]
+        group = store.root[data_path(vol.path)]
+        lab, img = group["label"][...], group["image"][...]
         spec = sampler.spec(int(sample["position"]))
         assert spec.size == (8, 20, 20)  # 4×10×10 voxels of 2 mm cover 8×20×20 of 1 mm
         grid = sampler._grid_mm(spec)

@@ -11,6 +11,7 @@ import livercube
 from livercube.convert import convert
 from livercube.sampling import ArrayInfo, PatchSampler, ShardReader
 from livercube.store import chunking
+from livercube.store.layout import data_path
 from livercube.synth.plc_cect import write_plc_cect
 
 PATCH = (6, 20, 20)
@@ -64,12 +65,14 @@ def test_reader_on_s3_equals_zarr_and_counts_requests(local_store, s3_bucket):
     rng = np.random.default_rng(0)
     for name in ("image", "label"):
         arr = zarr.open_array(
-            FsspecStore.from_url(f"{url}/{path}/{name}", storage_options=opts, read_only=True),
+            FsspecStore.from_url(
+                f"{url}/{data_path(path)}/{name}", storage_options=opts, read_only=True
+            ),
             mode="r",
             zarr_format=3,
         )
-        info = ArrayInfo.from_metadata(f"{path}/{name}", arr.metadata.to_dict())
-        full = local.root[path][name][...]
+        info = ArrayInfo.from_metadata(f"{data_path(path)}/{name}", arr.metadata.to_dict())
+        full = local.root[data_path(path)][name][...]
         np.testing.assert_array_equal(arr[...], full)
         for _ in range(5):
             start = tuple(int(rng.integers(-3, n)) for n in arr.shape)

@@ -17,7 +17,7 @@ from livercube.errors import StoreError, VolumeNotFoundError
 from livercube.schema import PHASES, unified_labels
 from livercube.store.catalog import write_catalog
 from livercube.store.chunking import chunk_and_shard
-from livercube.store.layout import sanitize, volume_path
+from livercube.store.layout import data_path, sanitize, volume_path
 from livercube.volumes.volume import SegmentField, content_checksum, unified_label_map
 
 PLAIN_XARRAY = r"""
@@ -25,7 +25,7 @@ import sys, json, numpy as np, xarray as xr
 url = sys.argv[1]
 cat = xr.open_zarr(url, group="catalog", zarr_format=3)
 path = str(cat["path"].values[0])
-ds = xr.open_zarr(url, group=path, zarr_format=3)
+ds = xr.open_zarr(url, group=path + "/0", zarr_format=3)
 tree = xr.open_datatree(url, engine="zarr")
 print(json.dumps({
     "livercube_imported": "livercube" in sys.modules,
@@ -97,7 +97,7 @@ def test_volume_groups_are_valid_ome_zarr_05(plc_store):
 def test_arrays_are_sharded_and_chunked_for_patches(plc_store):
     url, _ = plc_store
     path = livercube.open(url).paths()[0]
-    arr = zarr.open_array(url, path=f"{path}/image", mode="r", zarr_format=3)
+    arr = zarr.open_array(url, path=f"{data_path(path)}/image", mode="r", zarr_format=3)
     assert arr.shards is not None
     assert arr.metadata.dimension_names == ("z", "y", "x")
     chunks, shards = chunk_and_shard((100, 512, 512))
@@ -231,7 +231,8 @@ def test_contract_checker_catches_violations(plc_store, tmp_path):
     meta = json.loads(meta_file.read_text())
     meta["attributes"]["livercube"]["phase"] = "venous-ish"
     meta_file.write_text(json.dumps(meta))
-    zarr.open_array(str(dst), path=f"{livercube.open(str(dst)).paths()[1]}/z", mode="r+")[0] = 999.0
+    second = data_path(livercube.open(str(dst)).paths()[1])
+    zarr.open_array(str(dst), path=f"{second}/z", mode="r+")[0] = 999.0
     problems = check_store(str(dst))
     assert any("phase" in p and "venous-ish" in p for p in problems)
     assert any("coordinate z disagrees" in p for p in problems)
@@ -283,11 +284,11 @@ def _big_volume():
     return phantom_volume()
 
 
-def test_browse_pyramid_and_ome_labels_validate(tmp_path):
+def test_browse_pyramid_levels_validate_and_share_the_grid(tmp_path):
+    from ome_zarr_models.common.omero import Omero
     from ome_zarr_models.v05.image import Image
-    from ome_zarr_models.v05.image_label import ImageLabel
 
-    from livercube.store.pyramid import pyramid_factors
+    from livercube.store.pyramid import pyramid_factors, window_bounds
     from livercube.store.writer import write_volume
 
     vol = _big_volume()
@@ -297,21 +298,107 @@ def test_browse_pyramid_and_ome_labels_validate(tmp_path):
     write_catalog(url)
     group = zarr.open_group(url, path=rec["path"], mode="r", zarr_format=3)
     Image.from_zarr(group)
-    ImageLabel.from_zarr(group["labels/unified"])
     # z (1 mm) halves along with the 1.4 mm in-plane axes while it stays the finer one
     assert pyramid_factors((24, 300, 260), (1.0, 1.4, 1.4)) == [(2, 2, 2), (4, 4, 4)]
     assert pyramid_factors((24, 512, 512), (5.0, 0.7, 0.7)) == [(1, 2, 2), (1, 4, 4)]
     assert pyramid_factors((24, 128, 128), (5.0, 0.7, 0.7)) == []
     ms = group.attrs["ome"]["multiscales"][0]["datasets"]
-    assert [d["path"] for d in ms] == ["image", "pyramid/1", "pyramid/2"]
+    assert [d["path"] for d in ms] == ["0/image", "1/image", "2/image"]
     np.testing.assert_allclose(ms[2]["coordinateTransformations"][0]["scale"], [4.0, 5.6, 5.6])
-    lvl2 = group["pyramid/2"][...]
+    lvl2 = group["2/image"][...]
     np.testing.assert_array_equal(lvl2, vol.image[::4, ::4, ::4])
-    np.testing.assert_array_equal(group["labels/unified/2"][...], vol.label()[::4, ::4, ::4])
-    np.testing.assert_array_equal(group["labels/unified/0"][...], vol.label())
-    # plain xarray still sees one consistent Dataset at the volume group
+    np.testing.assert_array_equal(group["2/z"][...], group["0/z"][...][::4])
+    np.testing.assert_array_equal(group["2/label"][...], vol.label()[::4, ::4, ::4])
+    np.testing.assert_array_equal(group["0/label"][...], vol.label())
+    # viewers open with the CT soft-tissue window
+    window = Omero.model_validate(group.attrs["ome"]["omero"]).channels[0].window
+    assert (window.start, window.end) == window_bounds() == (-160.0, 240.0)
+    # plain xarray still sees one consistent Dataset at the full-resolution group
     store = livercube.open(url)
     assert set(store.volume(0).data_vars) >= {"image", "label", "segments"}
     from livercube.store.contract import check_store
 
     assert check_store(url) == []
+
+
+def test_contract_checker_catches_a_tree_datatree_cannot_open(tmp_path):
+    """The 1.x layout (browse levels as arrays beside the data) is reported, not accepted."""
+    from livercube.store.contract import dimension_conflicts
+
+    root = zarr.open_group(str(tmp_path / "t.zarr"), mode="w", zarr_format=3)
+    vol = root.create_group("v")
+    vol.create_array("image", shape=(4, 8, 8), dtype="int16", dimension_names=("z", "y", "x"))
+    pyr = vol.create_group("pyramid")
+    pyr.create_array("1", shape=(4, 4, 4), dtype="int16", dimension_names=("z", "y", "x"))
+    sibling = root.create_group("w")
+    for k, n in enumerate((8, 4)):
+        level = sibling.create_group(str(k))
+        level.create_array("image", shape=(4, n, n), dtype="int16", dimension_names=("z", "y", "x"))
+    problems = dimension_conflicts(root)
+    assert problems and all(p.startswith("/v/pyramid/1:") for p in problems)
+    assert any("y=4 conflicts with y=8" in p for p in problems)
+
+
+FULL_SIZE = r"""
+import json, sys, xarray as xr
+url, path = sys.argv[1], sys.argv[2]
+tree = xr.open_datatree(url, engine="zarr")
+levels = [n for n in tree[path].children if n.isdigit()]
+print(json.dumps({
+    "livercube_imported": "livercube" in sys.modules,
+    "levels": {k: dict(tree[f"{path}/{k}"].dataset.sizes) for k in levels},
+    "image_level0": list(tree[f"{path}/0"].image.shape),
+    "z1": tree[f"{path}/1"].z.values.tolist(),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_full_size_store_opens_as_datatree_and_validates_as_ome(tmp_path):
+    """A 512² volume (two browse levels): plain DataTree and OME-Zarr 0.5 both accept it."""
+    from ome_zarr_models.v05.image import Image
+
+    from livercube.store.writer import write_volume
+
+    vol = phantom_volume(shape=(8, 512, 512), spacing=(2.5, 0.7, 0.7))
+    url = str(tmp_path / "full.zarr")
+    zarr.open_group(url, mode="w", zarr_format=3)
+    rec = write_volume(url, vol, fingerprint="x")
+    write_catalog(url)
+    script = tmp_path / "tree.py"
+    script.write_text(FULL_SIZE)
+    out = subprocess.run(
+        [sys.executable, "-I", str(script), url, rec["path"]],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["livercube_imported"] is False
+    assert info["image_level0"] == [8, 512, 512]
+    sizes = {k: (v["z"], v["y"], v["x"]) for k, v in info["levels"].items()}
+    assert sizes == {"0": (8, 512, 512), "1": (8, 256, 256), "2": (8, 128, 128)}
+    np.testing.assert_allclose(info["z1"], vol.grid.centres(0))
+    group = zarr.open_group(url, path=rec["path"], mode="r", zarr_format=3)
+    image = Image.from_zarr(group)
+    assert len(image.datasets[0]) == 3
+    from livercube.store.contract import check_store
+
+    assert check_store(url) == []
+
+
+def test_resume_rewrites_volumes_of_an_older_layout(tmp_path):
+    """A complete volume written by a 1.x livercube is not "unchanged": its layout is gone."""
+    from livercube.convert import _existing_fingerprint
+    from livercube.store.writer import write_volume
+
+    url = str(tmp_path / "s.zarr")
+    zarr.open_group(url, mode="w", zarr_format=3)
+    rec = write_volume(url, phantom_volume(shape=(4, 32, 32)), fingerprint="fp")
+    assert _existing_fingerprint(url, None, rec["path"]) == "fp"
+    doc = Path(url, rec["path"], "zarr.json")
+    meta = json.loads(doc.read_text())
+    meta["attributes"]["livercube"]["schema_version"] = "1.0"
+    doc.write_text(json.dumps(meta))
+    assert _existing_fingerprint(url, None, rec["path"]) is None

@@ -24,7 +24,7 @@ def store_copy(plc_store, tmp_path) -> Path:
 
 
 def _shard(store: Path, volume: str, array: str = "image") -> Path:
-    shards = sorted((store / volume / array / "c").rglob("*"))
+    shards = sorted((store / volume / "0" / array / "c").rglob("*"))
     shards = [p for p in shards if p.is_file()]
     assert shards, f"no shard objects under {volume}/{array}"
     return shards[0]
@@ -44,9 +44,9 @@ def test_untouched_store_is_clean(plc_store, capsys):
 def test_expected_shard_keys_are_the_stored_objects(plc_store):
     store = livercube.open(plc_store[0])
     path = store.paths()[0]
-    keys = expected_shard_keys(path, "image", store.root[path]["image"])
+    keys = expected_shard_keys(path, "0/image", store.root[path]["0/image"])
     base = Path(plc_store[0])
-    on_disk = {str(p.relative_to(base)) for p in (base / path / "image" / "c").rglob("*")}
+    on_disk = {str(p.relative_to(base)) for p in (base / path / "0" / "image" / "c").rglob("*")}
     assert keys and set(keys) == {k for k in on_disk if (base / k).is_file()}
 
 

@@ -1,5 +1,5 @@
 """The ``livercube`` command line: synth, convert, demo, info, catalog, preview, verify,
-publish, ls.
+publish, ls, export.
 
 Exit status: 0 everything converted; 3 some inputs skipped or failed (the report says which
 and why, everything else is in the store); 4 ``verify`` found damage; 2 usage errors; 1
@@ -52,6 +52,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         overwrite=a.overwrite,
         only=a.only,
+        where=a.where,
+        keep_descriptions=a.keep_descriptions,
+        clinical_columns=a.clinical_column,
     )
     print(report.summary())
     if report.fatal:
@@ -74,17 +77,14 @@ def cmd_info(a: argparse.Namespace) -> int:
     import pandas as pd
 
     import livercube
+    from livercube.store.query import catalog_frame, select
 
     store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
     cat = store.catalog
-    table = cat[[n for n, v in cat.data_vars.items() if v.dims == ("volume",)]].to_dataframe()
-    table["extent"] = ["x".join(str(int(v)) for v in row) for row in cat["extent"].values]
-    table["spacing_mm"] = ["x".join(f"{v:g}" for v in row) for row in cat["spacing"].values]
-    if a.where:
-        try:
-            table = table.query(a.where)
-        except Exception as exc:
-            raise UsageError(f"--where {a.where!r}: {exc}") from exc
+    table = select(catalog_frame(cat), a.where)
+    rows = table.index.to_numpy()
+    table["extent"] = ["x".join(str(int(v)) for v in row) for row in cat["extent"].values[rows]]
+    table["spacing_mm"] = ["x".join(f"{v:g}" for v in r) for r in cat["spacing"].values[rows]]
     columns = ["path", "phase", "annotated", "extent", "spacing_mm"]
     with pd.option_context("display.max_rows", None, "display.width", 160):
         print(table[columns].to_string(index=False))
@@ -139,12 +139,12 @@ def cmd_ls(a: argparse.Namespace) -> int:
     import pandas as pd
 
     import livercube
-    from livercube.store.publish import catalog_frame, query
+    from livercube.store.query import catalog_frame, select
 
     store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
     table = catalog_frame(store.catalog)
     total = len(table)
-    table = query(table, a.where)
+    table = select(table, a.where)
     columns = ["path", "phase", "annotated"] + [
         c.strip() for c in (a.columns or "").split(",") if c.strip()
     ]
@@ -178,6 +178,25 @@ def cmd_publish(a: argparse.Namespace) -> int:
     from livercube.store.publish import publish
 
     print(publish(a.url, _storage_options(a.storage_option)).summary())
+    return EXIT_OK
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from livercube.export import export
+
+    phases = [p.strip() for p in (a.phases or "").split(",") if p.strip()] or None
+    result = export(
+        a.url,
+        a.dest,
+        a.format,
+        where=a.where,
+        segments=a.segments,
+        phases=phases,
+        interpolation=a.interpolation,
+        overwrite=a.overwrite,
+        storage_options=_storage_options(a.storage_option),
+    )
+    print(result.summary())
     return EXIT_OK
 
 
@@ -215,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="rewrite complete, unchanged volumes too"
     )
     c.add_argument("--only", nargs="+", metavar="PATIENT", help="convert only these patients")
+    c.add_argument(
+        "--where",
+        metavar="EXPR",
+        help="with an idc:// source: series to take from the IDC index, e.g. "
+        "\"PatientID in ['HCC_001', 'HCC_002']\"",
+    )
+    c.add_argument(
+        "--keep-descriptions",
+        action="store_true",
+        help="store DICOM Study/SeriesDescription, ContrastBolusAgent … verbatim instead of "
+        "cleaned (DICOM PS3.15 Clean Descriptors); only for already de-identified sources",
+    )
+    c.add_argument(
+        "--clinical-column",
+        action="append",
+        metavar="NAME",
+        help="also store this undocumented clinical spreadsheet column (repeatable; columns "
+        "whose names look identifying are never stored)",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
@@ -295,6 +333,29 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("url")
     pb.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     pb.set_defaults(func=cmd_publish)
+
+    ex = sub.add_parser(
+        "export",
+        help="write volumes as NIfTI files or as an nnU-Net v2 raw dataset",
+        description="nifti: DEST/<volume path>/image.nii.gz, label.nii.gz (+ segments/). "
+        "nnunet: DEST/dataset.json, imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz "
+        "(annotated volumes only). Voxels unchanged, affine = the store's grid in RAS.",
+    )
+    ex.add_argument("url", help="store URL")
+    ex.add_argument("dest", help="local output directory (nnunet: e.g. $nnUNet_raw/Dataset501_X)")
+    ex.add_argument("--format", required=True, choices=("nifti", "nnunet"))
+    ex.add_argument("--where", help="pandas query on the catalog, as for `ls`")
+    ex.add_argument("--segments", action="store_true", help="nifti: also one mask per segment")
+    ex.add_argument(
+        "--phases",
+        metavar="A,B",
+        help="nnunet: one case per study, these phases resampled onto the annotated volume's "
+        "grid as channels _0000, _0001, …",
+    )
+    ex.add_argument("--interpolation", default="linear", choices=("linear", "nearest"))
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in DEST")
+    ex.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from livercube import registry
 from livercube.errors import (
     ForeignFilesError,
     SourceError,
@@ -47,6 +48,8 @@ class ConvertReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: How free-text DICOM descriptors were stored (cleaned or kept), and by which rule.
+    deidentification: dict[str, Any] = field(default_factory=dict)
     #: why the run could not finish its job (e.g. the disk filled up); exit status 1
     fatal: str = ""
 
@@ -71,6 +74,7 @@ class ConvertReport:
                 "skipped",
                 "failed",
                 "warnings",
+                "deidentification",
                 "fatal",
             )
         }
@@ -98,6 +102,8 @@ class ConvertReport:
         ]
         lines += [f"  SKIPPED {s['input']}: {s['reason']}" for s in self.skipped]
         lines += [f"  FAILED  {f['input']}: {f['reason']}" for f in self.failed]
+        if self.deidentification:
+            lines.append(f"  descriptions {self.deidentification.get('descriptions')}")
         lines += [f"  warning {w}" for w in self.warnings]
         if self.fatal:
             lines.append(f"  FATAL   {self.fatal}")
@@ -119,8 +125,8 @@ def _existing_fingerprint(dest: str, storage_options: dict | None, path: str) ->
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     meta = group.attrs.get("livercube", {}) if isinstance(group, zarr.Group) else {}
-    if meta.get("status") != "complete":
-        return None
+    if meta.get("status") != "complete" or meta.get("schema_version") != STORE_SCHEMA_VERSION:
+        return None  # partial, or written to an older layout: convert again
     return (meta.get("complete") or {}).get("fingerprint")
 
 
@@ -431,23 +437,25 @@ def plan_collection(
     clinical: str | None = None,
     overrides: str | None = None,
     source_options: dict | None = None,
+    where: str | None = None,
+    keep_descriptions: bool = False,
+    clinical_columns: list[str] | None = None,
 ) -> Any:
     """Plan a collection from headers and file names only: tasks, skipped inputs, warnings.
 
     One entry point so that ``convert`` and ``verify --source`` see exactly the same tasks.
+    ``where`` selects series of an ``idc://`` source from the IDC index.
     """
     check_collection(collection)
     _check_input_file(overrides, "--overrides", source_options)
-    if collection == "plc-cect":
-        from livercube.sources import plc_cect
-
-        return plc_cect.plan(
-            source, clinical=clinical, overrides=overrides, storage_options=source_options
-        )
-    from livercube.sources import dicom_collection
-
-    return dicom_collection.plan(
-        source, collection, clinical=clinical, overrides=overrides, storage_options=source_options
+    return registry.get(collection).plan(
+        source,
+        clinical=clinical,
+        overrides=overrides,
+        storage_options=source_options,
+        where=where,
+        keep_descriptions=keep_descriptions,
+        clinical_columns=tuple(clinical_columns or ()),
     )
 
 
@@ -465,12 +473,17 @@ def convert(
     progress: bool = True,
     overwrite: bool = False,
     only: list[str] | None = None,
+    where: str | None = None,
+    keep_descriptions: bool = False,
+    clinical_columns: list[str] | None = None,
 ) -> ConvertReport:
     """Convert one collection at ``source`` into the store at ``dest``; returns the report.
 
     Re-runs are cheap and safe: a volume whose group is complete and whose source fingerprint
     is unchanged is left alone (``unchanged`` in the report); partial groups are redone.
     ``overwrite`` rewrites everything; ``only`` restricts the run to some patient ids.
+    DICOM free-text descriptors are stored cleaned unless ``keep_descriptions``; clinical
+    columns beyond the documented ones are stored only when named in ``clinical_columns``.
     """
     check_collection(collection)
     check_scheduler(scheduler)
@@ -481,8 +494,16 @@ def convert(
         collection, str(source), str(dest), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
     plan = plan_collection(
-        source, collection, clinical=clinical, overrides=overrides, source_options=source_options
+        source,
+        collection,
+        clinical=clinical,
+        overrides=overrides,
+        source_options=source_options,
+        where=where,
+        keep_descriptions=keep_descriptions,
+        clinical_columns=clinical_columns,
     )
+    report.deidentification = dict(getattr(plan, "deidentification", None) or {})
     report.skipped.extend(plan.skipped)
     report.warnings.extend(plan.warnings)
     tasks, columns = plan.tasks, plan.clinical_columns
@@ -578,6 +599,9 @@ def _run(
         workers=workers,
         progress=progress,
     ):
+        descriptors = getattr(_task, "descriptors", None)  # DICOM: messages may quote them
+        if descriptors is not None:
+            rec = descriptors.scrub_record(rec)
         status = rec.pop("status")
         if status == "converted":
             report.skipped.extend(rec.pop("skipped", []))

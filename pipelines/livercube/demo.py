@@ -16,6 +16,7 @@ import numpy as np
 from livercube.convert import EXIT_OK, convert
 from livercube.errors import UsageError
 from livercube.schema import COLLECTIONS
+from livercube.store.layout import data_path
 from livercube.synth.collections import FOLDER, write_one
 
 
@@ -57,7 +58,8 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
         )
     # a patch centred on a tumour voxel, found through the stored class locations
     first = str(cat["path"].values[int(np.flatnonzero(cat["annotated"].values)[0])])
-    ds = xr.open_zarr(store_url, group=first, zarr_format=3)
+    # plain xarray: a volume's full-resolution Dataset is its group "0" (level 0 of the pyramid)
+    ds = xr.open_zarr(store_url, group=data_path(first), zarr_format=3)
     loc = ds["class_locations"].values
     centre = loc[loc[:, 0] == 2][0, 1:] if (loc[:, 0] == 2).any() else loc[0, 1:]
     box = {

@@ -67,3 +67,34 @@ class UsageError(LivercubeError):
 
 class IntensityError(SourceError):
     """Stored pixel values cannot be turned into exact int16 HU (non-integer or out of range)."""
+
+
+class SlantedStackError(GeometryError):
+    """Slice origins drift in-plane along the stack (gantry tilt, shear): no orthogonal grid."""
+
+
+class StoreIntegrityError(StoreError):
+    """Stored bytes of a complete volume are missing or no longer what the writer wrote.
+
+    ``object`` is the store key (``<volume>/<array>/c/<i>/<j>/<k>``) of the damaged object, so
+    the user can re-convert that volume (``livercube convert --overwrite --only PATIENT``) or
+    report the file; ``livercube verify`` lists every such object of a store.
+    """
+
+    def __init__(self, url: str, obj: str, reason: str) -> None:
+        super().__init__(f"{url.rstrip('/')}/{obj}: {reason}")
+        self.url = url
+        self.object = obj
+        self.reason = reason
+
+
+class MissingShardError(StoreIntegrityError):
+    """A shard object of a volume recorded as complete is absent (and not an all-fill shard)."""
+
+
+class ChecksumMismatchError(StoreIntegrityError):
+    """A chunk's or shard index's stored CRC-32C does not match its bytes: corrupt data."""
+
+
+class VolumeIncompleteError(StoreError):
+    """The catalog lists a volume whose group is missing or has no completion record."""

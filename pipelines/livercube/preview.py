@@ -5,7 +5,7 @@
   voxels look like anatomy and a wrong orientation is visible at a glance: patient Right on the
   image left, anterior up, superior up — the radiological convention.
 * :func:`contact_sheets`: one grid of axial thumbnails per collection, a tile per volume,
-  read from the coarsest browse level (``pyramid/<k>``, ``labels/unified/<k>``) so that a
+  read from the coarsest browse level (``<k>/image``, ``<k>/label``) so that a
   sheet of a bucket costs a few hundred kB per volume instead of the full-resolution arrays —
   the quick look a curator takes over a whole collection to spot a flipped or empty volume.
 """
@@ -18,7 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from livercube.store.pyramid import (
+    SOFT_TISSUE_WINDOW,
+    image_level_path,
+    label_level_path,
+    window_bounds,
+)
+from livercube.store.query import select_indices
 from livercube.store.reader import Store
+
+#: Abdominal soft-tissue window (level 40, width 400 HU): the one viewers open with (omero).
+THUMB_WINDOW = window_bounds(SOFT_TISSUE_WINDOW)
 
 LABEL_COLOURS = {
     1: (0.85, 0.45, 0.2),
@@ -29,7 +39,9 @@ LABEL_COLOURS = {
 }
 
 
-def _overlay(ax, img: np.ndarray, lab: np.ndarray | None, extent, *, window=(-160, 240)) -> None:
+def _overlay(
+    ax, img: np.ndarray, lab: np.ndarray | None, extent, *, window=THUMB_WINDOW
+) -> None:
     ax.imshow(
         img,
         cmap="gray",
@@ -98,8 +110,6 @@ def volume_preview(store: Store, keys: list[str | int], out: str | Path) -> Path
 
 # --------------------------------------------------------------------------- contact sheets
 
-#: Abdominal soft-tissue window (level 40, width 400 HU) for thumbnails.
-THUMB_WINDOW = (-160, 240)
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ class Thumbnail:
 
 
 def window_rgb(
-    image: np.ndarray, label: np.ndarray | None, window: tuple[int, int] = THUMB_WINDOW
+    image: np.ndarray, label: np.ndarray | None, window: tuple[float, float] = THUMB_WINDOW
 ) -> np.ndarray:
     """Windowed grey image with the label blended in, as float RGB in [0, 1].
 
@@ -144,11 +154,9 @@ def sheet_grid(n: int, max_per_sheet: int, columns: int) -> list[tuple[int, int,
 
 
 def coarsest_level(group) -> int:
-    """Index of the coarsest browse level of a volume group (0 when it has no pyramid)."""
-    if "pyramid" not in group:
-        return 0
-    levels = [int(k) for k in group["pyramid"].array_keys() if k.isdigit()]
-    return max(levels, default=0)
+    """Index of the coarsest image level listed in a volume's OME multiscales (0: none)."""
+    datasets = group.attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [])
+    return max(len(datasets) - 1, 0)
 
 
 def _focus_slice(label: np.ndarray | None, nz: int) -> int:
@@ -164,12 +172,9 @@ def read_thumbnail(store: Store, index: int) -> Thumbnail:
     path = str(cat["path"].values[index])
     group = store.root[path]
     level = coarsest_level(group)
-    image_arr = group[f"pyramid/{level}"] if level else group["image"]
-    label_arr = None
-    if "labels" in group and "unified" in group["labels"]:
-        label_arr = group[f"labels/unified/{level}"]
-    elif level == 0 and "label" in group:  # stores written before the OME label image
-        label_arr = group["label"]
+    image_arr = group[image_level_path(level)]
+    label_path = label_level_path(level)
+    label_arr = group.get(label_path)
     label = np.asarray(label_arr[...]) if label_arr is not None else None
     kz = _focus_slice(label, image_arr.shape[0])
     image = np.asarray(image_arr[kz])
@@ -184,7 +189,7 @@ def read_thumbnail(store: Store, index: int) -> Thumbnail:
 def _level_factor(group, level: int) -> tuple[int, int, int]:
     if not level:
         return (1, 1, 1)
-    f = group[f"pyramid/{level}"].attrs.get("subsampling", [1, 1, 1])
+    f = group[image_level_path(level)].attrs.get("subsampling", [1, 1, 1])
     return tuple(int(v) for v in f)  # type: ignore[return-value]
 
 
@@ -207,12 +212,7 @@ def contact_sheets(
     import matplotlib.pyplot as plt
 
     cat = store.catalog
-    indices = np.arange(cat.sizes["volume"])
-    if where:
-        from livercube.store.publish import catalog_frame
-
-        frame = catalog_frame(cat).reset_index(drop=True)
-        indices = frame.query(where).index.to_numpy()
+    indices = select_indices(cat, where)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

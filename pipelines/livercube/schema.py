@@ -13,8 +13,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+# collection ids; their entries, with everything that differs between them, are the registry's
+from livercube.registry import COLLECTIONS as COLLECTIONS
+
 #: Version of the on-disk contract written into every store root and volume group.
-STORE_SCHEMA_VERSION = "1.0"
+STORE_SCHEMA_VERSION = "2.0"
 
 #: Phase vocabulary of the catalog and of every volume.
 PHASES = ("non_contrast", "arterial", "portal_venous", "delayed", "unknown")
@@ -22,7 +25,6 @@ PHASES = ("non_contrast", "arterial", "portal_venous", "delayed", "unknown")
 #: Catalog group at the store root.
 CATALOG_GROUP = "catalog"
 
-COLLECTIONS = ("hcc-tace-seg", "crlm", "plc-cect")
 
 
 def schemas_dir() -> Path:

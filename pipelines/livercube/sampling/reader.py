@@ -17,7 +17,14 @@ reads the shard index again on every access.  :class:`ShardReader` instead
 
 The decode chain is read from the array's own ``codecs`` metadata (``transpose`` → ``bytes``
 → ``blosc``/``zstd``/``gzip``/``crc32c``), decoded with numcodecs; anything else raises
-:class:`NotImplementedError` rather than returning wrong data.  Non-sharded arrays are read
+:class:`NotImplementedError` rather than returning wrong data.
+
+Integrity is checked on every read, cached or not: a ``crc32c`` codec's checksum of every
+chunk and of every shard index, the length of every fetched range, and — for arrays whose
+metadata records the all-fill shards the writer skipped (``attrs.livercube.fill_shards``) —
+the presence of every other shard.  Damage raises
+:class:`~livercube.errors.ChecksumMismatchError` or :class:`~livercube.errors.MissingShardError`
+naming the object; it never turns into zeros.  Non-sharded arrays are read
 whole-chunk per object.  The reader holds no open sockets or threads across ``pickle`` or
 ``fork``: they are recreated lazily in the new process (DataLoader workers).
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,9 +44,11 @@ from functools import cached_property
 from typing import Any
 
 import fsspec
+import google_crc32c
 import numcodecs
 import numpy as np
 
+from livercube.errors import ChecksumMismatchError, MissingShardError, StoreIntegrityError
 from livercube.store.layout import is_remote
 
 EMPTY = 2**64 - 1
@@ -61,6 +71,10 @@ class ArrayInfo:
     index_crc32c: bool = True
     key_prefix: str = "c"
     key_separator: str = "/"
+    #: shard (or chunk, not sharded) grid coordinates recorded as all fill and never written;
+    #: ``None`` when the writer recorded nothing (stores before schema 2.0): then a missing
+    #: object cannot be told from a lost one and reads as fill, as zarr-python reads it.
+    fill_shards: frozenset[tuple[int, ...]] | None = None
 
     @classmethod
     def from_metadata(cls, path: str, meta: dict[str, Any]) -> ArrayInfo:
@@ -76,6 +90,7 @@ class ArrayInfo:
             "separator", "/" if enc["name"] == "default" else "."
         )
         prefix = "c" if enc["name"] == "default" else ""
+        record = ((meta.get("attributes") or {}).get("livercube") or {}).get("fill_shards")
         codecs = [dict(c) for c in meta["codecs"]]
         sharded = len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
         common = {
@@ -86,6 +101,9 @@ class ArrayInfo:
             "object_shape": object_shape,
             "key_prefix": prefix,
             "key_separator": sep,
+            "fill_shards": None
+            if record is None
+            else frozenset(tuple(int(c) for c in coords) for coords in record),
         }
         if sharded:
             conf = codecs[0]["configuration"]
@@ -114,6 +132,15 @@ class ArrayInfo:
     def index_nbytes(self) -> int:
         return math.prod(self.grid) * 16 + (4 if self.index_crc32c else 0)
 
+    @cached_property
+    def chunk_crc32c(self) -> bool:
+        """Whether every stored chunk ends with a CRC-32C of its bytes."""
+        return any(c["name"] == "crc32c" for c in self.codecs)
+
+    def missing_is_fill(self, coords: Sequence[int]) -> bool:
+        """Whether an absent object at ``coords`` legitimately means "all fill value"."""
+        return self.fill_shards is None or tuple(coords) in self.fill_shards
+
     def object_key(self, coords: Sequence[int]) -> str:
         parts = [str(int(c)) for c in coords]
         if self.key_prefix:
@@ -128,21 +155,44 @@ def _check_codecs(codecs: Sequence[dict]) -> None:
             raise NotImplementedError(f"codec {name!r} is not supported by ShardReader")
 
 
-def decode_chunk(data: bytes, info: ArrayInfo) -> np.ndarray:
-    """Decode one stored (inner) chunk with the array's codec chain; returns inner_shape."""
+def crc32c_ok(data: Any) -> bool:
+    """Whether ``data`` ends with the little-endian CRC-32C of the bytes before it (zarr v3)."""
+    view = np.frombuffer(data, dtype=np.uint8)  # zero-copy; google_crc32c refuses memoryviews
+    if view.size < 4:
+        return False
+    return google_crc32c.value(view[:-4]) == int.from_bytes(view[-4:].tobytes(), "little")
+
+
+def decode_chunk(data: bytes, info: ArrayInfo, *, url: str = "", where: str = "") -> np.ndarray:
+    """Decode one stored (inner) chunk with the array's codec chain; returns inner_shape.
+
+    ``url``/``where`` (store and object key, byte range) only name the chunk in errors:
+    :class:`ChecksumMismatchError` when a ``crc32c`` checksum fails, and
+    :class:`StoreIntegrityError` when the bytes do not decode to a whole chunk.
+    """
+    where = where or info.path
     codecs = list(info.codecs)
     ab = next(i for i, c in enumerate(codecs) if c["name"] == "bytes")
     buf: Any = data
-    for c in reversed(codecs[ab + 1 :]):
-        name = c["name"]
-        if name == "blosc":
-            buf = numcodecs.Blosc().decode(buf)
-        elif name == "zstd":
-            buf = numcodecs.Zstd().decode(buf)
-        elif name == "gzip":
-            buf = numcodecs.GZip().decode(buf)
-        elif name == "crc32c":
-            buf = memoryview(buf)[:-4]
+    try:
+        for c in reversed(codecs[ab + 1 :]):
+            name = c["name"]
+            if name == "crc32c":
+                if not crc32c_ok(buf):
+                    raise ChecksumMismatchError(
+                        url, where, "chunk checksum (CRC-32C) mismatch: stored bytes are corrupt"
+                    )
+                buf = memoryview(buf)[:-4]
+            elif name == "blosc":
+                buf = numcodecs.Blosc().decode(buf)
+            elif name == "zstd":
+                buf = numcodecs.Zstd().decode(buf)
+            elif name == "gzip":
+                buf = numcodecs.GZip().decode(buf)
+    except StoreIntegrityError:
+        raise
+    except Exception as exc:  # a codec's own error on damaged bytes (stores without checksums)
+        raise StoreIntegrityError(url, where, f"chunk does not decode ({exc})") from exc
     endian = codecs[ab].get("configuration", {}).get("endian", "little")
     dt = info.dtype.newbyteorder("<" if endian == "little" else ">")
     order = list(range(len(info.inner_shape)))
@@ -151,6 +201,8 @@ def decode_chunk(data: bytes, info: ArrayInfo) -> np.ndarray:
         perm = list(c["configuration"]["order"])
         order = [order[p] for p in perm]
     stored_shape = tuple(shape[o] for o in order)
+    if memoryview(buf).nbytes != math.prod(stored_shape) * dt.itemsize:
+        raise StoreIntegrityError(url, where, "chunk decodes to the wrong number of voxels")
     arr = np.frombuffer(buf, dtype=dt).reshape(stored_shape)
     if order != sorted(order):
         arr = arr.transpose(np.argsort(order))
@@ -200,6 +252,9 @@ class ShardReader:
     (default 1 MiB remote — a 50 ms round trip costs more than 1 MiB of transfer — and 64 KiB
     local).  ``workers``: threads for local reads and for decoding.  ``cache_bytes``: LRU of
     compressed chunks kept in memory.  ``cache_dir``: compressed chunks kept on local disk.
+    ``engine="tensorstore"``: local stores only, reads through TensorStore's ``zarr3`` driver
+    with the same integrity guarantees (measured faster here; no caches or stats, and
+    DataLoader workers must be spawned, not forked — see ``benchmarks/README.md``).
     """
 
     def __init__(
@@ -213,6 +268,7 @@ class ShardReader:
         cache_bytes: int = 0,
         cache_dir: str | None = None,
         fs: Any = None,
+        engine: str = "livercube",
     ) -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
@@ -227,6 +283,11 @@ class ShardReader:
         self.stats = ReaderStats()
         self._index: dict[tuple[str, tuple[int, ...]], np.ndarray | None] = {}
         self._user_fs = fs
+        if engine not in ("livercube", "tensorstore"):
+            raise ValueError(f"engine must be 'livercube' or 'tensorstore', not {engine!r}")
+        if engine == "tensorstore" and (self.remote or fs is not None):
+            raise ValueError("engine='tensorstore' reads local stores only")
+        self.engine = engine
         self._pid: int | None = None
         self._init_runtime()
 
@@ -237,6 +298,7 @@ class ShardReader:
         self._lru: OrderedDict[tuple, bytes] = OrderedDict()
         self._lru_size = 0
         self._lock = threading.Lock()
+        self._ts: _TensorStoreEngine | None = None
         if self._user_fs is not None:
             self.fs, self.root = self._user_fs, fsspec.core.url_to_fs(self.url)[1]
         elif self.remote:
@@ -248,7 +310,7 @@ class ShardReader:
         state = {
             k: v
             for k, v in self.__dict__.items()
-            if k not in {"_pool", "_lru", "_lru_size", "_lock", "fs", "stats"}
+            if k not in {"_pool", "_lru", "_lru_size", "_lock", "fs", "stats", "_ts"}
         }
         state["_index"] = dict(self._index)
         return state
@@ -342,9 +404,23 @@ class ShardReader:
         data = self._fetch(ranges)
         self.stats.add(index_requests=len(ranges), bytes_fetched=sum(len(d or b"") for d in data))
         for (a, s), d in zip(missing, data, strict=True):
+            key = a.object_key(s)
             if d is None:
+                if not a.missing_is_fill(s):
+                    raise MissingShardError(
+                        self.url,
+                        key,
+                        "shard object is missing, but the volume was recorded complete and "
+                        "this shard is not one of its all-background shards: data was lost",
+                    )
                 self._index[(a.path, s)] = None  # shard never written: all fill value
                 continue
+            if len(d) != a.index_nbytes:
+                raise StoreIntegrityError(self.url, key, "shard is shorter than its index")
+            if a.index_crc32c and not crc32c_ok(d):
+                raise ChecksumMismatchError(
+                    self.url, key, "shard index checksum (CRC-32C) mismatch: the shard is corrupt"
+                )
             raw = d[:-4] if a.index_crc32c else d
             self._index[(a.path, s)] = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
 
@@ -399,6 +475,11 @@ class ShardReader:
 
     def read_boxes(self, boxes: Sequence[Box]) -> list[np.ndarray]:
         """Read several boxes in one concurrent round; voxels outside an array get ``fill``."""
+        if self.engine == "tensorstore":
+            self._check_pid()
+            if self._ts is None:
+                self._ts = _TensorStoreEngine(self.url, self.root)
+            return self._ts.read_boxes(boxes)
         outs: list[np.ndarray] = []
         # chunk id -> list of (out array, dst slices, src slices)
         uses: dict[tuple, list[tuple[np.ndarray, tuple, tuple]]] = {}
@@ -498,12 +579,22 @@ class ShardReader:
             members.append([(c, s0 - cur_s, e0 - cur_s) for s0, e0, c in group])
         blobs = self._fetch(requests)
         self.stats.add(requests=len(requests), bytes_fetched=sum(len(b or b"") for b in blobs))
-        for blob, group in zip(blobs, members, strict=True):
+        for (key, _, _), blob, group in zip(requests, blobs, members, strict=True):
             for cid, s, e in group:
                 if blob is None:
+                    a = arrays[cid]
+                    if a.sharded or not a.missing_is_fill(cid[1]):
+                        # a shard whose index we just read, or a recorded non-fill chunk
+                        raise MissingShardError(
+                            self.url, key, "object vanished or was never written: data was lost"
+                        )
                     data[cid] = None
                     continue
                 piece = blob if e == -1 else blob[s:e]
+                if e != -1 and len(piece) != e - s:
+                    raise StoreIntegrityError(
+                        self.url, key, "object is shorter than its shard index says: truncated"
+                    )
                 data[cid] = piece
                 if caching and cid in located:
                     key, s0, e0 = located[cid]
@@ -516,7 +607,7 @@ class ShardReader:
             chunk = (
                 np.full(a.inner_shape, a.fill_value, dtype=a.dtype)
                 if raw is None
-                else decode_chunk(raw, a)
+                else decode_chunk(raw, a, url=self.url, where=_chunk_name(a, cid[1]))
             )
             for out, dst, src in uses[cid]:
                 out[dst] = chunk[src]
@@ -539,6 +630,97 @@ class ShardReader:
 
 #: Concurrent decode tasks per read: Blosc releases the GIL, so one per core pays off.
 DECODE_TASKS = max(1, min(8, os.cpu_count() or 1))
+
+
+class _TensorStoreEngine:
+    """Local box reads through TensorStore's ``zarr3`` driver (``engine="tensorstore"``).
+
+    An experiment behind the same API (see ``benchmarks/README.md``): TensorStore verifies the
+    CRC-32C checksums itself (mapped to :class:`ChecksumMismatchError`), but reads a missing
+    shard as fill, so shard presence is checked here against the array's ``fill_shards``
+    record (one ``stat`` per shard, remembered).  No cache (cache pool 0), no ``stats``.
+    TensorStore aborts a process forked after it started its threads, so DataLoader workers
+    must be spawned (``multiprocessing_context="spawn"`` or ``"forkserver"``) — one reason
+    this is not the default engine.
+    """
+
+    def __init__(self, url: str, root: str) -> None:
+        import tensorstore as ts
+
+        self.ts, self.url, self.root = ts, url, root
+        self.context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        self.handles: dict[str, Any] = {}
+        self.present: set[str] = set()
+
+    def handle(self, a: ArrayInfo):
+        h = self.handles.get(a.path)
+        if h is None:
+            spec = {
+                "driver": "zarr3",
+                "kvstore": {"driver": "file", "path": os.path.join(self.root, a.path) + "/"},
+            }
+            h = self.ts.open(spec, context=self.context, open=True, read=True).result()
+            self.handles[a.path] = h
+        return h
+
+    def check_present(self, a: ArrayInfo, lo: Sequence[int], hi: Sequence[int]) -> None:
+        if a.fill_shards is None:
+            return
+        first = [q // o for q, o in zip(lo, a.object_shape, strict=True)]
+        last = [(h - 1) // o for h, o in zip(hi, a.object_shape, strict=True)]
+        for offs in np.ndindex(*[b - e + 1 for e, b in zip(first, last, strict=True)]):
+            coords = tuple(e + i for e, i in zip(first, offs, strict=True))
+            key = a.object_key(coords)
+            if key in self.present or coords in a.fill_shards:
+                continue
+            if not os.path.exists(os.path.join(self.root, key)):
+                raise MissingShardError(
+                    self.url, key, "object is missing but not recorded as all fill: data was lost"
+                )
+            self.present.add(key)
+
+    def read_boxes(self, boxes: Sequence[Box]) -> list[np.ndarray]:
+        outs: list[np.ndarray | None] = []
+        pending = []
+        for b, box in enumerate(boxes):
+            a = box.array
+            fill = a.fill_value if box.fill is None else box.fill
+            lo = [max(0, s) for s in box.start]
+            hi = [min(n, s + k) for s, k, n in zip(box.start, box.size, a.shape, strict=True)]
+            ends = [s + k for s, k in zip(box.start, box.size, strict=True)]
+            inside = lo == list(box.start) and hi == ends and min(box.size) > 0
+            # wholly inside: TensorStore's own result is the output (no fill, no copy)
+            out = None if inside else np.full(box.size, fill, a.dtype)
+            outs.append(out)
+            if any(h <= q for q, h in zip(lo, hi, strict=True)):
+                continue
+            self.check_present(a, lo, hi)
+            src = tuple(slice(q, h) for q, h in zip(lo, hi, strict=True))
+            dst = tuple(slice(q - s, h - s) for q, h, s in zip(lo, hi, box.start, strict=True))
+            pending.append((b, dst, self.handle(a)[src].read()))
+        for b, dst, fut in pending:
+            try:
+                if outs[b] is None:
+                    outs[b] = fut.result()
+                else:
+                    outs[b][dst] = fut.result()  # type: ignore[index]
+            except ValueError as exc:
+                text = str(exc)
+                found = re.search(r'file "([^"]+)"', text)
+                key = os.path.relpath(found.group(1), self.root) if found else "?"
+                if "DATA_LOSS" in text or "igest" in text:
+                    raise ChecksumMismatchError(self.url, key, text) from exc
+                raise StoreIntegrityError(self.url, key, text) from exc
+        return outs  # type: ignore[return-value]
+
+
+def _chunk_name(a: ArrayInfo, chunk: tuple[int, ...]) -> str:
+    """Object key of a chunk, with its position inside the shard when sharded."""
+    if not a.sharded:
+        return a.object_key(chunk)
+    shard = tuple(c // g for c, g in zip(chunk, a.grid, strict=True))
+    inner = ",".join(str(c % g) for c, g in zip(chunk, a.grid, strict=True))
+    return f"{a.object_key(shard)} (inner chunk {inner})"
 
 
 def _try(fn):

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from livercube.errors import VolumeIncompleteError
 from livercube.sampling.reader import ArrayInfo, Box, ShardReader
+from livercube.store.layout import data_path
+from livercube.store.query import catalog_frame, select
 
 MODES = ("uniform", "foreground", "class_weighted")
 PAD_VALUE = -1024
@@ -62,16 +64,26 @@ class PatchSpec:
     anchor: tuple[int, int, int]  # the voxel it is centred on (uniform: patch centre)
 
 
-def catalog_frame(catalog) -> pd.DataFrame:
-    """The catalog as a DataFrame: 1-D variables as columns, ``spacing_z`` etc. for 2-D ones."""
-    cols: dict[str, Any] = {}
-    for name, var in catalog.data_vars.items():
-        if var.dims == ("volume",):
-            cols[name] = var.values
-        elif var.dims == ("volume", "axis"):
-            for i, ax in enumerate(("z", "y", "x")):
-                cols[f"{name}_{ax}"] = var.values[:, i]
-    return pd.DataFrame(cols)
+def _complete_group(store, path: str):
+    """The volume group at ``path``, refusing one without a completion record.
+
+    The catalog is a derived index: the group's own record (written last) is what says the
+    arrays are whole, so a listed group that is gone or half-written is an error, not zeros.
+    """
+    try:
+        group = store.root[path]
+    except KeyError:
+        raise VolumeIncompleteError(
+            f"{store.url}: the catalog lists {path!r} but the store has no such volume group; "
+            f"rebuild the catalog with `livercube catalog {store.url}`"
+        ) from None
+    meta = group.attrs.get("livercube") or {}
+    if meta.get("status") != "complete" or not isinstance(meta.get("complete"), dict):
+        raise VolumeIncompleteError(
+            f"{store.url}: volume {path!r} has no completion record (status "
+            f"{meta.get('status', 'missing')!r}): its write never finished; re-convert it"
+        )
+    return group
 
 
 def _runtime_rank() -> tuple[int, int]:
@@ -180,7 +192,7 @@ class PatchSampler:
     # -- selection ------------------------------------------------------------------------------
     def _select(self, store, where: str | None) -> None:
         df = catalog_frame(store.catalog)
-        chosen = df.query(where, engine="python") if where else df
+        chosen = select(df, where)
         if not len(chosen):
             raise ValueError(f"no volume matches where={where!r}")
         infos: dict[int, VolumeInfo] = {}
@@ -188,12 +200,14 @@ class PatchSampler:
         def info(row: int) -> VolumeInfo:
             if row not in infos:
                 r = df.iloc[row]
-                group = store.root[r["path"]]
+                _complete_group(store, str(r["path"]))
+                arrays = data_path(str(r["path"]))
+                group = store.root[arrays]
                 metas = {}
                 for name in ("image", "label", "class_locations"):
                     if name in group:
                         metas[name] = ArrayInfo.from_metadata(
-                            f"{r['path']}/{name}", group[name].metadata.to_dict()
+                            f"{arrays}/{name}", group[name].metadata.to_dict()
                         )
                 img = metas["image"]
                 infos[row] = VolumeInfo(

@@ -13,6 +13,15 @@ and its column gets units "%"; known columns have a fixed type and documented un
 as ``bool``).  Column names are kept verbatim (spaces included).  Everything odd — a cell that
 does not fit its column's type, a duplicate or empty id, an unknown sex code, a fallback sheet —
 is listed in :attr:`ClinicalTable.notes`.
+
+What reaches the store (:func:`select_columns`): the collection's documented columns
+(:data:`COLUMN_SPECS`), plus columns the user names (``convert --clinical-column NAME``);
+a column whose *name* looks identifying (:func:`looks_identifying`: name, birth, DOB,
+address, phone, MRN, e-mail, SSN …) is never stored, documented or named, and says so.
+
+A spreadsheet that cannot be read (zero bytes, truncated, empty, no id column) raises
+:class:`~livercube.errors.UnreadableFileError` naming the file; the converter then skips the
+covariates, not the images.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ import datetime
 import io
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
 
+from livercube import registry
 from livercube.errors import UnreadableFileError, UsageError
 
 MISSING_CODES = (-999,)
@@ -37,7 +48,7 @@ _TIME_UNVERIFIED = "unverified; possibly weeks"
 #: Per collection: file, sheet, id column, sex column and its coding, age column.
 COLLECTIONS: dict[str, dict[str, Any]] = {
     "hcc-tace-seg": {
-        "file": "HCC-TACE-Seg_clinical_data-V2.xlsx",
+        "file": registry.get("hcc-tace-seg").clinical_files[0],
         "sheet": "data table",
         "id": "TCIA_ID",
         "sex_column": "Sex",
@@ -45,20 +56,13 @@ COLLECTIONS: dict[str, dict[str, Any]] = {
         "age_column": "age",
     },
     "crlm": {
-        "file": "Colorectal-Liver-Metastases-Clinical-data-April-2023.xlsx",
+        "file": registry.get("crlm").clinical_files[0],
         "sheet": "TCIA_n=197",
         "id": "Patient-ID",
         "sex_column": "sex",
         "sex_codes": {1: "male", 2: "female"},
         "age_column": "age",
     },
-}
-_ALIASES = {
-    "hcc-tace-seg": "hcc-tace-seg",
-    "hcc_tace_seg": "hcc-tace-seg",
-    "crlm": "crlm",
-    "colorectal-liver-metastases": "crlm",
-    "colorectal_liver_metastases": "crlm",
 }
 
 _BINARY = "0/1"
@@ -154,8 +158,8 @@ class ClinicalTable:
 
 
 def _collection_id(collection: str) -> str:
-    c = _ALIASES.get(collection.strip().lower())
-    if c is None:
+    c = registry.canonical(collection)
+    if c not in COLLECTIONS:
         raise UsageError(
             f"no clinical spreadsheet rules for collection {collection!r}; "
             f"known: {', '.join(sorted(COLLECTIONS))}"
@@ -169,9 +173,16 @@ def _collection_id(collection: str) -> str:
 def _read_bytes(path_or_url: str, storage_options: dict | None) -> bytes:
     try:
         with fsspec.open(path_or_url, "rb", **(storage_options or {})) as f:
-            return f.read()
+            data = f.read()
     except FileNotFoundError as exc:
         raise UnreadableFileError(path_or_url, "clinical spreadsheet not found") from exc
+    except (IsADirectoryError, PermissionError) as exc:
+        raise UnreadableFileError(
+            path_or_url, f"clinical spreadsheet cannot be opened ({exc.strerror or exc})"
+        ) from exc
+    if not data.strip():
+        raise UnreadableFileError(path_or_url, f"clinical spreadsheet is empty ({len(data)} bytes)")
+    return data
 
 
 def _xlsx_sheets(data: bytes, source: str) -> dict[str, list[list[Any]]]:
@@ -183,8 +194,12 @@ def _xlsx_sheets(data: bytes, source: str) -> dict[str, list[list[Any]]]:
         raise UnreadableFileError(
             source, f"not a readable .xlsx workbook ({type(exc).__name__}: {exc})"
         ) from exc
-    try:
+    try:  # read-only workbooks decompress sheets lazily: truncation shows up here
         return {ws.title: [list(r) for r in ws.iter_rows(values_only=True)] for ws in wb}
+    except Exception as exc:
+        raise UnreadableFileError(
+            source, f"truncated or corrupt .xlsx workbook ({type(exc).__name__}: {exc})"
+        ) from exc
     finally:
         wb.close()
 
@@ -359,6 +374,11 @@ def read_clinical(
     else:
         if data[:2] == b"PK":
             raise UnreadableFileError(source, "named like a CSV file but is a zip/xlsx workbook")
+        suffix = PurePosixPath(source.split("?")[0]).suffix.lower()
+        if suffix in (".xlsx", ".xlsm"):
+            raise UnreadableFileError(
+                source, f"not an .xlsx workbook (it starts with {data[:8]!r}, not a zip header)"
+            )
         sheet = "csv"
         sheets = {sheet: _csv_grid(data)}
     grid = sheets[sheet]
@@ -462,6 +482,69 @@ def read_clinical(
     return ClinicalTable(cid, source, columns, rows, age, sex, notes)
 
 
+#: Column names that look like they hold direct identifiers: any of these inside the name
+#: (case-insensitive) …
+IDENTIFYING_COLUMN = re.compile(
+    r"name|birth|address|phone|e-?mail|medical.?record|record.?number|social.?security"
+    r"|passport",
+    re.IGNORECASE,
+)
+#: … or one of these as a whole word of it (words split at non-letters and camelCase, so
+#: "PatientDOB" has the word "dob" while "toxicity" does not have "city").
+IDENTIFYING_WORDS = frozenset(
+    {
+        "dob", "mrn", "ssn", "city", "zip", "zipcode", "postcode", "postal", "street",
+        "fax", "mobile", "initials", "contact", "insurance", "license", "licence", "accession",
+    }
+)  # fmt: skip
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
+
+
+def looks_identifying(column: str) -> bool:
+    """Whether a column name suggests direct identifiers; such columns are never stored."""
+    if IDENTIFYING_COLUMN.search(column):
+        return True
+    return any(w.lower() in IDENTIFYING_WORDS for w in _WORD.findall(column))
+
+
+def select_columns(table: ClinicalTable, extra: Iterable[str] = ()) -> ClinicalTable:
+    """Only the columns that may be stored: documented ones and those named in ``extra``.
+
+    The id column is always kept (it is the collection's public pseudonym).  Dropped columns
+    are listed in the returned table's notes: identifying-looking ones one by one, the other
+    undocumented ones together (with how to keep them).
+    """
+    spec = COLLECTIONS[table.collection]
+    documented = set(COLUMN_SPECS[table.collection])
+    wanted = set(extra)
+    notes = list(table.notes)
+    keep: list[str] = []
+    undocumented: list[str] = []
+    for name in table.columns:
+        if name != spec["id"] and looks_identifying(name):
+            how = "named with --clinical-column but " if name in wanted else ""
+            notes.append(
+                f"{table.source}: column {name!r} {how}looks identifying "
+                "(name, birth date, address, phone, record number …): not stored"
+            )
+        elif name in documented or name in wanted or name == spec["id"]:
+            keep.append(name)
+        else:
+            undocumented.append(name)
+    if undocumented:
+        notes.append(
+            f"{table.source}: column(s) {undocumented} are not documented for "
+            f"{table.collection}: not stored (keep one with --clinical-column NAME)"
+        )
+    for name in sorted(wanted - set(table.columns)):
+        notes.append(f"{table.source}: --clinical-column {name!r}: no such column")
+    columns = {k: table.columns[k] for k in keep}
+    rows = {pid: {k: v for k, v in row.items() if k in columns} for pid, row in table.rows.items()}
+    return ClinicalTable(
+        table.collection, table.source, columns, rows, table.age, table.sex, notes
+    )
+
+
 def reconcile(table: ClinicalTable, image_patient_ids: set[str]) -> list[str]:
     """Notes on patients with images but no clinical row, and rows without images."""
     notes = []
@@ -473,4 +556,14 @@ def reconcile(table: ClinicalTable, image_patient_ids: set[str]) -> list[str]:
     return notes
 
 
-__all__ = ["COLLECTIONS", "COLUMN_SPECS", "ClinicalTable", "read_clinical", "reconcile"]
+__all__ = [
+    "COLLECTIONS",
+    "COLUMN_SPECS",
+    "IDENTIFYING_COLUMN",
+    "IDENTIFYING_WORDS",
+    "ClinicalTable",
+    "looks_identifying",
+    "read_clinical",
+    "reconcile",
+    "select_columns",
+]

@@ -18,17 +18,17 @@ from typing import Any
 
 import fsspec
 
+from livercube import registry
 from livercube.errors import SourceError, UsageError
 from livercube.schema import STORE_SCHEMA_VERSION
+from livercube.sources import idc
+from livercube.sources.deid import DESCRIPTOR_ATTRIBUTES, Descriptors, clean_segment_item
 from livercube.sources.dicom_scan import Acquisition, SegInstance, scan
-from livercube.store.layout import sanitize, volume_path
+from livercube.store.layout import sanitize, volume_path, with_retries
 from livercube.volumes.volume import Volume
 
 #: File names of the clinical spreadsheets as released (found in SOURCE when --clinical is absent).
-CLINICAL_FILES = {
-    "hcc-tace-seg": ("HCC-TACE-Seg_clinical_data-V2.xlsx",),
-    "crlm": ("Colorectal-Liver-Metastases-Clinical-data-April-2023.xlsx",),
-}
+CLINICAL_FILES = {c.id: c.clinical_files for c in registry.REGISTRY.values()}
 
 
 @dataclass
@@ -47,6 +47,8 @@ class DicomVolumeTask:
     clinical: dict[str, Any] = field(default_factory=dict)
     age: float | None = None
     sex: str | None = None
+    #: How free-text descriptors are stored (cleaned unless --keep-descriptions).
+    descriptors: Descriptors = field(default_factory=Descriptors)
 
     @property
     def key(self) -> str:
@@ -73,12 +75,17 @@ class DicomVolumeTask:
                 sorted(self.clinical.items()),
                 self.age,
                 self.sex,
+                self.descriptors.mode,
             )
         )
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
     def read(self, storage_options: dict | None = None) -> tuple[Volume, list[dict[str, str]]]:
-        return read_volume(self, storage_options)
+        try:
+            return read_volume(self, storage_options)
+        except SourceError as exc:  # its message may quote the raw SeriesDescription
+            scrub = self.descriptors.scrub
+            raise type(exc)(scrub(exc.source), scrub(exc.reason)) from None
 
 
 @dataclass
@@ -87,6 +94,8 @@ class DicomPlan:
     skipped: list[dict[str, str]]
     warnings: list[str]
     clinical_columns: dict[str, dict[str, Any]]
+    #: The descriptor mode of the run, for the conversion report.
+    deidentification: dict[str, Any] = field(default_factory=dict)
 
 
 def _short(uid: str, n: int = 6) -> str:
@@ -117,12 +126,21 @@ def series_names(acqs: list[Acquisition]) -> dict[tuple[str, int], str]:
     names = {}
     for uid, group in by_series.items():
         stem = base[uid] if counts[base[uid]] == 1 else f"{base[uid]}_{_short(uid)}"
-        for a in group:
-            if len(group) == 1:
-                names[(uid, a.index_in_series)] = stem
-            else:
-                n = a.acquisition_number if a.acquisition_number is not None else a.index_in_series
-                names[(uid, a.index_in_series)] = f"{stem}_acq{n}"
+        if len(group) == 1:
+            names[(uid, group[0].index_in_series)] = stem
+            continue
+        wanted = {
+            a.index_in_series: f"{stem}_acq"
+            f"{a.acquisition_number if a.acquisition_number is not None else a.index_in_series}"
+            for a in group
+        }
+        taken = defaultdict(int)
+        for name in wanted.values():
+            taken[name] += 1
+        for index, name in wanted.items():
+            # several parts of one acquisition (duplicate positions with other pixels, or
+            # several orientations): the part index keeps them apart
+            names[(uid, index)] = name if taken[name] == 1 else f"{name}_p{index}"
     return names
 
 
@@ -144,28 +162,76 @@ def plan(
     clinical: str | None = None,
     overrides: str | None = None,
     storage_options: dict | None = None,
+    where: str | None = None,
+    keep_descriptions: bool = False,
+    clinical_columns: list[str] | tuple[str, ...] = (),
 ) -> DicomPlan:
-    """Scan headers and decide every volume of a DICOM collection."""
+    """Scan headers and decide every volume of a DICOM collection.
+
+    ``source`` is a directory or URL, or ``idc://<collection>`` for the IDC bucket (then
+    ``where`` narrows the series selected from the IDC index).
+    Free-text descriptors are classified raw but stored cleaned (:mod:`livercube.sources.deid`)
+    unless ``keep_descriptions``; every message of the plan that quotes them is scrubbed too.
+    Clinical columns: the collection's documented ones plus ``clinical_columns``
+    (:func:`livercube.sources.clinical.select_columns`).  An unreadable spreadsheet skips the
+    covariates (a skipped input), never the images.
+    """
     from livercube.sources import clinical as clinical_mod
     from livercube.sources import dicom_phase, dicom_seg
 
-    result = scan(source, storage_options)
-    # files that are not CT slices (junk, spreadsheets, localizers, duplicate copies) are
-    # notes, not losses: every CT slice that exists is used; losses show up as skipped inputs
-    skipped: list[dict[str, str]] = []
-    warnings: list[str] = [f"{n.path}: {n.reason}" for n in result.notes]
+    scanned: str | list[str] = source
+    selection = None
+    if idc.is_idc(source):
+        selection = idc.select_series(source, where)
+        scanned = list(selection.prefixes)
+        # the IDC bucket is public; S3 throttling is retried like any S3 source
+        storage_options = with_retries("s3://", storage_options or {"anon": True})
+    elif where:
+        raise UsageError("--where selects series of an idc:// source only")
+    result = scan(scanned, storage_options)
+    if not result.n_files:
+        raise UsageError(f"{source}: no files found (is it a DICOM collection?)")
+    # IDC paths are "<bucket>/<series uuid>/<instance uuid>.dcm": already short and unique
+    rel = _relative_to(result.source, storage_options) if selection is None else str
+    # files that were never slices (other objects, localizers, redundant copies) are notes;
+    # inputs that were lost (damaged files, stray single slices, refused geometry) are skipped
+    skipped: list[dict[str, str]] = [
+        {"input": rel(n.path), "reason": n.reason} for n in result.left_out
+    ]
+    warnings: list[str] = [f"{rel(n.path)}: {n.reason}" for n in result.notes]
+    if selection is not None:
+        warnings.insert(0, selection.describe())
     if not result.acquisitions:
-        raise UsageError(f"{source}: no CT image series found (is it a DICOM collection?)")
+        skipped.append(
+            {
+                "input": str(source),
+                "reason": f"no convertible CT volume among {result.n_files} file(s); "
+                "each file that was not used is listed with its reason",
+            }
+        )
+    descriptors = _descriptors(result.acquisitions, result.segs, keep_descriptions)
 
     # clinical covariates
     table = None
-    path = clinical or _find_clinical(source, collection, storage_options)
+    path = clinical or (
+        None if selection is not None else _find_clinical(source, collection, storage_options)
+    )
     if path:
-        table = clinical_mod.read_clinical(
-            path, collection, storage_options if not clinical else None
-        )
-        warnings += table.notes
-        warnings += clinical_mod.reconcile(table, {a.patient_id for a in result.acquisitions})
+        try:
+            table = clinical_mod.read_clinical(
+                path, collection, storage_options if not clinical else None
+            )
+        except SourceError as exc:
+            skipped.append(
+                {
+                    "input": exc.source,
+                    "reason": f"{exc.reason}; clinical covariates skipped, images converted",
+                }
+            )
+        else:
+            table = clinical_mod.select_columns(table, clinical_columns)
+            warnings += table.notes
+            warnings += clinical_mod.reconcile(table, {a.patient_id for a in result.acquisitions})
     else:
         warnings.append(f"no clinical spreadsheet found for {collection}: no covariates")
 
@@ -194,13 +260,17 @@ def plan(
                 study=study_name(a),
                 series=names[(a.series_uid, a.index_in_series)],
                 phase=call.phase,
-                phase_evidence=f"{call.rule}: {call.evidence}",
+                phase_evidence=descriptors.scrub(f"{call.rule}: {call.evidence}"),
                 clinical=dict(table.rows.get(pid, {})) if table else {},
                 age=table.age.get(pid) if table else None,
                 sex=table.sex.get(pid) if table else None,
+                descriptors=descriptors,
             )
-            if task.key in tasks:
-                raise AssertionError(f"duplicate volume key {task.key}")  # names are unique
+            if task.key in tasks:  # series_names makes names unique; never overwrite a volume
+                skipped.append(
+                    {"input": a.label, "reason": f"a second volume would be named {task.key}"}
+                )
+                continue
             tasks[task.key] = task
             try:
                 targets_by_study[study_uid].append(dicom_seg.target_from_acquisition(a, task.key))
@@ -209,7 +279,7 @@ def plan(
 
     # segmentations: the expert SEG of each study goes to the acquisition its frames lie on
     for seg in sorted(result.segs, key=lambda s: (s.study_uid, s.series_number or 0, s.sop_uid)):
-        where = f"{seg.path} ({seg.series_description or 'no description'})"
+        where = f"{rel(seg.path)} ({seg.series_description or 'no description'})"
         if dicom_seg.seg_kind(seg.series_description) == "ai":
             warnings.append(f"{where}: AI segmentation, not used for label (expert SEGs only)")
             continue
@@ -238,13 +308,47 @@ def plan(
         task.seg_target = next(t for t in targets if t.key == match.target_key)
         task.seg_notes = [*match.notes, f"matched: {match.reason}"]
     columns = dict(table.columns) if table else {}
-    return DicomPlan(sorted(tasks.values(), key=lambda t: t.key), skipped, warnings, columns)
+    return DicomPlan(
+        sorted(tasks.values(), key=lambda t: t.key),
+        [descriptors.scrub_record(s) for s in skipped],
+        [descriptors.scrub(w) for w in warnings],
+        columns,
+        descriptors.summary(),
+    )
+
+
+def _descriptors(
+    acqs: list[Acquisition], segs: list[SegInstance], keep: bool
+) -> Descriptors:
+    """The run's descriptor policy, knowing every raw descriptor the headers carry."""
+    texts: list[Any] = []
+    for a in acqs:
+        texts += [a.study_description, a.series_description]
+        texts += [v for k, v in a.attrs.items() if k in DESCRIPTOR_ATTRIBUTES]
+    texts += [s.series_description for s in segs]
+    flat = [t for v in texts for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
+    return Descriptors.collect(flat, keep=keep)
+
+
+def _relative_to(source: str, storage_options: dict | None):
+    """A function printing scan paths relative to ``source`` (reports stay readable)."""
+    _, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    root = root.rstrip("/") + "/"
+
+    def rel(path: str) -> str:
+        return path[len(root) :] if path.startswith(root) else path
+
+    return rel
+
+
+def file_url(source: str, path: str) -> str:
+    """URL of a scanned file: scan paths are relative to the scanned filesystem."""
+    proto = fsspec.utils.get_protocol(source)
+    return path if proto in ("file", "local") else f"{proto}://{path.split('://')[-1]}"
 
 
 def _root_url(seg: SegInstance) -> str:
-    """URL of a SEG file: scan paths are relative to the scanned filesystem."""
-    proto = fsspec.utils.get_protocol(seg.source)
-    return seg.path if proto in ("file", "local") else f"{proto}://{seg.path.split('://')[-1]}"
+    return file_url(seg.source, seg.path)
 
 
 def read_volume(
@@ -255,7 +359,16 @@ def read_volume(
     from livercube.sources.dicom_seg import place_seg
 
     ct = read_acquisition(task.acquisition, storage_options)
-    skipped: list[dict[str, str]] = []
+    descriptors = task.descriptors
+    rel = _relative_to(task.acquisition.source, storage_options)
+    skipped: list[dict[str, str]] = [
+        {
+            "input": rel(d["path"]),
+            "reason": f"damaged slice of {task.key} (canonical z {d['z']}, filled with "
+            f"{ct.attrs.get('fill_hu')} HU): {d['reason']}",
+        }
+        for d in ct.damaged_slices
+    ]
     notes = [f"{n.path}: {n.reason}" for n in task.acquisition.notes]
     segments, seg_meta = None, None
     annotation_complete = False
@@ -270,20 +383,32 @@ def read_volume(
             if placed.segments.bits.shape != ct.image.shape:
                 raise SourceError(task.seg.path, "SEG target grid differs from the CT read")
             segments = placed.segments
+            for info in segments.segments:  # the source item, allow-listed
+                info.codes = clean_segment_item(info.codes, descriptors.keep)
             seg_meta = {
-                **placed.seg_attrs,
+                **descriptors.clean_attrs(placed.seg_attrs),
                 "resampled": placed.resampled,
                 "unknown_labels": placed.unknown_labels,
-                "notes": [*task.seg_notes, *placed.notes],
+                "voxel_counts": placed.voxel_counts,
+                "notes": [descriptors.scrub(n) for n in (*task.seg_notes, *placed.notes)],
             }
             annotation_complete = True
+            lost = {k: c["outside_voxels"] for k, c in placed.voxel_counts.items()}
+            if any(lost.values()):
+                skipped.append(
+                    {
+                        "input": rel(task.seg.path),
+                        "reason": "segment voxels outside the CT volume they annotate were "
+                        f"dropped: {({k: v for k, v in lost.items() if v})}",
+                    }
+                )
             if placed.unknown_labels:
                 notes.append(
                     f"segment labels unknown to the label schema kept as unified 0: "
                     f"{placed.unknown_labels}"
                 )
         except SourceError as exc:
-            skipped.append({"input": task.seg.path, "reason": exc.reason})
+            skipped.append({"input": rel(task.seg.path), "reason": exc.reason})
     if ct.filled_slices:
         notes.append(
             f"{len(ct.filled_slices)} missing slice(s) filled with {ct.attrs.get('fill_hu')} HU "
@@ -298,11 +423,13 @@ def read_volume(
         "study_date": study_date,
         "series_uid": a.get("series_uid"),
         "series_number": a.get("series_number"),
-        "series_description": a.get("series_description"),
+        "series_description": descriptors.clean(a.get("series_description")),
         "acquisition_number": a.get("acquisition_number"),
         "phase_evidence": task.phase_evidence,
         "source": {
-            "dicom": {k: v for k, v in a.items() if k not in ("scan_notes",)},
+            "dicom": descriptors.clean_attrs(
+                {k: v for k, v in a.items() if k not in ("scan_notes",)}
+            ),
             "spacing_report": ct.spacing_report,
             "filled_slices": ct.filled_slices,
             "segmentation": seg_meta,
@@ -316,10 +443,12 @@ def read_volume(
             "spacing_trusted": True,
             "origin_trusted": True,
             "filled_slices": len(ct.filled_slices),
+            "damaged_slices": len(ct.damaged_slices),
             "obliquity_deg": ct.reorientation.obliquity_deg,
         },
         "annotation_complete": annotation_complete,
-        "notes": notes,
+        "deidentification": descriptors.summary(),
+        "notes": [descriptors.scrub(n) for n in notes],
         "age": task.age,
         "sex": task.sex,
     }
@@ -336,4 +465,4 @@ def read_volume(
         meta=meta,
         clinical=task.clinical,
     )
-    return vol, skipped
+    return vol, [descriptors.scrub_record(s) for s in skipped]

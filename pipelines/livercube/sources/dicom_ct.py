@@ -8,13 +8,19 @@ Geometry comes from ImagePositionPatient and ImageOrientationPatient only:
 * the slice spacing is derived from position differences, never from SliceThickness or
   SpacingBetweenSlices (both are reported in ``spacing_report`` for comparison);
 * a slice may deviate from the regular grid by ``max(0.01 mm, 1 % of the spacing)``
-  (:func:`livercube.sources.dicom_scan.analyse_spacing`).  A gap that is a whole multiple of
+  (:func:`livercube.sources.dicom_geometry.slice_grid`; a stack whose slice origins drift
+  in-plane — gantry tilt — is refused there).  A gap that is a whole multiple of
   the spacing is a run of missing slices: they are filled with :data:`FILL_HU` (−1024 HU, air)
   and their canonical indices listed in ``filled_slices`` — the volume is never closed up.  Any
   other irregularity raises :class:`~livercube.errors.GeometryError` naming the series and the
   positions;
 * the stacked ``(k, j, i)`` array is brought to canonical ``(z, y, x)`` LPS order by
   :func:`livercube.volumes.geometry.canonical_reorientation` (permutations and flips only).
+
+A slice whose file cannot be read or decoded when the volume is assembled (damaged after the
+scan, a codec that fails) is filled like a missing slice and listed in ``damaged_slices`` with
+the file and the reason, so the converter can report it as a lost input and flag the volume;
+a volume none of whose slices decode is an :class:`~livercube.errors.UnreadableFileError`.
 
 Intensities are exact: HU = stored × RescaleSlope + RescaleIntercept, computed on the stored
 values as pydicom decodes them (PixelRepresentation 0 → unsigned, 1 → signed), per slice.  The
@@ -41,15 +47,10 @@ import numpy as np
 import pydicom
 from fsspec.implementations.local import LocalFileSystem
 
-from livercube.errors import GeometryError, IntensityError, UnreadableFileError
-from livercube.sources.dicom_scan import (
-    ORIENTATION_TOL,
-    Acquisition,
-    SliceRef,
-    analyse_spacing,
-    plain_value,
-    slice_normal,
-)
+from livercube.errors import GeometryError, IntensityError, SourceError, UnreadableFileError
+from livercube.sources.dicom_frames import frame_view
+from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, Tolerances, slice_grid
+from livercube.sources.dicom_scan import Acquisition, SliceRef, plain_value
 from livercube.volumes.geometry import Grid, Reorientation, canonical_reorientation
 
 #: HU written into missing slices (gaps of a whole number of slice spacings).
@@ -83,6 +84,8 @@ class CTVolume:
     spacing_report: dict[str, Any]
     sop_uids_by_canonical_z: dict[int, tuple[str, ...]]
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: slices filled because their file failed to read or decode: {"path", "z", "reason"}
+    damaged_slices: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _open_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
@@ -152,41 +155,52 @@ class _SliceStats:
     thickness: set[float] = field(default_factory=set)
 
 
-def _read_slice(
-    ref: SliceRef,
-    k: int,
-    blob: bytes | Exception,
-    src: np.ndarray,
-    acq: Acquisition,
-    stats: _SliceStats,
-    *,
-    label: str,
-    padding_hu: int | None,
-) -> None:
-    """Decode one file into ``src[k]`` after checking it is the slice the scan saw."""
-    where = f"{label}: file {ref.path}"
-    rows, cols = acq.rows, acq.columns
+def _decode_file(blob: bytes | Exception, where: str) -> tuple[pydicom.Dataset, np.ndarray]:
+    """One file's dataset and stored pixel values (frames first for multi-frame files)."""
     try:
         if isinstance(blob, Exception):
             raise blob
         ds = pydicom.dcmread(io.BytesIO(blob))
     except Exception as exc:
         raise UnreadableFileError(where, f"cannot read DICOM file: {exc}") from exc
-    if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
-        raise UnreadableFileError(
-            where, f"SOPInstanceUID {ds.get('SOPInstanceUID')} is not the scanned {ref.sop_uid}"
-        )
-    if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-        raise GeometryError(where, f"matrix {ds.Rows}×{ds.Columns} != {rows}×{cols}")
-    iop = [float(v) for v in ds.ImageOrientationPatient]
-    if max(abs(a - b) for a, b in zip(iop, acq.orientation, strict=True)) > ORIENTATION_TOL:
-        raise GeometryError(where, f"orientation {iop} differs from the series {acq.orientation}")
     try:
         stored = ds.pixel_array
     except Exception as exc:
         raise UnreadableFileError(
             where, f"pixel data cannot be decoded (truncated or unsupported codec): {exc}"
         ) from exc
+    return ds, stored
+
+
+def _read_slice(
+    ref: SliceRef,
+    k: int,
+    decoded: tuple[pydicom.Dataset, np.ndarray],
+    src: np.ndarray,
+    acq: Acquisition,
+    stats: _SliceStats,
+    *,
+    where: str,
+    padding_hu: int | None,
+    tol: Tolerances,
+) -> None:
+    """Put one slice (a file, or a frame of one) into ``src[k]`` after checking it is the
+    slice the scan saw."""
+    ds, stored = decoded
+    rows, cols = acq.rows, acq.columns
+    if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
+        raise UnreadableFileError(
+            where, f"SOPInstanceUID {ds.get('SOPInstanceUID')} is not the scanned {ref.sop_uid}"
+        )
+    if ref.frame is not None:
+        if stored.ndim != 3 or ref.frame >= stored.shape[0]:
+            raise UnreadableFileError(where, f"frame {ref.frame + 1} is not in the pixel data")
+        ds, stored = frame_view(ds, ref.frame), stored[ref.frame]
+    if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+        raise GeometryError(where, f"matrix {ds.Rows}×{ds.Columns} != {rows}×{cols}")
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    if max(abs(a - b) for a, b in zip(iop, acq.orientation, strict=True)) > tol.orientation:
+        raise GeometryError(where, f"orientation {iop} differs from the series {acq.orientation}")
     if stored.shape != (rows, cols):
         raise UnreadableFileError(where, f"decoded pixel array has shape {stored.shape}")
     hu, n_pad = stored_to_hu(ds, stored, source=where, padding_hu=padding_hu)
@@ -208,6 +222,7 @@ def read_acquisition(
     fill_hu: int = FILL_HU,
     padding_hu: int | None = PADDING_HU,
     max_workers: int | None = None,
+    tol: Tolerances = DEFAULT_TOLERANCES,
 ) -> CTVolume:
     """Read the pixels of one :class:`Acquisition` and return its canonical volume.
 
@@ -216,41 +231,63 @@ def read_acquisition(
     """
     label = acq.label
     fs, _ = fsspec.core.url_to_fs(acq.source, **(storage_options or {}))
-    normal = slice_normal(acq.orientation)
     row_cos = np.asarray(acq.orientation[:3], dtype=np.float64)
     col_cos = np.asarray(acq.orientation[3:], dtype=np.float64)
-    positions = np.asarray([s.position for s in acq.slices], dtype=np.float64)
-    offsets = positions @ normal
-    order = np.argsort(offsets, kind="stable")
-    slices = [acq.slices[i] for i in order]
-    positions, offsets = positions[order], offsets[order]
-
-    spacing = analyse_spacing(offsets, source=label)
+    sg = slice_grid(
+        [s.position for s in acq.slices], acq.orientation, acq.pixel_spacing, source=label, tol=tol
+    )
+    normal = np.asarray(sg.normal)
+    slices = [acq.slices[i] for i in sg.order]
+    positions = sg.positions
+    spacing = sg.spacing
     dz = spacing.spacing
     n_k = spacing.n_grid
     rows, cols = acq.rows, acq.columns
-    # in-plane drift of the slice origins (gantry tilt shows up here)
-    expected = positions[0] + np.outer(np.asarray(spacing.grid_index) * dz, normal)
-    drift = float(np.max(np.linalg.norm(positions - expected, axis=1)))
+    drift = sg.drift_mm
 
     src = np.full((n_k, rows, cols), fill_hu, dtype=np.int16)
     stats = _SliceStats()
 
-    def fetch(ref: SliceRef) -> bytes | Exception:
+    def fetch(path: str) -> bytes | Exception:
         try:
-            return _open_bytes(fs, ref.path)
+            return _open_bytes(fs, path)
         except Exception as exc:  # reported with the file's name below
             return exc
 
+    # one fetch and one decode per file: a multi-frame file holds many slices
+    paths = list(dict.fromkeys(ref.path for ref in slices))
     workers = max_workers or (1 if isinstance(fs, LocalFileSystem) else 8)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-    blobs = pool.map(fetch, slices) if pool else map(fetch, slices)
+    damaged: list[tuple[SliceRef, int, str]] = []
+    decoded: dict[str, tuple[pydicom.Dataset, np.ndarray] | SourceError] = {}
     try:
-        for ref, k, blob in zip(slices, spacing.grid_index, blobs, strict=True):
-            _read_slice(ref, k, blob, src, acq, stats, label=label, padding_hu=padding_hu)
+        fetched = pool.map(fetch, paths) if pool else map(fetch, paths)
+        blobs = dict(zip(paths, fetched, strict=True))
+        for ref, k in zip(slices, spacing.grid_index, strict=True):
+            where = f"{label}: file {ref.path}"
+            if ref.path not in decoded:
+                decoded.clear()  # slices of one file are adjacent: keep one decoded file
+                try:
+                    decoded[ref.path] = _decode_file(blobs.pop(ref.path), where)
+                except SourceError as exc:
+                    decoded[ref.path] = exc
+            try:
+                got = decoded[ref.path]
+                if isinstance(got, SourceError):
+                    raise got
+                _read_slice(
+                    ref, k, got, src, acq, stats, where=where, padding_hu=padding_hu, tol=tol
+                )
+            except IntensityError:
+                raise  # a property of the series, not of one damaged file
+            except SourceError as exc:
+                src[k] = fill_hu
+                damaged.append((ref, k, exc.reason))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+    if damaged and len(damaged) == len(slices):
+        raise UnreadableFileError(label, f"no slice could be read; first: {damaged[0][2]}")
 
     direction = np.column_stack([row_cos, col_cos, normal])
     spacing_ijk = (float(acq.pixel_spacing[1]), float(acq.pixel_spacing[0]), float(dz))
@@ -272,7 +309,10 @@ def read_acquisition(
         slice_positions[canon_order[k]] = tuple(float(v) for v in all_pos[k])  # type: ignore[assignment]
     for ref, k in zip(slices, spacing.grid_index, strict=True):
         slice_positions[canon(k)] = tuple(float(v) for v in ref.position)  # type: ignore[assignment]
-    filled = sorted(canon(k) for k in spacing.missing)
+    filled = sorted([canon(k) for k in spacing.missing] + [canon(k) for _, k, _ in damaged])
+    damaged_slices = [
+        {"path": ref.path, "z": canon(k), "reason": reason} for ref, k, reason in damaged
+    ]
 
     uids_by_z: dict[int, tuple[str, ...]] = {}
     if slice_axis == 0:
@@ -292,6 +332,7 @@ def read_acquisition(
         "n_source_slices": len(slices),
         "n_grid_slices": n_k,
         "n_filled": len(filled),
+        "n_damaged": len(damaged_slices),
         "filled_positions_mm": [list(slice_positions[z]) for z in filled],
         "max_deviation_mm": spacing.max_deviation,
         "tolerance_mm": spacing.tolerance,
@@ -338,4 +379,5 @@ def read_acquisition(
         spacing_report=spacing_report,
         sop_uids_by_canonical_z=uids_by_z,
         attrs=attrs,
+        damaged_slices=damaged_slices,
     )

@@ -66,14 +66,17 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+from livercube import registry
 from livercube.errors import UsageError
+from livercube.schema import PHASES
 from livercube.sources.dicom_scan import Acquisition
 
-PHASES = ("non_contrast", "arterial", "portal_venous", "delayed", "unknown")
 _ORDER = {p: i for i, p in enumerate(PHASES)}
 
-#: Collections documented as one portal-venous CT per patient.
-PORTAL_VENOUS_COLLECTIONS = frozenset({"crlm"})
+#: Collections documented as one portal-venous CT per patient (their registry entries say so).
+PORTAL_VENOUS_COLLECTIONS = frozenset(
+    c.id for c in registry.REGISTRY.values() if c.single_portal_venous
+)
 
 _KEYWORDS: dict[str, tuple[str, ...]] = {
     "non_contrast": (
@@ -100,13 +103,6 @@ _RECON_PREFIX = re.compile(r"^\s*RECON\s*\d*\s*:\s*", re.IGNORECASE)
 _GE_BIND = re.compile(r"^\s*BIND\(.*\)\s*$", re.IGNORECASE)
 _NO_AGENT = {"", "NONE", "NO", "N/A", "NA", "0"}
 
-_COLLECTION_ALIASES = {
-    "hcc-tace-seg": "hcc-tace-seg",
-    "hcc_tace_seg": "hcc-tace-seg",
-    "crlm": "crlm",
-    "colorectal-liver-metastases": "crlm",
-    "colorectal_liver_metastases": "crlm",
-}
 
 
 @dataclass(frozen=True)
@@ -134,8 +130,7 @@ def acquisition_key(acq: Acquisition) -> tuple[str, int]:
 
 
 def _collection_id(collection: str) -> str:
-    c = collection.strip().lower()
-    return _COLLECTION_ALIASES.get(c, c)
+    return registry.canonical(collection) or collection.strip().lower()
 
 
 def _words(text: str) -> str:

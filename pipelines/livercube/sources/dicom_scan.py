@@ -1,33 +1,44 @@
 """Find CT acquisitions in a tree of DICOM files, from headers only.
 
 :func:`scan` walks a local directory or any fsspec URL (``s3://idc-open-data/...``,
-``memory://...``), reads every file's header without pixel data and returns small, picklable
-:class:`Acquisition` records that :func:`livercube.sources.dicom_ct.read_acquisition` turns into
-volumes, possibly on another machine.
+``memory://...``), reads every file's header without pixel data
+(:mod:`~livercube.sources.dicom_headers`) and returns small, picklable :class:`Acquisition`
+records that :func:`livercube.sources.dicom_ct.read_acquisition` turns into volumes, possibly
+on another machine.  Slice geometry lives in :mod:`~livercube.sources.dicom_geometry`, SOP
+classes in :mod:`~livercube.sources.dicom_sop`.
 
 Decisions are taken from DICOM headers only.  Folder and file names (TCIA's
 ``<SeriesNumber>.000000-<description>`` folders, ``1-01.dcm`` ordinals, IDC's uuids) and TCIA's
-``metadata.csv`` are never trusted: they are walked like any other file and noted as non-DICOM.
+``metadata.csv`` are never trusted.
 
-Grouping rules:
+Grouping rules (:func:`partition_series`):
 
-* CT images (CT Image Storage, single frame) are grouped by study and SeriesInstanceUID, then by
-  orientation, matrix size and pixel spacing (a volume needs all three constant).
-* A series is split into acquisitions by AcquisitionNumber when present.  Inside one
-  AcquisitionNumber (or without one), images at duplicate positions along the slice normal are
-  split further: by AcquisitionTime when the distinct times partition the images into
+* CT images are grouped by study and SeriesInstanceUID, then by orientation, matrix size and
+  pixel spacing (a volume needs all three constant).
+* A series is one volume unless its images are several: AcquisitionNumber alone does not split
+  it (some scanners write one per slice or per rotation).  Images at **duplicate positions**
+  are split by AcquisitionNumber, else AcquisitionTime, when that partitions them into
   duplicate-free groups, else into runs in (AcquisitionTime, InstanceNumber) order that start
-  anew whenever a position repeats.  A group whose positions do not form one regular grid is
-  split by AcquisitionTime when that yields regular grids (two acquisitions on different
-  z-grids); otherwise it is kept and the reader reports the irregular spacing.
-* The same SOPInstanceUID seen twice (a second, possibly truncated copy): the complete file is
-  kept (judged from the header: uncompressed pixel bytes actually present), else the larger one;
-  the other is noted.
-* Skipped, each with a :class:`ScanNote`: zero-byte files, non-DICOM files, non-image SOP
-  classes (SR, RTSTRUCT, ...; DICOM-SEG instances are listed separately in
-  :attr:`ScanResult.segs`), multi-frame images, images without plane geometry, localizers
-  (ImageType contains LOCALIZER, or a single-slice group orthogonal to the study's main
-  orientation) and other single-slice groups (no slice spacing, not a volume).
+  anew whenever a position repeats.  A duplicate-free group whose positions do **not form one
+  regular grid** is split by AcquisitionNumber, else AcquisitionTime, when each part is regular
+  (two acquisitions on interleaved z-grids); otherwise it is kept and reported as irregular.
+* A stack is cut where more than ``max_fill_slices`` slices are missing in a row: a stray slice
+  hundreds of millimetres away is not a reason to fill a volume with air.
+* The same SOPInstanceUID seen twice: the complete copy is kept (judged from the header:
+  uncompressed pixel bytes actually present), else the larger one; the other is a note.
+
+What the scan leaves out is said in one of two lists.  :attr:`ScanResult.notes` holds files
+that were never meant to be a slice of a volume: documents the download layout ships
+(``metadata.csv``, the clinical spreadsheet, READMEs — not even noted), other non-DICOM files,
+non-image objects (SR, RTSTRUCT, ...; DICOM-SEGs are listed in :attr:`ScanResult.segs`),
+localizers and redundant duplicate copies.  :attr:`ScanResult.left_out` holds **inputs that
+were lost**: zero-byte, unreadable or truncated files, CT images without usable geometry or
+with an implausible matrix, single slices that are not a volume, gantry-tilted stacks.
+
+Multi-frame CT (Enhanced CT, Legacy Converted Enhanced CT) contributes one slice per frame,
+placed by its per-frame functional groups (:mod:`~livercube.sources.dicom_frames`); from there
+on its frames are grouped like single-frame files.  A converter reports each of those as
+skipped (exit 3).
 
 Only allow-listed, non-identifying attributes (:data:`ALLOWED_ATTRIBUTES`) are copied into the
 records; names, birth dates, addresses, institutions and identifiers other than PatientID and
@@ -36,36 +47,48 @@ the UIDs needed to find the data again are never carried.
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
 import pydicom
 from fsspec.implementations.local import LocalFileSystem
-from pydicom.errors import InvalidDicomError
 
-from livercube.errors import GeometryError
+from livercube.errors import GeometryError, SlantedStackError
+from livercube.sources import dicom_sop
+from livercube.sources.dicom_frames import frame_view, n_frames
+from livercube.sources.dicom_geometry import (
+    DEFAULT_TOLERANCES,
+    Tolerances,
+    has_duplicates,
+    missing_count,
+    same_orientation,
+    slice_grid,
+    slice_normal,
+    split_at_gaps,
+)
+from livercube.sources.dicom_headers import (
+    HEADER_PREFIX_BYTES,
+    Header,
+    NotDicomError,
+    list_files,
+    read_header,
+)
 
-#: How much of a remote file is fetched first; if the header is longer the whole file is read.
-HEADER_PREFIX_BYTES = 64 * 1024
+#: Rows or Columns above this are not a CT slice (a damaged header; 65535×65535 would need
+#: 8 GiB per slice before any pixel is checked).
+MAX_MATRIX = 4096
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-
-#: Slice positions closer than this along the normal are "the same position" (mm).
-DUPLICATE_POSITION_TOL_MM = 0.01
-#: Relative and absolute tolerance for a regular slice spacing: a slice may deviate from its
-#: grid position by ``max(SPACING_ABS_TOL_MM, SPACING_REL_TOL * spacing)``.
-SPACING_REL_TOL = 0.01
-SPACING_ABS_TOL_MM = 0.01
-#: Two image orientations are the same when no direction cosine differs by more than this.
-ORIENTATION_TOL = 1e-3
+#: Files a TCIA/NBIA download or a collection release ships beside the DICOM files; they are
+#: expected and not worth a word.
+EXPECTED_SUFFIXES = frozenset({".csv", ".xlsx", ".xls", ".txt", ".md", ".json", ".pdf", ".html"})
+#: Names a DICOM file may carry: anything else that is not DICOM is a note, not a loss.
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima", ""})
 
 #: Non-identifying attributes copied verbatim (converted to plain Python types).
 ALLOWED_ATTRIBUTES: tuple[str, ...] = (
@@ -106,15 +129,6 @@ ALLOWED_ATTRIBUTES: tuple[str, ...] = (
     "PixelRepresentation",
 )
 
-_PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
-_PIXEL_TAG_BE = b"\x7f\xe0\x00\x10"
-_UNCOMPRESSED = {
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2.2",
-}
-
-
 class ScanNote(NamedTuple):
     """A file (or group) the scan skipped or changed, and why."""
 
@@ -123,11 +137,15 @@ class ScanNote(NamedTuple):
 
 
 class SliceRef(NamedTuple):
-    """One image of an acquisition: fs path, SOPInstanceUID, ImagePositionPatient (x, y, z)."""
+    """One slice of an acquisition: fs path, SOPInstanceUID, ImagePositionPatient (x, y, z).
+
+    ``frame`` is the 0-based frame of a multi-frame CT file (``None`` for single-frame files).
+    """
 
     path: str
     sop_uid: str
     position: tuple[float, float, float]
+    frame: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,7 @@ class SegInstance:
     series_number: int | None
     series_description: str
     referenced_series_uids: tuple[str, ...] = ()
+    sop_class_uid: str = dicom_sop.SEGMENTATION
 
 
 @dataclass
@@ -204,97 +223,14 @@ class ScanResult:
     acquisitions: list[Acquisition] = field(default_factory=list)
     segs: list[SegInstance] = field(default_factory=list)
     notes: list[ScanNote] = field(default_factory=list)
+    #: inputs that were lost (damaged files, slices that are no volume, refused geometry)
+    left_out: list[ScanNote] = field(default_factory=list)
     n_files: int = 0
 
 
-# --------------------------------------------------------------------------- helpers
 
 
-def slice_normal(orientation: Iterable[float]) -> np.ndarray:
-    """Unit slice normal = cross(row cosines, column cosines) of an ImageOrientationPatient."""
-    o = np.asarray(list(orientation), dtype=np.float64)
-    n = np.cross(o[:3], o[3:])
-    norm = np.linalg.norm(n)
-    if norm < 1e-6:
-        raise GeometryError("ImageOrientationPatient", f"row and column cosines are parallel: {o}")
-    return n / norm
-
-
-@dataclass(frozen=True)
-class SpacingAnalysis:
-    """Where slices sit on a regular grid: ``grid_index[i]`` of sorted ``offsets[i]``."""
-
-    spacing: float
-    grid_index: tuple[int, ...]
-    n_grid: int
-    missing: tuple[int, ...]
-    max_deviation: float
-    tolerance: float
-
-
-def spacing_tolerance(spacing: float) -> float:
-    return max(SPACING_ABS_TOL_MM, SPACING_REL_TOL * spacing)
-
-
-def _fit_grid(z: np.ndarray, d: np.ndarray, s0: float):
-    steps = np.maximum(np.rint(d / s0).astype(np.int64), 1)
-    idx = np.concatenate([[0], np.cumsum(steps)])
-    spacing = float((z[-1] - z[0]) / idx[-1])
-    tol = spacing_tolerance(spacing)
-    dev = np.abs(z - (z[0] + idx * spacing))
-    bad = np.flatnonzero((np.abs(d - steps * spacing) > tol) | (dev[1:] > tol))
-    return idx, spacing, tol, dev, bad
-
-
-def analyse_spacing(offsets: Iterable[float], *, source: str = "series") -> SpacingAnalysis:
-    """Fit sorted slice offsets (mm along the normal) to one regular grid.
-
-    The regular spacing is estimated from the cluster of smallest differences (falling back to
-    the median difference when that fits better), then refined over the whole extent.  A
-    difference of an integer multiple of the spacing is a gap of missing slices; anything else
-    raises :class:`GeometryError` naming the positions.
-    """
-    z = np.sort(np.asarray(list(offsets), dtype=np.float64))
-    if z.size < 2:
-        raise GeometryError(source, f"{z.size} slice(s): no slice spacing can be derived")
-    d = np.diff(z)
-    if np.any(d < DUPLICATE_POSITION_TOL_MM):
-        i = int(np.argmin(d))
-        raise GeometryError(
-            source,
-            f"two slices at the same position {z[i]:.3f} mm along the slice normal "
-            "(several acquisitions mixed?)",
-        )
-    dmin = float(d.min())
-    candidates = [float(np.median(d[d <= 1.5 * dmin])), float(np.median(d))]
-    fits = [_fit_grid(z, d, s0) for s0 in candidates]
-    idx, spacing, tol, dev, bad = min(fits, key=lambda f: len(f[4]))
-    if bad.size:
-        show = ", ".join(f"{z[b]:.3f}→{z[b + 1]:.3f} mm" for b in bad[:5])
-        raise GeometryError(
-            source,
-            f"irregular slice spacing: regular spacing {spacing:.4f} mm but slice steps {show} "
-            f"are not a whole multiple of it (tolerance {tol:.3f} mm); positions along the "
-            f"normal: {np.round(z, 3).tolist()}",
-        )
-    present = set(idx.tolist())
-    missing = tuple(i for i in range(int(idx[-1]) + 1) if i not in present)
-    return SpacingAnalysis(
-        spacing=spacing,
-        grid_index=tuple(int(i) for i in idx),
-        n_grid=int(idx[-1]) + 1,
-        missing=missing,
-        max_deviation=float(dev.max()),
-        tolerance=tol,
-    )
-
-
-def _missing_count(offsets: list[float]) -> int | None:
-    """Missing slices if the offsets lie on one regular grid, else ``None``."""
-    try:
-        return len(analyse_spacing(offsets).missing)
-    except GeometryError:
-        return None
+# --------------------------------------------------------------------------- plain values
 
 
 def plain_value(value: Any) -> Any:
@@ -332,99 +268,12 @@ def _int_or_none(v: Any) -> int | None:
         return None
 
 
-# --------------------------------------------------------------------------- header reading
-
-
-class _NotDicom(Exception):
-    pass
-
-
-@dataclass
-class _Header:
-    path: str
-    size: int
-    ds: pydicom.Dataset
-    complete: bool | None  # uncompressed pixel bytes fully present? None: cannot tell
-
-
-def _dcmread_header(buf: io.BytesIO | Any) -> pydicom.Dataset:
-    try:
-        return pydicom.dcmread(buf, stop_before_pixels=True)
-    except InvalidDicomError:
-        buf.seek(0)
-        try:
-            ds = pydicom.dcmread(buf, stop_before_pixels=True, force=True)
-        except Exception as exc:
-            raise _NotDicom(str(exc)) from exc
-        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-            raise _NotDicom("no DICOM preamble and no SOP class") from None
-        return ds
-
-
-def _stopped_at_pixels(buf: io.BytesIO | Any, data: bytes | None = None) -> bool:
-    pos = buf.tell()
-    if data is None:
-        head = buf.read(4)
-        buf.seek(pos)
-    else:
-        head = data[pos : pos + 4]
-    return head in (_PIXEL_TAG_LE, _PIXEL_TAG_BE)
-
-
-def _completeness(ds: pydicom.Dataset, size: int, header_end: int | None) -> bool | None:
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-    if header_end is None or ts not in _UNCOMPRESSED:
-        return None
-    try:
-        expected = (
-            int(ds.Rows)
-            * int(ds.Columns)
-            * int(ds.get("SamplesPerPixel", 1) or 1)
-            * int(ds.get("NumberOfFrames", 1) or 1)
-            * int(ds.BitsAllocated)
-            // 8
-        )
-    except (AttributeError, TypeError, ValueError):
-        return None
-    element_header = 8 if ts == "1.2.840.10008.1.2" else 12
-    return size >= header_end + element_header + expected
-
-
-def read_header(
-    fs: fsspec.AbstractFileSystem, path: str, size: int, *, header_bytes: int = HEADER_PREFIX_BYTES
-) -> _Header:
-    """Read one file's DICOM header; raises ``_NotDicom`` for anything else."""
-    if isinstance(fs, LocalFileSystem):
-        with fs.open(path, "rb") as f:
-            ds = _dcmread_header(f)
-            end = f.tell() if _stopped_at_pixels(f) else None
-        return _Header(path, size, ds, _completeness(ds, size, end))
-    prefix = fs.cat_file(path, start=0, end=min(size, header_bytes))
-    if len(prefix) < size:
-        plausible = prefix[128:132] == b"DICM"
-        buf = io.BytesIO(prefix)
-        try:
-            ds = _dcmread_header(buf)
-            if _stopped_at_pixels(buf, prefix):
-                return _Header(path, size, ds, _completeness(ds, size, buf.tell()))
-            plausible = True  # parsed, but the header may go on beyond the prefix
-        except Exception:
-            pass
-        if not plausible:
-            raise _NotDicom("no DICOM header in the first bytes")
-        prefix = fs.cat_file(path)
-    buf = io.BytesIO(prefix)
-    ds = _dcmread_header(buf)
-    end = buf.tell() if _stopped_at_pixels(buf, prefix) else None
-    return _Header(path, size, ds, _completeness(ds, len(prefix), end))
-
-
 # --------------------------------------------------------------------------- scan
 
 
 @dataclass
 class _Image:
-    hdr: _Header
+    hdr: Header
     sop: str
     orientation: tuple[float, ...]
     position: tuple[float, float, float]
@@ -434,46 +283,57 @@ class _Image:
     acq_number: int | None
     acq_time: str
     instance: int
-    localizer: bool
+    frame: int | None = None
     offset: float = 0.0
 
 
-def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, int]]:
-    if fs.isfile(root):
-        info = fs.info(root)
-        return [(info["name"], int(info.get("size") or 0))]
-    found = fs.find(root, detail=True)
-    out = []
-    for name, info in found.items():
-        if info.get("type", "file") != "file":
-            continue
-        out.append((name, int(info.get("size") or 0)))
-    return sorted(out)
+def _file_kind(path: str) -> str:
+    """``"expected"`` (layout documents), ``"dicom-named"`` or ``"other"``, from the name only."""
+    p = PurePosixPath(path)
+    if p.name.startswith(".") or p.suffix.lower() in EXPECTED_SUFFIXES:
+        return "expected"
+    return "dicom-named" if p.suffix.lower() in DICOM_SUFFIXES else "other"
 
 
 def scan(
-    source: str,
+    source: str | Sequence[str],
     storage_options: dict | None = None,
     *,
     header_bytes: int = HEADER_PREFIX_BYTES,
     max_workers: int | None = None,
+    tol: Tolerances = DEFAULT_TOLERANCES,
 ) -> ScanResult:
-    """Discover CT acquisitions and SEG instances below ``source`` from headers only."""
-    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    result = ScanResult(source=source)
-    files = _list_files(fs, root)
+    """Discover CT acquisitions and SEG instances below ``source`` from headers only.
+
+    ``source`` may be several URLs on one filesystem (the series prefixes of an IDC
+    selection); the result's ``source`` is then the first one, which only names the
+    filesystem the recorded paths belong to.
+    """
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise ValueError("scan needs at least one source URL")
+    fs, _ = fsspec.core.url_to_fs(sources[0], **(storage_options or {}))
+    result = ScanResult(source=sources[0])
+    files: list[tuple[str, int]] = []
+    for url in sources:
+        files += list_files(fs, fsspec.core.url_to_fs(url, **(storage_options or {}))[1])
     result.n_files = len(files)
 
-    def load(item: tuple[str, int]) -> _Header | ScanNote:
+    def load(item: tuple[str, int]) -> Header | tuple[ScanNote, str]:
+        """The header, or a note and where it goes: "lost", "note" or "silent"."""
         path, size = item
         if size == 0:
-            return ScanNote(path, "zero-byte file")
+            return ScanNote(path, "zero-byte file (damaged or incomplete download)"), "lost"
         try:
             return read_header(fs, path, size, header_bytes=header_bytes)
-        except _NotDicom:
-            return ScanNote(path, "not a DICOM file")
-        except Exception as exc:  # corrupt header: note it, keep scanning the collection
-            return ScanNote(path, f"unreadable DICOM header: {type(exc).__name__}: {exc}")
+        except NotDicomError:
+            kind = _file_kind(path)
+            if kind == "dicom-named":
+                return ScanNote(path, "named like a DICOM file but not DICOM (damaged?)"), "lost"
+            return ScanNote(path, "not a DICOM file"), "silent" if kind == "expected" else "note"
+        except Exception as exc:  # corrupt header: keep scanning the collection
+            reason = f"unreadable DICOM header: {type(exc).__name__}: {exc}"
+            return ScanNote(path, reason), "lost"
 
     workers = max_workers or (4 if isinstance(fs, LocalFileSystem) else 16)
     if workers > 1 and len(files) > 1:
@@ -484,15 +344,17 @@ def scan(
 
     images: list[_Image] = []
     for item in loaded:
-        if isinstance(item, ScanNote):
-            result.notes.append(item)
+        if isinstance(item, tuple):
+            note, where = item
+            if where == "lost":
+                result.left_out.append(note)
+            elif where == "note":
+                result.notes.append(note)
             continue
-        img = _classify(item, result, source)
-        if img is not None:
-            images.append(img)
+        images.extend(_classify(item, result, result.source))
 
-    images = _drop_duplicate_instances(images, result.notes)
-    _build_acquisitions(images, result, source)
+    images = _drop_duplicate_instances(images, result)
+    _build_acquisitions(images, result, result.source, tol)
     result.acquisitions.sort(
         key=lambda a: (
             a.patient_id,
@@ -506,98 +368,127 @@ def scan(
     return result
 
 
-def _classify(hdr: _Header, result: ScanResult, source: str) -> _Image | None:
+def _seg_instance(hdr: Header, source: str) -> SegInstance:
     ds = hdr.ds
-    sop_class = str(ds.get("SOPClassUID", ""))
-    sop = str(ds.get("SOPInstanceUID", ""))
-    if sop_class == SEGMENTATION_STORAGE:
-        refs = []
-        for item in ds.get("ReferencedSeriesSequence", []) or []:
-            uid = item.get("SeriesInstanceUID")
-            if uid:
-                refs.append(str(uid))
-        result.segs.append(
-            SegInstance(
-                source=source,
-                path=hdr.path,
-                sop_uid=sop,
-                patient_id=str(ds.get("PatientID", "")),
-                study_uid=str(ds.get("StudyInstanceUID", "")),
-                series_uid=str(ds.get("SeriesInstanceUID", "")),
-                series_number=_int_or_none(ds.get("SeriesNumber")),
-                series_description=str(ds.get("SeriesDescription", "") or ""),
-                referenced_series_uids=tuple(refs),
-            )
-        )
-        return None
-    if sop_class != CT_IMAGE_STORAGE:
-        try:
-            name = pydicom.uid.UID(sop_class).name
-        except Exception:
-            name = sop_class
-        kind = (
-            "multi-frame Enhanced CT (not supported)"
-            if sop_class == ENHANCED_CT_IMAGE_STORAGE
-            else "non-image or non-CT SOP class"
-        )
-        result.notes.append(ScanNote(hdr.path, f"{kind}: {name or '(none)'}"))
-        return None
-    if (_int_or_none(ds.get("NumberOfFrames")) or 1) > 1:
-        result.notes.append(ScanNote(hdr.path, "multi-frame CT image (not supported)"))
-        return None
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    try:
-        orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
-        position = tuple(float(v) for v in ds.ImagePositionPatient)
-        spacing = tuple(float(v) for v in ds.PixelSpacing)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        if len(orientation) != 6 or len(position) != 3 or len(spacing) != 2:
-            raise ValueError("wrong multiplicity")
-        slice_normal(orientation)
-    except (AttributeError, TypeError, ValueError, GeometryError) as exc:
-        reason = (
-            "localizer" if "LOCALIZER" in image_type else "CT image without usable plane geometry"
-        )
-        result.notes.append(ScanNote(hdr.path, f"{reason} ({exc})"))
-        return None
-    if "LOCALIZER" in image_type:
-        result.notes.append(ScanNote(hdr.path, "localizer (ImageType contains LOCALIZER)"))
-        return None
-    return _Image(
-        hdr=hdr,
-        sop=sop,
-        orientation=orientation,
-        position=position,  # type: ignore[arg-type]
-        rows=rows,
-        cols=cols,
-        spacing=spacing,  # type: ignore[arg-type]
-        acq_number=_int_or_none(ds.get("AcquisitionNumber")),
-        acq_time=str(ds.get("AcquisitionDate", "") or "")
-        + str(ds.get("AcquisitionTime", "") or ""),
-        instance=_int_or_none(ds.get("InstanceNumber")) or 0,
-        localizer=False,
+    refs = [
+        str(item.SeriesInstanceUID)
+        for item in ds.get("ReferencedSeriesSequence", []) or []
+        if item.get("SeriesInstanceUID")
+    ]
+    return SegInstance(
+        source=source,
+        path=hdr.path,
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        referenced_series_uids=tuple(refs),
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
     )
 
 
-def _drop_duplicate_instances(images: list[_Image], notes: list[ScanNote]) -> list[_Image]:
-    by_sop: dict[str, list[_Image]] = defaultdict(list)
+def _classify(hdr: Header, result: ScanResult, source: str) -> list[_Image]:
+    """The CT slices a header contributes (none for SEGs, other objects and damaged CT)."""
+    ds = hdr.ds
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in dicom_sop.SEGMENTATION_CLASSES:
+        result.segs.append(_seg_instance(hdr, source))
+        return []
+    if sop_class not in dicom_sop.CT_CLASSES:
+        name = dicom_sop.sop_class_name(sop_class)
+        result.notes.append(ScanNote(hdr.path, f"non-image or non-CT object: {name}"))
+        return []
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        result.notes.append(ScanNote(hdr.path, "localizer (ImageType contains LOCALIZER)"))
+        return []
+    multiframe = sop_class in dicom_sop.MULTIFRAME_CT_CLASSES or n_frames(ds) > 1
+    n_groups = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if multiframe and n_groups not in (0, n_frames(ds)):
+        result.left_out.append(
+            ScanNote(
+                hdr.path,
+                f"damaged multi-frame CT: {n_groups} per-frame functional groups for "
+                f"NumberOfFrames {n_frames(ds)}",
+            )
+        )
+        return []
+    views = [frame_view(ds, f) for f in range(n_frames(ds))] if multiframe else [ds]
+    images = []
+    for f, view in enumerate(views):
+        try:
+            orientation, position, spacing, rows, cols = _plane(view)
+        except (AttributeError, TypeError, ValueError, GeometryError) as exc:
+            where = f"frame {f + 1} of a multi-frame CT" if multiframe else "CT image"
+            result.left_out.append(
+                ScanNote(hdr.path, f"{where} without usable plane geometry ({exc})")
+            )
+            return []
+        if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
+            result.left_out.append(
+                ScanNote(hdr.path, f"implausible matrix {rows}×{cols} (damaged header?)")
+            )
+            return []
+        images.append(
+            _Image(
+                hdr=hdr,
+                sop=str(ds.get("SOPInstanceUID", "")),
+                orientation=orientation,
+                position=position,
+                rows=rows,
+                cols=cols,
+                spacing=spacing,
+                acq_number=_int_or_none(ds.get("AcquisitionNumber")),
+                acq_time=str(ds.get("AcquisitionDate", "") or "")
+                + str(ds.get("AcquisitionTime", "") or ""),
+                instance=(_int_or_none(ds.get("InstanceNumber")) or 0) + f,
+                frame=f if multiframe else None,
+            )
+        )
+    return images
+
+
+def _plane(view: pydicom.Dataset):
+    """(orientation, position, pixel spacing, rows, columns) of one slice header."""
+    orientation = tuple(float(v) for v in view.ImageOrientationPatient)
+    position = tuple(float(v) for v in view.ImagePositionPatient)
+    spacing = tuple(float(v) for v in view.PixelSpacing)
+    rows, cols = int(view.Rows), int(view.Columns)
+    if len(orientation) != 6 or len(position) != 3 or len(spacing) != 2:
+        raise ValueError("wrong multiplicity")
+    if not all(np.isfinite([*orientation, *position, *spacing])) or min(spacing) <= 0:
+        raise ValueError("non-finite or non-positive values")
+    slice_normal(orientation)
+    return orientation, position, spacing, rows, cols
+
+
+def _drop_duplicate_instances(images: list[_Image], result: ScanResult) -> list[_Image]:
+    """One image per SOPInstanceUID (and frame); truncated unique files are lost inputs."""
+    by_sop: dict[tuple[str, int | None], list[_Image]] = defaultdict(list)
     for im in images:
-        by_sop[im.sop].append(im)
+        by_sop[(im.sop, im.frame)].append(im)
     kept = []
-    for sop, group in by_sop.items():
-        if len(group) == 1:
-            kept.append(group[0])
-            continue
+    for (sop, _frame), group in by_sop.items():
         rank = sorted(
             group,
             key=lambda im: (im.hdr.complete is not False, im.hdr.complete is True, im.hdr.size),
             reverse=True,
         )
         best = rank[0]
-        kept.append(best)
+        if best.hdr.complete is False:
+            result.left_out.append(
+                ScanNote(
+                    best.hdr.path,
+                    "truncated file: its pixel data is shorter than the header announces",
+                )
+            )
+        else:
+            kept.append(best)
         for other in rank[1:]:
             why = "truncated " if other.hdr.complete is False else ""
-            notes.append(
+            result.notes.append(
                 ScanNote(
                     other.hdr.path,
                     f"duplicate SOPInstanceUID {sop}: {why}copy of {other.hdr.size} bytes "
@@ -607,37 +498,45 @@ def _drop_duplicate_instances(images: list[_Image], notes: list[ScanNote]) -> li
     return kept
 
 
-def _same_orientation(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True)) <= ORIENTATION_TOL
+# --------------------------------------------------------------------------- grouping
 
 
-def _has_duplicates(offsets: list[float]) -> bool:
-    z = np.sort(np.asarray(offsets))
-    return bool(z.size > 1 and np.any(np.diff(z) < DUPLICATE_POSITION_TOL_MM))
-
-
-def _split_duplicates(group: list[_Image]) -> tuple[list[list[_Image]], str | None]:
-    """Split images at repeated positions into duplicate-free acquisitions."""
-    if not _has_duplicates([im.offset for im in group]):
-        return [group], None
-    z = np.sort(np.asarray([im.offset for im in group]))
-    # multiplicity of the most repeated position
-    clusters = np.concatenate([[0], np.cumsum(np.diff(z) >= DUPLICATE_POSITION_TOL_MM)])
-    multiplicity = int(np.bincount(clusters).max())
-    by_time: dict[str, list[_Image]] = defaultdict(list)
+def _partition_by(
+    group: list[_Image], key: Callable[[_Image], Hashable]
+) -> list[list[_Image]] | None:
+    """``group`` split by ``key`` (in key order), or ``None`` when the key does not split it."""
+    parts: dict[Any, list[_Image]] = defaultdict(list)
     for im in group:
-        by_time[im.acq_time].append(im)
-    if len(by_time) == multiplicity and all(
-        not _has_duplicates([im.offset for im in g]) for g in by_time.values()
+        parts[key(im)].append(im)
+    if len(parts) < 2:
+        return None
+    return [parts[k] for k in sorted(parts, key=lambda k: (k is None, str(k)))]
+
+
+def _by_acquisition_number(im: _Image) -> Hashable:
+    return im.acq_number
+
+
+def _by_acquisition_time(im: _Image) -> Hashable:
+    return im.acq_time
+
+
+def _split_duplicates(
+    group: list[_Image], tol: Tolerances
+) -> tuple[list[list[_Image]], str | None]:
+    """Images at repeated positions: several acquisitions, each made duplicate-free."""
+    for key, what in (
+        (_by_acquisition_number, "AcquisitionNumber"),
+        (_by_acquisition_time, "AcquisitionTime"),
     ):
-        return [
-            by_time[t] for t in sorted(by_time)
-        ], "split by AcquisitionTime (repeated positions)"
+        parts = _partition_by(group, key)
+        if parts and all(not has_duplicates([im.offset for im in p], tol) for p in parts):
+            return parts, f"split by {what} (repeated positions)"
     runs: list[list[_Image]] = []
     current: list[_Image] = []
     seen: list[float] = []
     for im in sorted(group, key=lambda im: (im.acq_time, im.instance, im.hdr.path)):
-        if any(abs(im.offset - s) < DUPLICATE_POSITION_TOL_MM for s in seen):
+        if any(abs(im.offset - s) < tol.duplicate_mm for s in seen):
             runs.append(current)
             current, seen = [], []
         current.append(im)
@@ -646,31 +545,66 @@ def _split_duplicates(group: list[_Image]) -> tuple[list[list[_Image]], str | No
     return runs, "split into runs of InstanceNumber at repeated positions"
 
 
-def _split_grids(group: list[_Image]) -> tuple[list[list[_Image]], str | None]:
-    """Split a duplicate-free group lying on several z-grids by AcquisitionTime, if that helps.
+def _split_grids(group: list[_Image], tol: Tolerances) -> tuple[list[list[_Image]], str | None]:
+    """A duplicate-free group on several z-grids, split where that gives regular volumes.
 
-    Kept whole when it is one gap-free regular grid; split when every AcquisitionTime group is
-    a regular grid and together they need fewer filled slices (or the whole is irregular).
+    Kept whole when it is one gap-free regular grid; split by AcquisitionNumber (else
+    AcquisitionTime) when every part is a regular grid and together they need fewer filled
+    slices (or the whole is irregular).
     """
-    missing = _missing_count([im.offset for im in group])
+    missing = missing_count([im.offset for im in group], tol)
     if len(group) < 3 or missing == 0:
         return [group], None
-    by_time: dict[str, list[_Image]] = defaultdict(list)
-    for im in group:
-        by_time[im.acq_time].append(im)
-    if not 1 < len(by_time) <= max(2, len(group) // 3):
-        return [group], None
-    counts = [
-        _missing_count([im.offset for im in g]) if len(g) >= 2 else None for g in by_time.values()
-    ]
-    if any(c is None for c in counts):
-        return [group], None
-    if missing is None or sum(counts) < missing:  # type: ignore[arg-type]
-        return [by_time[t] for t in sorted(by_time)], "split by AcquisitionTime (different z-grids)"
+    for key, what in (
+        (_by_acquisition_number, "AcquisitionNumber"),
+        (_by_acquisition_time, "AcquisitionTime"),
+    ):
+        parts = _partition_by(group, key)
+        if not parts or len(parts) > max(2, len(group) // 3):
+            continue
+        counts = [
+            missing_count([im.offset for im in p], tol) if len(p) >= 2 else None for p in parts
+        ]
+        if any(c is None for c in counts):
+            continue
+        if missing is None or sum(counts) < missing:  # type: ignore[arg-type]
+            return parts, f"split by {what} (different z-grids)"
     return [group], None
 
 
-def _build_acquisitions(images: list[_Image], result: ScanResult, source: str) -> None:
+def partition_series(
+    group: list[_Image], tol: Tolerances = DEFAULT_TOLERANCES
+) -> list[tuple[list[_Image], list[str]]]:
+    """Split one geometry group (same orientation, matrix, pixel spacing) into volumes.
+
+    Returns ``(images, reasons)`` per part; see the module docstring for the rules.
+    """
+    normal = slice_normal(group[0].orientation)
+    for im in group:
+        im.offset = float(np.dot(normal, im.position))
+    out: list[tuple[list[_Image], list[str]]] = []
+    if has_duplicates([im.offset for im in group], tol):
+        pieces, why = _split_duplicates(group, tol)
+    else:
+        pieces, why = [group], None
+    for piece in pieces:
+        finals, why2 = _split_grids(piece, tol)
+        for part in finals:
+            runs = split_at_gaps([im.offset for im in part], tol)
+            why3 = (
+                f"cut into {len(runs)} stacks where more than {tol.max_fill_slices} slices "
+                "are missing in a row"
+                if len(runs) > 1
+                else None
+            )
+            for run in runs:
+                out.append(([part[i] for i in run], [w for w in (why, why2, why3) if w]))
+    return out
+
+
+def _build_acquisitions(
+    images: list[_Image], result: ScanResult, source: str, tol: Tolerances
+) -> None:
     # (study, series) -> list of geometry groups
     series: dict[tuple[str, str], list[list[_Image]]] = defaultdict(list)
     for im in images:
@@ -679,7 +613,7 @@ def _build_acquisitions(images: list[_Image], result: ScanResult, source: str) -
         for g in series[key]:
             ref = g[0]
             if (
-                _same_orientation(ref.orientation, im.orientation)
+                same_orientation(ref.orientation, im.orientation, tol)
                 and (ref.rows, ref.cols) == (im.rows, im.cols)
                 and np.allclose(ref.spacing, im.spacing, rtol=1e-4, atol=1e-4)
             ):
@@ -698,66 +632,79 @@ def _build_acquisitions(images: list[_Image], result: ScanResult, source: str) -
                 study_normal[study] = slice_normal(g[0].orientation)
 
     for (study, _series_uid), groups in series.items():
-        parts: list[tuple[list[_Image], list[ScanNote]]] = []
+        parts: list[tuple[list[_Image], list[str]]] = []
         for g in groups:
             normal = slice_normal(g[0].orientation)
-            for im in g:
-                im.offset = float(np.dot(normal, im.position))
-            if len(g) == 1:
-                im = g[0]
-                main = study_normal.get(study)
-                if main is not None and abs(float(np.dot(main, normal))) < 0.5:
-                    result.notes.append(
-                        ScanNote(
-                            im.hdr.path,
-                            "localizer: single slice orthogonal to the study's main orientation",
-                        )
+            main = study_normal.get(study)
+            if len(g) == 1 and main is not None and abs(float(np.dot(main, normal))) < 0.5:
+                result.notes.append(
+                    ScanNote(
+                        g[0].hdr.path,
+                        "localizer: single slice orthogonal to the study's main orientation",
                     )
-                else:
-                    result.notes.append(
-                        ScanNote(im.hdr.path, "single-slice CT image: not a volume")
-                    )
+                )
                 continue
-            by_acq: dict[int | None, list[_Image]] = defaultdict(list)
-            for im in g:
-                by_acq[im.acq_number].append(im)
-            for acq in sorted(by_acq, key=lambda a: (a is None, a or 0)):
-                pieces, why = _split_duplicates(by_acq[acq])
-                for piece in pieces:
-                    finals, why2 = _split_grids(piece)
-                    for f in finals:
-                        parts.append((f, [ScanNote(f[0].hdr.path, w) for w in (why, why2) if w]))
+            parts.extend(partition_series(g, tol))
         parts.sort(
             key=lambda p: (
                 p[0][0].acq_number is None,
-                p[0][0].acq_number or 0,
+                min(im.acq_number or 0 for im in p[0]),
                 min(im.acq_time for im in p[0]),
                 min(im.instance for im in p[0]),
+                min(im.offset for im in p[0]),
             )
         )
-        for index, (imgs, notes) in enumerate(parts):
+        index = 0
+        for imgs, reasons in parts:
             if len(imgs) == 1:
-                result.notes.append(
-                    ScanNote(imgs[0].hdr.path, "single-slice acquisition: not a volume")
+                im = imgs[0]
+                result.left_out.append(
+                    ScanNote(
+                        im.hdr.path,
+                        "single CT slice that is no part of a volume "
+                        f"(series {im.hdr.ds.get('SeriesNumber', '?')}, position "
+                        f"{im.offset:.2f} mm along the normal): not converted",
+                    )
                 )
                 continue
-            result.acquisitions.append(_make_acquisition(imgs, index, notes, source))
+            acq = _make_acquisition(imgs, index, reasons, source, tol, result)
+            if acq is not None:
+                result.acquisitions.append(acq)
+                index += 1
 
 
 def _make_acquisition(
-    imgs: list[_Image], index: int, notes: list[ScanNote], source: str
-) -> Acquisition:
+    imgs: list[_Image],
+    index: int,
+    reasons: list[str],
+    source: str,
+    tol: Tolerances,
+    result: ScanResult,
+) -> Acquisition | None:
     imgs = sorted(imgs, key=lambda im: (im.offset, im.instance))
     first = imgs[0]
     ds = first.hdr.ds
-    for im in imgs:
-        if im.hdr.complete is False:
-            notes.append(
-                ScanNote(
-                    im.hdr.path,
-                    "file looks truncated (pixel data shorter than the header announces)",
-                )
+    numbers = sorted({im.acq_number for im in imgs if im.acq_number is not None})
+    label = (
+        f"patient {ds.get('PatientID', '')} series {ds.get('SeriesInstanceUID', '')} "
+        f"#{ds.get('SeriesNumber', '')}"
+    )
+    positions = [im.position for im in imgs]
+    try:
+        slice_grid(positions, first.orientation, first.spacing, source=label, tol=tol)
+    except SlantedStackError as exc:
+        result.left_out.append(ScanNote(first.hdr.path, f"{len(imgs)} slices: {exc.reason}"))
+        return None
+    except GeometryError:
+        pass  # irregular spacing: the reader refuses it naming every position
+    notes = [ScanNote(first.hdr.path, r) for r in reasons]
+    if len(numbers) > 1 and not any("AcquisitionNumber" in r for r in reasons):
+        notes.append(
+            ScanNote(
+                first.hdr.path,
+                f"AcquisitionNumbers {numbers} on one regular stack: kept as one volume",
             )
+        )
     attrs = allowed_attrs(ds)
     times = sorted(str(im.hdr.ds.get("AcquisitionTime", "") or "") for im in imgs)
     times = [t for t in times if t]
@@ -776,10 +723,10 @@ def _make_acquisition(
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         series_number=_int_or_none(ds.get("SeriesNumber")),
         series_description=str(ds.get("SeriesDescription", "") or ""),
-        acquisition_number=first.acq_number,
+        acquisition_number=numbers[0] if numbers else None,
         acquisition_time=acq_time,
         index_in_series=index,
-        slices=tuple(SliceRef(im.hdr.path, im.sop, im.position) for im in imgs),
+        slices=tuple(SliceRef(im.hdr.path, im.sop, im.position, im.frame) for im in imgs),
         orientation=first.orientation,  # type: ignore[arg-type]
         pixel_spacing=first.spacing,
         rows=first.rows,

@@ -25,12 +25,13 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
+from livercube import registry
 from livercube.errors import StoreError, StoreFullError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store.layout import is_remote, open_zarr_store
 
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
-CLINICAL_PREFIX = {"hcc-tace-seg": "hcc_", "crlm": "crlm_", "plc-cect": "plc_"}
+CLINICAL_PREFIX = {c.id: c.catalog_prefix for c in registry.REGISTRY.values()}
 
 
 def complete_volumes(root: zarr.Group) -> list[tuple[str, dict[str, Any]]]:

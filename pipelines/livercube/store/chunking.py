@@ -9,6 +9,9 @@ two objects, which is what object storage wants (few, large PUTs; ranged GETs fo
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import numpy as np
 
 INNER_CHUNK = (32, 64, 64)
 SHARD_SLICES = 64
@@ -24,3 +27,25 @@ def chunk_and_shard(shape: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple
         math.ceil(max(1, n) / c) * c for n, c in zip(shape[1:], chunks[1:], strict=True)
     )
     return chunks, (shard_z, *shard_yx)
+
+
+def shard_grid(shape: tuple[int, ...], shard_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Number of shard objects per axis of an array of ``shape``."""
+    return tuple(math.ceil(n / s) for n, s in zip(shape, shard_shape, strict=True))
+
+
+def fill_shards(data: np.ndarray, shard_shape: tuple[int, ...], fill: Any) -> list[list[int]]:
+    """Grid coordinates of the shards of ``data`` that hold only ``fill``.
+
+    zarr-python does not write such shards (nor empty inner chunks inside a shard), so a
+    complete volume legitimately lacks these objects and only these: recording them lets a
+    reader tell "all background, never written" from "lost" without listing the bucket.
+    """
+    out = []
+    for coords in np.ndindex(*shard_grid(data.shape, shard_shape)):
+        region = tuple(
+            slice(c * s, (c + 1) * s) for c, s in zip(coords, shard_shape, strict=True)
+        )
+        if not np.any(data[region] != fill):
+            out.append([int(c) for c in coords])
+    return out

@@ -16,7 +16,8 @@ import zarr
 
 from livercube.schema import schemas_dir
 from livercube.store.catalog import complete_volumes
-from livercube.store.layout import open_root, volume_path
+from livercube.store.layout import FULL_RES, open_root, volume_path
+from livercube.store.pyramid import image_level_path
 
 
 @cache
@@ -42,33 +43,72 @@ def check_volume_group(path: str, group: zarr.Group) -> list[str]:
     if expected != path:
         problems.append(f"{path}: group path should be {expected}")
     shape = tuple(meta["shape_zyx"])
+    if FULL_RES not in group or not isinstance(group[FULL_RES], zarr.Group):
+        return [*problems, f"{path}: full-resolution group {FULL_RES!r} missing"]
+    data = group[FULL_RES]
     arrays = {"image": np.dtype("int16")}
     if meta["annotated"]:
         arrays["label"] = np.dtype("uint8")
     for name, dtype in arrays.items():
-        if name not in group:
-            problems.append(f"{path}: array {name!r} missing")
+        if name not in data:
+            problems.append(f"{path}: array {FULL_RES}/{name} missing")
             continue
-        arr = group[name]
+        arr = data[name]
         if arr.shape != shape or arr.dtype != dtype:
-            problems.append(f"{path}/{name}: {arr.dtype}{arr.shape}, expected {dtype}{shape}")
+            problems.append(
+                f"{path}/{FULL_RES}/{name}: {arr.dtype}{arr.shape}, expected {dtype}{shape}"
+            )
         if tuple(arr.metadata.dimension_names or ()) != ("z", "y", "x"):
-            problems.append(f"{path}/{name}: dimension_names must be (z, y, x)")
+            problems.append(f"{path}/{FULL_RES}/{name}: dimension_names must be (z, y, x)")
         if arr.shards is None:
-            problems.append(f"{path}/{name}: not sharded")
-    if meta["annotated"] and "segments" not in group:
+            problems.append(f"{path}/{FULL_RES}/{name}: not sharded")
+    if meta["annotated"] and "segments" not in data:
         problems.append(f"{path}: annotated but the segments bit field is missing")
     for axis, name in enumerate(("z", "y", "x")):
-        if name not in group:
+        if name not in data:
             problems.append(f"{path}: coordinate {name!r} missing")
             continue
-        coord = np.asarray(group[name][...])
+        coord = np.asarray(data[name][...])
         want = meta["origin_zyx"][axis] + meta["spacing_zyx"][axis] * np.arange(shape[axis])
         if coord.shape != want.shape or not np.allclose(coord, want, atol=1e-6):
             problems.append(f"{path}: coordinate {name} disagrees with origin/spacing")
+    problems += _check_ome(path, group)
+    problems += [f"{path}{p}" for p in dimension_conflicts(group)]
+    return problems
+
+
+def _check_ome(path: str, group: zarr.Group) -> list[str]:
+    """OME-Zarr 0.5 image: multiscales whose level 0 is the data, every level present."""
     ome = group.attrs.get("ome", {})
     if ome.get("version") != "0.5" or not ome.get("multiscales"):
-        problems.append(f"{path}: missing OME-Zarr 0.5 multiscales metadata")
+        return [f"{path}: missing OME-Zarr 0.5 multiscales metadata"]
+    problems = []
+    datasets = [d["path"] for d in ome["multiscales"][0].get("datasets", [])]
+    if not datasets or datasets[0] != image_level_path(0):
+        problems.append(f"{path}: OME level 0 must be {image_level_path(0)!r}, not {datasets[:1]}")
+    for p in datasets:
+        if p not in group or not isinstance(group[p], zarr.Array):
+            problems.append(f"{path}: OME level {p!r} missing")
+    channels = (ome.get("omero") or {}).get("channels") or [{}]
+    if "window" not in channels[0]:
+        problems.append(f"{path}: no omero display window")
+    return problems
+
+
+def dimension_conflicts(group: zarr.Group, inherited: dict[str, int] | None = None) -> list[str]:
+    """Where ``group``'s tree breaks ``xarray.open_datatree`` (sub-paths with a leading ``/``).
+
+    A DataTree node is one Dataset: every array in a group, and every array below it, must
+    give a dimension name the same length.  Levels of different sizes may only be siblings.
+    """
+    dims = dict(inherited or {})
+    problems = []
+    for name, arr in group.arrays():
+        for dim, size in zip(arr.metadata.dimension_names or (), arr.shape, strict=False):
+            if dims.setdefault(dim, size) != size:
+                problems.append(f"/{name}: {dim}={size} conflicts with {dim}={dims[dim]} above")
+    for name, child in group.groups():
+        problems += [f"/{name}{p}" for p in dimension_conflicts(child, dims)]
     return problems
 
 

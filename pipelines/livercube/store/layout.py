@@ -5,6 +5,9 @@ Layout (see ``schemas/store-contract.md``)::
     <root>/zarr.json                         root group, consolidated metadata
     <root>/catalog/                          xarray Dataset, dim ``volume``
     <root>/<collection>/<patient>/<study>/<series>/   one OME-Zarr image per volume
+        0/                    full-resolution Dataset: image, label, segments, z, y, x …
+        1/, 2/ …              browse levels of the image (own z, y, x)
+        (the label pyramid is ``<k>/label``, beside each browse image)
 """
 
 from __future__ import annotations
@@ -17,6 +20,19 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+#: Group of a volume holding its full-resolution data (OME-Zarr level 0): ``image``, ``label``,
+#: ``segments``, ``class_locations`` and the ``z``/``y``/``x`` coordinates.  The volume group
+#: itself holds no arrays, so its browse levels (sibling groups) may have other sizes.
+FULL_RES = "0"
+
+
+def data_path(path: str) -> str:
+    """Group of the full-resolution arrays of the volume at ``path``.
+
+    ``xarray.open_zarr(url, group=data_path(path))`` is the volume as one Dataset.
+    """
+    return f"{path.strip('/')}/{FULL_RES}"
 
 
 def sanitize(name: str | int | None, *, fallback: str = "NA") -> str:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from livercube.errors import UsageError
+from livercube import registry
 from livercube.schema import (
     COLLECTIONS,
     PHASES,
@@ -38,30 +38,11 @@ from livercube.schema import (
     unified_labels,
 )
 from livercube.store.layout import filesystem, with_retries
+from livercube.store.query import catalog_frame
 
 #: Public facts about each collection (``shared/reference/collections.md``).
 COLLECTION_INFO: dict[str, dict[str, str]] = {
-    "hcc-tace-seg": {
-        "title": "HCC-TACE-Seg",
-        "publisher": "The Cancer Imaging Archive (TCIA)",
-        "licence": "CC BY 4.0",
-        "licence_url": "https://creativecommons.org/licenses/by/4.0/",
-        "doi": "10.7937/TCIA.5FNA-0924",
-    },
-    "crlm": {
-        "title": "Colorectal-Liver-Metastases (CRLM)",
-        "publisher": "The Cancer Imaging Archive (TCIA)",
-        "licence": "CC BY 4.0",
-        "licence_url": "https://creativecommons.org/licenses/by/4.0/",
-        "doi": "10.7937/QXK2-QG03",
-    },
-    "plc-cect": {
-        "title": "PLC-CECT",
-        "publisher": "Science Data Bank",
-        "licence": "CC BY 4.0",
-        "licence_url": "https://creativecommons.org/licenses/by/4.0/",
-        "doi": "10.57760/sciencedb.12207",
-    },
+    c.id: dict(c.provenance) for c in registry.REGISTRY.values()
 }
 
 REPORT_NAME = "livercube-report.json"
@@ -78,34 +59,6 @@ def redact(url: str) -> str:
 
 
 # --------------------------------------------------------------------------- catalog tables
-
-
-def catalog_frame(catalog: xr.Dataset) -> pd.DataFrame:
-    """The catalog as a flat table: one row per volume, (volume, axis) variables split into
-    ``<name>_z``, ``<name>_y``, ``<name>_x`` columns.  Used by ``ls`` and the Parquet export."""
-    columns: dict[str, Any] = {}
-    for name, var in catalog.data_vars.items():
-        if var.dims == ("volume",):
-            columns[str(name)] = var.values
-        elif var.dims == ("volume", "axis"):
-            for i, axis in enumerate(catalog["axis"].values):
-                columns[f"{name}_{axis}"] = var.values[:, i]
-    frame = pd.DataFrame(columns)
-    for col in frame.columns:
-        if frame[col].dtype == object:
-            frame[col] = frame[col].astype(str)
-    first = [c for c in ("path", "collection", "patient_id") if c in frame.columns]
-    return frame[first + [c for c in frame.columns if c not in first]]
-
-
-def query(frame: pd.DataFrame, where: str | None) -> pd.DataFrame:
-    """Rows of ``frame`` matching a pandas query expression (usage error when invalid)."""
-    if not where:
-        return frame
-    try:
-        return frame.query(where)
-    except Exception as exc:
-        raise UsageError(f"--where {where!r}: {exc}") from exc
 
 
 def _column_metadata(catalog: xr.Dataset, column: str) -> dict[str, Any]:

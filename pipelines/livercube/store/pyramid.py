@@ -4,14 +4,55 @@ Levels are strided subsamples (every 2nd voxel), not block means: image and labe
 share one grid exactly, label values stay valid labels, and each level's OME-Zarr transform is
 simply ``scale × factor`` with the level-0 translation.  Pyramids are for looking, never for
 training — the full-resolution ``image``/``label`` are the data.
+
+Every level is its own group (``<k>/image`` and, when annotated, ``<k>/label``) because an
+xarray Dataset — one group of a ``DataTree`` — cannot hold two arrays that call different
+lengths ``y``, and a DataTree child must agree with its parent's ``z, y, x``: only groups
+without arrays may hold levels of different sizes.
+
+There is no OME ``labels/`` group: OME-Zarr validators (ome-zarr-models) require a label
+image to have as many levels as its image and find label levels only among the label group's
+own arrays — levels of different sizes in one group, which no DataTree can open.  The label
+pyramid is ``<k>/label`` beside each ``<k>/image``, on the same grid.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from livercube.store.layout import FULL_RES
+
 #: Stop adding levels once the larger in-plane side is at most this many voxels.
 MIN_SIDE = 128
+
+#: CT soft-tissue window, (level, width) in HU: what viewers show when they open a volume
+#: (OME ``omero`` metadata) and what the PNG previews use.
+SOFT_TISSUE_WINDOW = (40.0, 400.0)
+
+#: Range of the window sliders offered by viewers: air to dense bone/metal (int16 CT).
+HU_DISPLAY_RANGE = (-1024.0, 3071.0)
+
+
+def window_bounds(window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> tuple[float, float]:
+    """(lowest, highest) HU displayed by a (level, width) window: W400/L40 → (−160, 240)."""
+    level, width = window
+    return level - width / 2, level + width / 2
+
+
+def level_group(k: int) -> str:
+    """Group of image level ``k`` inside a volume group (``0`` = the full-resolution data)."""
+    return FULL_RES if k == 0 else str(k)
+
+
+def image_level_path(k: int) -> str:
+    """Path of the image of level ``k`` relative to the volume group (OME dataset path)."""
+    return f"{level_group(k)}/image"
+
+
+def label_level_path(k: int) -> str:
+    """Path of the unified label of level ``k`` relative to the volume group."""
+    return f"{level_group(k)}/label"
+
 
 
 def pyramid_factors(
@@ -36,6 +77,26 @@ def subsample(data: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(data[:: factor[0], :: factor[1], :: factor[2]])
 
 
+def omero(n_slices: int, window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> dict:
+    """OME ``omero`` rendering metadata: one greyscale CT channel in the given HU window."""
+    start, end = window_bounds(window)
+    lo, hi = HU_DISPLAY_RANGE
+    return {
+        "channels": [
+            {
+                "label": "CT (HU)",
+                "color": "FFFFFF",
+                "active": True,
+                "inverted": False,
+                "coefficient": 1.0,
+                "family": "linear",
+                "window": {"min": lo, "max": hi, "start": start, "end": end},
+            }
+        ],
+        "rdefs": {"model": "greyscale", "defaultZ": n_slices // 2, "defaultT": 0},
+    }
+
+
 def multiscales(
     name: str,
     spacing: tuple[float, float, float],
@@ -43,7 +104,11 @@ def multiscales(
     paths: list[str],
     factors: list[tuple[int, int, int]],
 ) -> dict:
-    """One OME-Zarr 0.5 ``multiscales`` entry for ``paths`` (level 0 first)."""
+    """One OME-Zarr 0.5 ``multiscales`` entry for ``paths`` (level 0 first).
+
+    The translation stays the level-0 origin: strided levels start at voxel 0, so the first
+    voxel centre of every level is the same point.
+    """
     levels = [(1, 1, 1), *factors]
     return {
         "name": name,

@@ -12,7 +12,8 @@ import zarr
 
 from livercube.errors import StoreError, VolumeNotFoundError
 from livercube.schema import CATALOG_GROUP
-from livercube.store.layout import open_root, open_zarr_store
+from livercube.store.layout import data_path, open_root, open_zarr_store
+from livercube.volumes.volume import unique_segment_names
 
 
 class Store:
@@ -61,7 +62,7 @@ class Store:
 
     def volume(self, key: str | int) -> xr.Dataset:
         """One volume as a lazy xarray Dataset (``image``, ``label``, ``segments``, z/y/x in mm)."""
-        return self._open_dataset(self._path(key))
+        return self._open_dataset(data_path(self._path(key)))
 
     @property
     def consolidated(self) -> bool:
@@ -95,19 +96,17 @@ class Store:
         Overlaps and separate tumour instances survive: each segment is its own bit.  Two
         segments with the same label get `` (2)``, `` (3)`` … suffixes in source order.
         """
-        group = self.root[self._path(key)]
-        meta = group.attrs["livercube"]
+        path = self._path(key)
+        meta = self.root[path].attrs["livercube"]
         if not meta.get("segments"):
             return {}
-        bits = np.asarray(group["segments"][...])
+        bits = np.asarray(self.root[data_path(path)]["segments"][...])
         dt = bits.dtype.type
-        out: dict[str, np.ndarray] = {}
-        for seg in meta["segments"]:
-            name, k = seg["label"], 2
-            while name in out:
-                name, k = f"{seg['label']} ({k})", k + 1
-            out[name] = ((bits >> dt(seg["bit"])) & dt(1)).astype(bool)
-        return out
+        names = unique_segment_names([seg["label"] for seg in meta["segments"]])
+        return {
+            name: ((bits >> dt(seg["bit"])) & dt(1)).astype(bool)
+            for name, seg in zip(names, meta["segments"], strict=True)
+        }
 
 
 def open(url: str, **storage_options: Any) -> Store:

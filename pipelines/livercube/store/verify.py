@@ -13,8 +13,12 @@ For every complete volume group (see ``schemas/store-contract.md``):
   damaged shard object reads as fill values or fails to decode, so either way it is caught;
 * the group still satisfies the contract (metadata schema, coordinates, OME metadata), and
   ``class_locations`` rows point at voxels of their class;
-* with ``source``: the sources are planned and decoded again, exactly as ``convert`` does, and
-  compared voxel for voxel with the store.
+* with ``source``: the sources are planned again, exactly as ``convert`` does, and decoded
+  again — for DICOM by **independent** decoders (SimpleITK for the CT slices, highdicom for the
+  SEG, both placed by physical coordinates only; :mod:`livercube.sources.dicom_reference`), so
+  a mistake in the converter's own decoding or placement shows up; PLC-CECT NIfTI sources are
+  re-decoded by the converter's reader (the release's header quirks need its corrections) —
+  and compared voxel for voxel with the store.
 
 The catalog is checked against the set of complete volumes, and the consolidated root
 metadata against the volumes' own documents (a stale snapshot misleads every reader).
@@ -40,7 +44,7 @@ from zarr.core.sync import sync
 from livercube.errors import SourceError, StoreError, UsageError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS
 from livercube.store.contract import check_volume_group
-from livercube.store.layout import open_root, open_zarr_store, with_retries
+from livercube.store.layout import FULL_RES, open_root, open_zarr_store, with_retries
 from livercube.volumes.volume import content_checksum
 
 #: Exit status of ``livercube verify`` when any damage or mismatch is found.
@@ -216,6 +220,11 @@ def _check_class_locations(group: zarr.Group, label: np.ndarray | None) -> list[
     return [f"class_locations: {wrong} rows point at voxels of another class"] if wrong else []
 
 
+def _data_name(name: str) -> str:
+    """Member name relative to a volume group → name relative to its full-resolution group."""
+    return name.removeprefix(f"{FULL_RES}/")
+
+
 def verify_volume(
     root: zarr.Group,
     path: str,
@@ -223,9 +232,14 @@ def verify_volume(
     *,
     keys: set[str] | None,
     catalog_checksum: str | None,
-    source_arrays: Callable[[], dict[str, np.ndarray]] | None = None,
+    source_check: Callable[[zarr.Group, dict[str, np.ndarray]], tuple[list[str], list[str]]]
+    | None = None,
 ) -> VolumeResult:
-    """Re-read one complete volume group and report everything wrong with it."""
+    """Re-read one complete volume group and report everything wrong with it.
+
+    ``source_check(group, stored arrays)`` compares the volume with its re-decoded source and
+    returns (problems, notes).
+    """
     res = VolumeResult(path, checksum=str(meta.get("checksum", "")))
     record = (meta.get("complete") or {}).get("checksum")
     if record != res.checksum:
@@ -235,7 +249,13 @@ def verify_volume(
     elif catalog_checksum != res.checksum:
         res.problems.append(f"catalog checksum {catalog_checksum} != group checksum")
     try:
-        group = root[path]
+        # with a listing, as stored now: the volume's own consolidated metadata (what plain
+        # HTTP readers use) could hide what is there
+        group = (
+            root[path]
+            if keys is None
+            else zarr.open_group(root.store, path=path, mode="r", use_consolidated=False)
+        )
         assert isinstance(group, zarr.Group)
     except Exception as exc:
         res.problems.append(f"group unreadable: {type(exc).__name__}: {exc}")
@@ -251,13 +271,15 @@ def verify_volume(
     except Exception as exc:
         res.problems.append(f"group members unreadable: {type(exc).__name__}: {exc}")
         return res
-    names = {name for name, _ in members}
+    # full-resolution arrays by their own name ("image"), browse levels by path ("1/image")
+    names = {_data_name(name) for name, _ in members}
     res.problems += [f"array {n!r} missing" for n in expected if n not in names]
     arrays: dict[str, np.ndarray] = {}
     missing: dict[str, list[str]] = {}
-    for name, arr in members:
+    for member, arr in members:
+        name = _data_name(member)
         if keys is not None:
-            absent = [k for k in expected_shard_keys(path, name, arr) if k not in keys]
+            absent = [k for k in expected_shard_keys(path, member, arr) if k not in keys]
             if absent:
                 missing[name] = absent
         try:
@@ -282,13 +304,13 @@ def verify_volume(
             res.notes.append(f"{len(absent)} shards of {name} not stored (read as fill)")
     try:
         res.problems += [p.removeprefix(f"{path}: ") for p in check_volume_group(path, group)]
-        res.problems += _check_class_locations(group, arrays.get("label"))
+        res.problems += _check_class_locations(group[FULL_RES], arrays.get("label"))
     except Exception as exc:
         res.problems.append(f"metadata/coordinates unreadable: {type(exc).__name__}: {exc}")
 
-    if source_arrays is not None:
+    if source_check is not None:
         try:
-            src = source_arrays()
+            problems, notes = source_check(group, arrays)
         except SourceError as exc:
             res.problems.append(f"source cannot be read: {exc.source}: {exc.reason}")
             return res
@@ -296,7 +318,8 @@ def verify_volume(
             res.problems.append(f"source cannot be read: {type(exc).__name__}: {exc}")
             return res
         res.source_checked = True
-        res.problems += compare_arrays(src, arrays)
+        res.problems += problems
+        res.notes += notes
     return res
 
 
@@ -354,6 +377,65 @@ def decoded_arrays(task: Any, source_options: dict | None) -> dict[str, np.ndarr
         arrays["label"] = label
         arrays["segments"] = volume.segments.bits
     return arrays
+
+
+def dicom_reference_check(
+    task: Any, group: zarr.Group, arrays: dict[str, np.ndarray], source_options: dict | None
+) -> tuple[list[str], list[str]]:
+    """Compare a stored DICOM volume with SimpleITK's CT and highdicom's SEG decoding."""
+    from livercube.sources.dicom_collection import file_url
+    from livercube.sources.dicom_ct import FILL_HU
+    from livercube.sources.dicom_reference import reference_ct, reference_segments
+
+    coords = tuple(np.asarray(group[FULL_RES][a][...]) for a in ("z", "y", "x"))
+    acq = task.acquisition
+    urls = list(dict.fromkeys(file_url(acq.source, s.path) for s in acq.slices))
+    ref = reference_ct(urls, coords, fill=FILL_HU, storage_options=source_options)  # type: ignore[arg-type]
+    stored = arrays.get("image")
+    problems: list[str] = []
+    notes: list[str] = []
+    if stored is None:
+        return ["image not decodable: nothing to compare"], notes
+    problems += compare_arrays({"image": ref.image.astype(stored.dtype)}, {"image": stored})
+    segs = (group.attrs.get("livercube") or {}).get("segments") or []
+    if task.seg is None or not segs or "segments" not in arrays:
+        return problems, notes
+    numbers = [int(s["number"]) for s in segs]
+    masks, checked, why = reference_segments(
+        file_url(task.seg.source, task.seg.path), coords, numbers, storage_options=source_options  # type: ignore[arg-type]
+    )
+    if checked is None:
+        notes += [f"segments not independently checked: {w}" for w in why]
+        return problems, notes
+    bits = arrays["segments"]
+    dt = bits.dtype.type
+    for s in segs:
+        mine = ((bits >> dt(s["bit"])) & dt(1)).astype(bool)
+        diff = (mine != masks[int(s["number"])]) & checked
+        n = int(diff.sum())
+        if n:
+            first = tuple(int(i) for i in np.argwhere(diff)[0])
+            problems.append(
+                f"segment {s['label']!r}: {n} voxels differ from highdicom's placement of the "
+                f"SEG (first at z,y,x={first})"
+            )
+    if not checked.all():
+        notes.append(
+            f"segments compared on {int(checked.sum())} of {checked.size} voxels (the SEG "
+            "samples other planes than the CT)"
+        )
+    return problems, notes
+
+
+def _source_check(task: Any, source_options: dict | None):
+    """How to compare a volume with its source: independent decoders for DICOM, the NIfTI
+    reader (with the release's corrections) for PLC-CECT."""
+    if hasattr(task, "acquisition"):
+        return lambda group, arrays: dicom_reference_check(task, group, arrays, source_options)
+    return lambda group, arrays: (
+        compare_arrays(decoded_arrays(task, source_options), arrays),
+        [],
+    )
 
 
 # --------------------------------------------------------------------------- the store
@@ -464,9 +546,7 @@ def verify(
             meta,
             keys=keys,
             catalog_checksum=None if catalog is None else catalog.get(path),
-            source_arrays=(
-                None if task is None else (lambda: decoded_arrays(task, source_options))
-            ),
+            source_check=None if task is None else _source_check(task, source_options),
         )
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

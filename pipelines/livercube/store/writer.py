@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import warnings
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
@@ -23,9 +24,16 @@ from zarr.storage import MemoryStore
 from livercube.errors import ForeignFilesError
 from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
-from livercube.store.chunking import chunk_and_shard
-from livercube.store.layout import open_zarr_store, volume_path
-from livercube.store.pyramid import multiscales, pyramid_factors, subsample
+from livercube.store.chunking import chunk_and_shard, fill_shards
+from livercube.store.layout import FULL_RES, open_zarr_store, volume_path
+from livercube.store.pyramid import (
+    image_level_path,
+    level_group,
+    multiscales,
+    omero,
+    pyramid_factors,
+    subsample,
+)
 from livercube.volumes.volume import (
     CLASS_LOCATIONS_PER_CLASS,
     Volume,
@@ -38,42 +46,27 @@ from livercube.volumes.volume import (
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 LABEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 
+#: CRC-32C of every stored chunk, after compression (the zarr v3 ``crc32c`` codec): livercube's
+#: reader, zarr-python and TensorStore all verify it on every read, so a flipped byte is an
+#: error naming the object instead of wrong voxels.  Shard indexes carry one too (zarr's
+#: default ``index_codecs``: bytes + crc32c).
+CHECKSUM = Crc32cCodec()
+
+#: Array attribute (under ``livercube``) listing the shards that hold only the fill value and
+#: were therefore never written; any other missing shard of a complete volume is damage.
+FILL_SHARDS_ATTR = "fill_shards"
+
 
 def ome_multiscales(volume: Volume) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``ome`` attribute: ``image`` then its browse levels ``pyramid/<k>``."""
+    """OME-Zarr 0.5 ``ome`` attribute: ``0/image`` then its browse levels ``<k>/image``."""
     g = volume.grid
     factors = pyramid_factors(g.shape, g.spacing)
-    paths = ["image", *[f"pyramid/{k + 1}" for k in range(len(factors))]]
+    paths = [image_level_path(k) for k in range(len(factors) + 1)]
     name = volume_path(volume.collection, volume.patient_id, volume.study, volume.series)
     return {
         "version": "0.5",
         "multiscales": [multiscales(name, g.spacing, g.origin, paths, factors)],
-    }
-
-
-def _label_image_attrs(volume: Volume) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``labels/unified`` image-label metadata (colours from the label schema)."""
-    g = volume.grid
-    factors = pyramid_factors(g.shape, g.spacing)
-    paths = [str(k) for k in range(len(factors) + 1)]
-    colours = {
-        1: [217, 115, 51, 255],
-        2: [230, 25, 25, 255],
-        3: [51, 102, 255, 255],
-        4: [25, 204, 230, 255],
-        5: [230, 51, 204, 255],
-    }
-    return {
-        "version": "0.5",
-        "multiscales": [multiscales("unified", g.spacing, g.origin, paths, factors)],
-        "image-label": {
-            "version": "0.5",
-            "colors": [{"label-value": v, "rgba": c} for v, c in colours.items()],
-            "properties": [
-                {"label-value": v, "name": n} for v, n in unified_labels().items() if v in colours
-            ],
-            "source": {"image": "../../"},
-        },
+        "omero": omero(g.shape[0]),
     }
 
 
@@ -111,18 +104,23 @@ def _create(
     *,
     write: bool = True,
 ) -> None:
-    """Create a sharded array shaped like ``data`` and (unless ``write`` is False) fill it."""
+    """Create a sharded array shaped like ``data`` and (unless ``write`` is False) fill it.
+
+    Inner chunks are compressed then checksummed (``CHECKSUM``); the all-fill shards zarr will
+    skip are recorded in ``attrs.livercube.fill_shards``.
+    """
     chunks, shards = chunk_and_shard(data.shape)  # type: ignore[arg-type]
+    record = {FILL_SHARDS_ATTR: fill_shards(data, shards, 0)}
     arr = group.create_array(
         name,
         shape=data.shape,
         dtype=data.dtype,
         chunks=chunks,
         shards=shards,
-        compressors=[compressor],
+        compressors=[compressor, CHECKSUM],
         dimension_names=dims,
         fill_value=0,
-        attributes=attrs,
+        attributes={**attrs, "livercube": {**attrs.get("livercube", {}), **record}},
     )
     if write:
         arr[...] = data
@@ -137,7 +135,9 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
     a tiny volume on S3 before, ≈15 now).
     """
     objects: dict = {}
-    group = zarr.create_group(MemoryStore(objects), zarr_format=3, attributes=attrs)
+    memory = MemoryStore(objects)
+    volume_group = zarr.create_group(memory, zarr_format=3, attributes=attrs)
+    group = volume_group.create_group(FULL_RES)
     _create(
         group,
         "image",
@@ -177,24 +177,40 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
             shape=locations.shape,
             dtype="int32",
             chunks=(max(1, locations.shape[0]), 4),
-            compressors=[LABEL_COMPRESSOR],
+            compressors=[LABEL_COMPRESSOR, CHECKSUM],
             dimension_names=("location", "component"),
             fill_value=0,
             attributes={
                 "long_name": "sampled voxel indices per unified class, for foreground sampling",
                 "columns": ["class", "z", "y", "x"],
                 "per_class": CLASS_LOCATIONS_PER_CLASS,
+                "livercube": {
+                    FILL_SHARDS_ATTR: fill_shards(locations, (max(1, locations.shape[0]), 4), 0)
+                },
             },
         )
         if locations.size:
             loc[...] = locations
-    for axis, name in enumerate(("z", "y", "x")):
-        coord = volume.grid.centres(axis)
+    _coordinates(group, [volume.grid.centres(axis) for axis in range(3)])
+    _browse_levels(volume_group, volume, arrays)
+    # each group's document lists its whole subtree: opening a volume (or its level 0) by URL
+    # needs no listing, which plain HTTP hosting cannot give
+    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec (yet)"
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(memory, path=FULL_RES, zarr_format=3)
+        zarr.consolidate_metadata(memory, zarr_format=3)
+    return objects
+
+
+def _coordinates(group: zarr.Group, centres: list[np.ndarray]) -> None:
+    """The ``z``, ``y``, ``x`` coordinate arrays (LPS mm of voxel centres) of one level."""
+    for name, coord in zip(("z", "y", "x"), centres, strict=True):
         arr = group.create_array(
             name,
             shape=coord.shape,
             dtype="float64",
             chunks=coord.shape,
+            compressors=[ZstdCodec(), CHECKSUM],
             dimension_names=(name,),
             fill_value=0.0,
             attributes={
@@ -204,49 +220,36 @@ def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.nd
             },
         )
         arr[:] = coord
-    _browse_levels(group, volume, arrays, objects)
-    return objects
 
 
-def _browse_levels(
-    group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray], objects: dict
-) -> None:
-    """Pyramid of the image and the OME-Zarr ``labels/unified`` image (viewers only).
+def _browse_levels(group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray]) -> None:
+    """Browse levels ``<k>/image`` (+ ``<k>/label``), viewers and previews only.
 
-    Level 0 of the label image is the ``label`` array itself, same shape, chunking and codec:
-    its encoded shards are shared from ``objects`` rather than compressed a second time.
+    Each level is a group of its own with its own coordinates: every group is one consistent
+    xarray Dataset.  No OME ``labels`` group: see :mod:`livercube.store.pyramid`.
     """
     factors = pyramid_factors(volume.grid.shape, volume.grid.spacing)
-    if factors:
-        pyr = group.create_group("pyramid")
-        for k, f in enumerate(factors, start=1):
-            _create(
-                pyr,
-                str(k),
-                subsample(volume.image, f),
-                ("z", "y", "x"),
-                COMPRESSOR,
-                {"units": "HU", "subsampling": list(f)},
-            )
-    if "label" not in arrays:
-        return
-    labels = group.create_group(
-        "labels", attributes={"ome": {"version": "0.5", "labels": ["unified"]}}
-    )
-    unified = labels.create_group("unified", attributes={"ome": _label_image_attrs(volume)})
-    for k, f in enumerate([(1, 1, 1), *factors]):
-        level = subsample(arrays["label"], f) if k else None
+    centres = [volume.grid.centres(axis) for axis in range(3)]
+    for k, f in enumerate(factors, start=1):
+        level = group.create_group(level_group(k), attributes={"subsampling": list(f)})
         _create(
-            unified,
-            str(k),
-            arrays["label"] if level is None else level,
+            level,
+            "image",
+            subsample(volume.image, f),
             ("z", "y", "x"),
-            LABEL_COMPRESSOR,
-            {"subsampling": list(f)},
-            write=level is not None,
+            COMPRESSOR,
+            {"units": "HU", "subsampling": list(f)},
         )
-    for key in [k for k in objects if k.startswith("label/c/")]:
-        objects["labels/unified/0/" + key[len("label/") :]] = objects[key]
+        if "label" in arrays:
+            _create(
+                level,
+                "label",
+                subsample(arrays["label"], f),
+                ("z", "y", "x"),
+                LABEL_COMPRESSOR,
+                {"subsampling": list(f)},
+            )
+        _coordinates(level, [c[:: f[axis]] for axis, c in enumerate(centres)])
 
 
 def limit_encode_threads(n: int) -> None:
@@ -265,22 +268,31 @@ UPLOAD_CONCURRENCY = 16
 _GROUP_DOC = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 
-#: Children of a volume group that livercube writes; only these are ever deleted.
-OWN_CHILDREN = ("image", "label", "segments", "class_locations", "z", "y", "x", "pyramid", "labels")
+#: Children of a volume group written by earlier store versions (1.x); with the children of
+#: the version being written (and numbered levels), the only names ever deleted.
+LEGACY_CHILDREN = frozenset(
+    ("image", "label", "segments", "class_locations", "z", "y", "x", "pyramid", "labels")
+)
 
 
-async def _clear_own_group(store: zarr.abc.store.Store, path: str) -> None:
+def _own_child(name: str, own: frozenset[str] | set[str]) -> bool:
+    return name in own or name in LEGACY_CHILDREN or name.isdigit()
+
+
+async def _clear_own_group(
+    store: zarr.abc.store.Store, path: str, own: frozenset[str] | set[str]
+) -> None:
     """Delete the previous version of the volume at ``path`` — livercube's objects only.
 
-    The group document goes first, so a reader never pairs an old completion record with new
-    data.  Anything else found under the path (a user's own file in a folder that happens to
-    sit where a volume goes) is refused, not deleted.
+    ``own``: the children of the group about to be written.  The group document goes first,
+    so a reader never pairs an old completion record with new data.  Anything else found
+    under the path (a user's own file in a folder that happens to sit where a volume goes) is
+    refused, not deleted.
     """
     keys = [k async for k in store.list_prefix(f"{path}/")]
+    children = {k: k[len(path) + 1 :].split("/", 1)[0] for k in keys}
     foreign = sorted(
-        k
-        for k in keys
-        if k != f"{path}/zarr.json" and k[len(path) + 1 :].split("/", 1)[0] not in OWN_CHILDREN
+        k for k, c in children.items() if k != f"{path}/zarr.json" and not _own_child(c, own)
     )
     if foreign:
         shown = ", ".join(f.rsplit("/", 1)[-1] for f in foreign[:3])
@@ -289,10 +301,8 @@ async def _clear_own_group(store: zarr.abc.store.Store, path: str) -> None:
             f"not write ({shown}{', …' if len(foreign) > 3 else ''}); move them away"
         )
     await store.delete(f"{path}/zarr.json")
-    present = {k[len(path) + 1 :].split("/", 1)[0] for k in keys}
-    for child in OWN_CHILDREN:
-        if child in present:
-            await store.delete_dir(f"{path}/{child}")
+    for child in sorted(set(children.values()) - {"zarr.json"}):
+        await store.delete_dir(f"{path}/{child}")
 
 
 async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None:
@@ -301,7 +311,7 @@ async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None
     Until the new document lands the volume is invisible (see :func:`_clear_own_group`).
     """
     proto = default_buffer_prototype()
-    await _clear_own_group(store, path)
+    await _clear_own_group(store, path, {k.split("/", 1)[0] for k in objects})
     sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
     async def put(key: str, value) -> None:

@@ -1,26 +1,20 @@
-"""One entry point for all example collections (used by ``livercube synth``, the demo, tests)."""
+"""One entry point for all example collections (used by ``livercube synth``, the demo, tests).
+
+Which writer and folder belong to a collection is its :mod:`livercube.registry` entry.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from livercube.schema import COLLECTIONS
-
-FOLDER = {"plc-cect": "PLC-CECT", "hcc-tace-seg": "HCC-TACE-Seg", "crlm": "CRLM"}
+from livercube import registry
 
 
 def write_one(collection: str, dest: Path, *, n: int, size: str, seed: int) -> Any:
-    """Write one collection under ``dest/<FOLDER>``; returns the generator's truth object."""
-    root = Path(dest) / FOLDER[collection]
-    if collection == "plc-cect":
-        from livercube.synth.plc_cect import write_plc_cect
-
-        return write_plc_cect(root, n_subjects=n, size=size, seed=seed)
-    from livercube.synth import dicom_collections as dicom
-
-    writer = dicom.write_hcc_tace_seg if collection == "hcc-tace-seg" else dicom.write_crlm
-    return writer(root, n_patients=n, size=size, seed=seed)
+    """Write one collection under ``dest/<example folder>``; returns the generator's truth."""
+    entry = registry.get(collection)
+    return entry.write_example(Path(dest) / entry.example_folder, n=n, size=size, seed=seed)
 
 
 def write_examples(
@@ -31,9 +25,9 @@ def write_examples(
     size: str = "tiny",
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Write the requested collections (default all three); returns name → root folder."""
+    """Write the requested collections (default all); returns id → root folder."""
     out = {}
-    for c in collections or list(COLLECTIONS):
+    for c in collections or list(registry.COLLECTIONS):
         write_one(c, dest, n=n, size=size, seed=seed)
-        out[c] = Path(dest) / FOLDER[c]
+        out[c] = Path(dest) / registry.get(c).example_folder
     return out

@@ -114,8 +114,12 @@ def build_seg(
     flip_in_plane: bool,
     content_date: str,
     referenced_series: bool = True,
+    labelmap: bool = False,
 ) -> Dataset:
     """A BINARY Segmentation of canonical ``masks`` (one (z, y, x) bool array per label).
+
+    With ``labelmap`` it is a LABELMAP written as Label Map Segmentation Storage (what dcmqi
+    and highdicom write for label maps); the masks must not overlap then.
 
     ``source_by_z[z]`` is the header of the CT slice the frames at canonical ``z`` reference
     (``None``: that slice is not referenced).  With ``flip_in_plane`` the SEG is written in the
@@ -140,7 +144,11 @@ def build_seg(
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=np.ascontiguousarray(stack.astype(np.uint8)),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.LABELMAP
+            if labelmap
+            else hd.seg.SegmentationTypeValues.BINARY
+        ),
         segment_descriptions=_descriptions(labels, ai),
         series_instance_uid=series_uid,
         series_number=series_number,

@@ -24,10 +24,6 @@ import numpy as np
 
 from livercube.errors import GeometryError
 
-#: Largest angle (degrees) between a source axis and its nearest patient axis that still
-#: counts as axis-aligned.  Scanners write direction cosines with ~1e-6 noise.
-AXIS_ALIGNED_TOLERANCE_DEG = 0.5
-
 
 @dataclass(frozen=True)
 class Grid:

@@ -57,6 +57,20 @@ class SegmentInfo:
         }
 
 
+def unique_segment_names(labels: list[str]) -> list[str]:
+    """Segment labels made unique the way readers key them: ``Tumor``, ``Tumor (2)``, …
+
+    A SEG may give two segments the same label; both are kept (each its own bit).
+    """
+    out: list[str] = []
+    for label in labels:
+        name, k = label, 2
+        while name in out:
+            name, k = f"{label} ({k})", k + 1
+        out.append(name)
+    return out
+
+
 class SegmentField:
     """Accumulates binary segment masks into one bit field on a fixed grid.
 

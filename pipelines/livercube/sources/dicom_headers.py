@@ -1,0 +1,129 @@
+"""Read DICOM headers (never pixel data) from a local tree or any fsspec URL.
+
+The I/O edge of the scanner: list the files below a source, and read each file's header
+cheaply — locally up to the pixel data, remotely a prefix of :data:`HEADER_PREFIX_BYTES` first
+and the whole object only when the header is longer.  Whether an uncompressed file holds all
+the pixel bytes its header announces is judged here too (a truncated copy must not win over a
+complete one, and must not be decoded as a slice).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pydicom
+from fsspec.implementations.local import LocalFileSystem
+from pydicom.errors import InvalidDicomError
+
+#: How much of a remote file is fetched first; if the header is longer the whole file is read.
+HEADER_PREFIX_BYTES = 64 * 1024
+
+_PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
+_PIXEL_TAG_BE = b"\x7f\xe0\x00\x10"
+#: Transfer syntaxes whose pixel bytes can be counted from the header (deflate compresses all).
+_UNCOMPRESSED = frozenset(
+    str(u)
+    for u in pydicom.uid.UncompressedTransferSyntaxes
+    if u != pydicom.uid.DeflatedExplicitVRLittleEndian
+)
+
+
+class NotDicomError(Exception):
+    """The file is not a DICOM file (no preamble and no SOP class)."""
+
+
+@dataclass
+class Header:
+    path: str
+    size: int
+    ds: pydicom.Dataset
+    complete: bool | None  # uncompressed pixel bytes fully present? None: cannot tell
+
+
+def _dcmread_header(buf: io.BytesIO | Any) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(buf, stop_before_pixels=True)
+    except InvalidDicomError:
+        buf.seek(0)
+        try:
+            ds = pydicom.dcmread(buf, stop_before_pixels=True, force=True)
+        except Exception as exc:
+            raise NotDicomError(str(exc)) from exc
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            raise NotDicomError("no DICOM preamble and no SOP class") from None
+        return ds
+
+
+def _stopped_at_pixels(buf: io.BytesIO | Any, data: bytes | None = None) -> bool:
+    pos = buf.tell()
+    if data is None:
+        head = buf.read(4)
+        buf.seek(pos)
+    else:
+        head = data[pos : pos + 4]
+    return head in (_PIXEL_TAG_LE, _PIXEL_TAG_BE)
+
+
+def _completeness(ds: pydicom.Dataset, size: int, header_end: int | None) -> bool | None:
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if header_end is None or ts not in _UNCOMPRESSED:
+        return None
+    try:
+        expected = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * int(ds.BitsAllocated)
+            // 8
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+    element_header = 8 if ts == "1.2.840.10008.1.2" else 12
+    return size >= header_end + element_header + expected
+
+
+def read_header(
+    fs: fsspec.AbstractFileSystem, path: str, size: int, *, header_bytes: int = HEADER_PREFIX_BYTES
+) -> Header:
+    """Read one file's DICOM header; raises ``NotDicomError`` for anything else."""
+    if isinstance(fs, LocalFileSystem):
+        with fs.open(path, "rb") as f:
+            ds = _dcmread_header(f)
+            end = f.tell() if _stopped_at_pixels(f) else None
+        return Header(path, size, ds, _completeness(ds, size, end))
+    prefix = fs.cat_file(path, start=0, end=min(size, header_bytes))
+    if len(prefix) < size:
+        plausible = prefix[128:132] == b"DICM"
+        buf = io.BytesIO(prefix)
+        try:
+            ds = _dcmread_header(buf)
+            if _stopped_at_pixels(buf, prefix):
+                return Header(path, size, ds, _completeness(ds, size, buf.tell()))
+            plausible = True  # parsed, but the header may go on beyond the prefix
+        except Exception:
+            pass
+        if not plausible:
+            raise NotDicomError("no DICOM header in the first bytes")
+        prefix = fs.cat_file(path)
+    buf = io.BytesIO(prefix)
+    ds = _dcmread_header(buf)
+    end = buf.tell() if _stopped_at_pixels(buf, prefix) else None
+    return Header(path, size, ds, _completeness(ds, len(prefix), end))
+
+
+def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, int]]:
+    """``(path, size)`` of every file below ``root`` (or ``root`` itself), sorted by path."""
+    if fs.isfile(root):
+        info = fs.info(root)
+        return [(info["name"], int(info.get("size") or 0))]
+    found = fs.find(root, detail=True)
+    out = []
+    for name, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        out.append((name, int(info.get("size") or 0)))
+    return sorted(out)
