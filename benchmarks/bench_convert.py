@@ -1,4 +1,4 @@
-"""Conversion benchmarks (issue 4): throughput, scaling, store size, codecs, peak memory.
+"""Conversion benchmarks: throughput, scaling, store size, codecs, peak memory.
 
 Not part of the test suite.  Run from the repository root::
 

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_loaders.py [--volumes 4] [--size 128x256x256] [--n 48]
 
-Why: issue 5 asks whether streaming patches from a sharded Zarr store beats the usual way of
-training on ``.nii.gz`` files (goal: ≥ 20× MONAI's patches/s).  The three pipelines read the
+Why: does streaming patches from a sharded Zarr store beat the usual way of training on
+``.nii.gz`` files (goal: ≥ 20× MONAI's patches/s)?  The three pipelines read the
 *same voxels*:
 
 1. **livercube** — example CRLM DICOM (``livercube.synth.dicom_collections.write_crlm``)

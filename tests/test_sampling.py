@@ -1,4 +1,4 @@
-"""Patch sampling (issue 5): the fast reader, the sampler, multi-phase geometry, streaming."""
+"""Patch sampling: the fast reader, the sampler, multi-phase geometry, streaming."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from livercube.errors import (
 from livercube.sampling import ArrayInfo, PatchSampler, ShardReader
 from livercube.store import chunking
 from livercube.store.catalog import write_catalog
+from livercube.store.layout import data_path
 from livercube.store.writer import FILL_SHARDS_ATTR, write_volume
 
 # 24 slices of 8 mm centred on the liver: the liver (z 20 ± 65 mm) misses the first and last
@@ -60,11 +61,11 @@ def store(pristine, tmp_path) -> Path:
 def _array(store: Path, name: str = "image", volume: int = 0) -> tuple[str, zarr.Array]:
     st = livercube.open(str(store))
     path = st.paths()[volume]
-    return path, st.root[path][name]
+    return path, st.root[data_path(path)][name]
 
 
 def _info(path: str, arr: zarr.Array, name: str) -> ArrayInfo:
-    return ArrayInfo.from_metadata(f"{path}/{name}", arr.metadata.to_dict())
+    return ArrayInfo.from_metadata(f"{data_path(path)}/{name}", arr.metadata.to_dict())
 
 
 def _inner_chunk_range(shard: Path, info: ArrayInfo, k: int) -> tuple[int, int]:
@@ -153,7 +154,7 @@ def test_flipped_byte_in_a_chunk_is_caught_by_livercube_and_zarr(store):
     with pytest.raises(ChecksumMismatchError):
         sampler.patch(0)
     with pytest.raises(ValueError, match="checksum"):
-        zarr.open_array(str(store), path=f"{path}/image", mode="r")[...]
+        zarr.open_array(str(store), path=f"{data_path(path)}/image", mode="r")[...]
 
 
 def test_flipped_byte_in_shard_index_is_caught(store):
@@ -181,7 +182,8 @@ def test_tensorstore_also_rejects_a_corrupt_chunk(store):
     ts = pytest.importorskip("tensorstore")
     path, arr = _array(store, "image")
     info = _info(path, arr, "image")
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / path / "image")}}
+    kvstore = {"driver": "file", "path": str(store / data_path(path) / "image")}
+    spec = {"driver": "zarr3", "kvstore": kvstore}
     np.testing.assert_array_equal(ts.open(spec).result().read().result(), arr[...])
     shard = store / info.object_key((0, 0, 0))
     off, nb = _inner_chunk_range(shard, info, 0)

@@ -1,4 +1,4 @@
-"""Patch streaming (issue 5): the fast reader on a real S3 endpoint, torch DataLoaders."""
+"""Patch streaming: the fast reader on a real S3 endpoint, torch DataLoaders."""
 
 from __future__ import annotations
 

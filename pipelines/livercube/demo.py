@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from livercube import registry
 from livercube.convert import EXIT_OK, convert
 from livercube.errors import UsageError
 from livercube.schema import COLLECTIONS
 from livercube.store.layout import data_path
-from livercube.synth.collections import FOLDER, write_one
+from livercube.synth.collections import write_one
 
 
 def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") -> int:
@@ -32,14 +33,13 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
             print(f"[synth] {collection}: generator not available in this version ({exc})")
             continue
         print(
-            f"[synth] {collection}: {examples / FOLDER[collection]} "
+            f"[synth] {collection}: {examples / registry.get(collection).example_folder} "
             f"({time.perf_counter() - t0:.1f} s)"
         )
         t0 = time.perf_counter()
         try:
-            report = convert(
-                str(examples / FOLDER[collection]), store_url, collection, scheduler=scheduler
-            )
+            source = examples / registry.get(collection).example_folder
+            report = convert(str(source), store_url, collection, scheduler=scheduler)
         except UsageError as exc:
             print(f"[convert] {collection}: not converted: {exc}")
             continue

@@ -1,4 +1,4 @@
-"""Patch sampling and streaming (issue 5): reproducible random 3-D patches from any store.
+"""Patch sampling and streaming: reproducible random 3-D patches from any store.
 
 * :class:`PatchSampler` — chooses volumes by a catalog expression, samples uniform,
   foreground-oversampled or class-weighted patches, multi-phase channels and optional target
