@@ -57,6 +57,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         clinical_columns=a.clinical_column,
     )
     print(report.summary())
+    if report.fatal:
+        print(f"livercube: error: {report.fatal}", file=sys.stderr)
     return report.exit_code
 
 
@@ -91,9 +93,15 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_catalog(a: argparse.Namespace) -> int:
+    from livercube.store import lease
     from livercube.store.catalog import write_catalog
+    from livercube.store.layout import is_remote
 
-    ds = write_catalog(a.url, _storage_options(a.storage_option))
+    opts = _storage_options(a.storage_option)
+    if not is_remote(a.url) and not Path(a.url.removeprefix("file://")).is_dir():
+        raise UsageError(f"{a.url}: no such store")
+    with lease.held(a.url, opts, purpose="livercube catalog"):
+        ds = write_catalog(a.url, opts)
     print(f"catalog rebuilt: {ds.sizes['volume']} complete volumes")
     return EXIT_OK
 

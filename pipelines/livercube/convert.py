@@ -8,17 +8,27 @@ and consolidated metadata are rebuilt at the end from the volumes' own metadata.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import os
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from livercube import registry
-from livercube.errors import SourceError, UsageError
+from livercube.errors import (
+    ForeignFilesError,
+    SourceError,
+    StoreError,
+    StoreFullError,
+    UsageError,
+)
+from livercube.faults import fault_point
 from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
-from livercube.store.catalog import write_catalog
-from livercube.store.layout import filesystem, open_root, with_retries
+from livercube.store import lease
+from livercube.store.catalog import stored_volumes, write_catalog
+from livercube.store.layout import filesystem, is_remote, open_root, with_retries
 from livercube.store.writer import write_volume
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -40,12 +50,17 @@ class ConvertReport:
     warnings: list[str] = field(default_factory=list)
     #: How free-text DICOM descriptors were stored (cleaned or kept), and by which rule.
     deidentification: dict[str, Any] = field(default_factory=dict)
+    #: why the run could not finish its job (e.g. the disk filled up); exit status 1
+    fatal: str = ""
 
     @property
     def exit_code(self) -> int:
+        if self.fatal:
+            return EXIT_FATAL
         return EXIT_PARTIAL if (self.skipped or self.failed) else EXIT_OK
 
-    def to_json(self) -> str:
+    def to_json(self, *, compact: bool = False) -> str:
+        """The report as JSON; ``compact`` drops tracebacks and per-volume details."""
         body = {
             k: getattr(self, k)
             for k in (
@@ -60,9 +75,23 @@ class ConvertReport:
                 "failed",
                 "warnings",
                 "deidentification",
+                "fatal",
             )
         }
         body["exit_code"] = self.exit_code
+        if compact:
+            body["converted"] = [r.get("path") for r in self.converted]
+            body["unchanged"] = [r.get("path") for r in self.unchanged]
+            for kind in ("skipped", "failed"):
+                body[kind] = [{k: v for k, v in r.items() if k != "traceback"} for r in body[kind]]
+            body["warnings"] = body["warnings"][:50]
+            text = json.dumps(body, default=str)
+            if len(text) > REPORT_RESERVE // 2:  # keep the counts and the first reasons
+                for kind in ("converted", "unchanged", "skipped", "failed", "warnings"):
+                    body[f"n_{kind}"] = len(body[kind])
+                    body[kind] = body[kind][:10]
+                text = json.dumps(body, default=str)[: REPORT_RESERVE - 1]
+            return text
         return json.dumps(body, indent=2, default=str)
 
     def summary(self) -> str:
@@ -76,7 +105,15 @@ class ConvertReport:
         if self.deidentification:
             lines.append(f"  descriptions {self.deidentification.get('descriptions')}")
         lines += [f"  warning {w}" for w in self.warnings]
+        if self.fatal:
+            lines.append(f"  FATAL   {self.fatal}")
         return "\n".join(lines)
+
+
+#: Report file at the store root, and the space it reserves at the start of a run so that a
+#: run that fills the disk can still say so.
+REPORT_NAME = "livercube-report.json"
+REPORT_RESERVE = 64 * 1024
 
 
 def _existing_fingerprint(dest: str, storage_options: dict | None, path: str) -> str | None:
@@ -116,7 +153,13 @@ def _volume_task(
         volume, skipped = task.read(source_options)
     except SourceError as exc:
         return {"status": "skipped", "input": exc.source, "reason": exc.reason}
-    record = write_volume(dest, volume, storage_options=storage_options, fingerprint=fingerprint)
+    try:
+        record = write_volume(
+            dest, volume, storage_options=storage_options, fingerprint=fingerprint
+        )
+    except ForeignFilesError as exc:
+        return {"status": "skipped", "input": task.key, "reason": str(exc)}
+    fault_point("volume-written")
     return {
         "status": "converted",
         "input": task.key,
@@ -134,7 +177,8 @@ def _client(scheduler: str, workers: int | None):
 
     # the embedded cluster's INFO chatter (worker start/stop) is not for a converter's user
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    if scheduler.startswith(("tcp://", "tls://", "ws://")):
+    check_scheduler(scheduler)
+    if scheduler.startswith(REMOTE_SCHEDULERS):
         return Client(scheduler)
     n = workers or 2
     if scheduler == "threads":
@@ -145,9 +189,19 @@ def _client(scheduler: str, workers: int | None):
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
-    else:
-        raise UsageError(f"unknown scheduler {scheduler!r}: use threads, local or tcp://HOST:PORT")
     return Client(cluster)
+
+
+REMOTE_SCHEDULERS = ("tcp://", "tls://", "ws://", "wss://")
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Reject a scheduler we cannot start or reach before anything is written."""
+    if scheduler in ("threads", "local") or (
+        scheduler.startswith(REMOTE_SCHEDULERS) and len(scheduler.split("://", 1)[1]) > 0
+    ):
+        return
+    raise UsageError(f"unknown scheduler {scheduler!r}: use threads, local or tcp://HOST:PORT")
 
 
 #: Dask retries per task: absorbs transient storage errors and lost workers.
@@ -225,12 +279,147 @@ def _prepare_root(
     root.attrs["livercube"] = meta
 
 
-def write_report(dest: str, storage_options: dict | None, report: ConvertReport) -> str:
+def write_report(
+    dest: str, storage_options: dict | None, report: ConvertReport, *, reserve: bool = False
+) -> str:
+    """Write ``livercube-report.json``; ``reserve``: the placeholder at the start of a run.
+
+    On local disk the placeholder is padded to :data:`REPORT_RESERVE` bytes, and the final
+    report goes beside it and is swapped in; if the disk is full by then, a compact report
+    overwrites the placeholder in place (no new blocks needed), so the report survives.
+    """
     fs, path = filesystem(dest, storage_options)
-    target = f"{path.rstrip('/')}/livercube-report.json"
-    with fs.open(target, "w") as f:
-        f.write(report.to_json())
+    target = f"{path.rstrip('/')}/{REPORT_NAME}"
+    if is_remote(dest):
+        with fs.open(target, "w") as f:
+            f.write(report.to_json())
+        return target
+    if reserve:
+        text = report.to_json(compact=True)
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text + " " * max(0, REPORT_RESERVE - len(text)))
+        return target
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+        os.replace(tmp, target)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not os.path.exists(target):
+            raise
+        size = os.path.getsize(target)
+        text = report.to_json(compact=True)[:size]
+        with open(target, "r+", encoding="utf-8") as f:
+            f.write(text + " " * (size - len(text)))
     return target
+
+
+def check_destination(dest: str, storage_options: dict | None) -> None:
+    """Refuse destinations livercube must not write into, before writing anything.
+
+    A regular file, or a folder (prefix) that holds files but is not a livercube store, is a
+    usage error: livercube never deletes or overwrites what it did not write.  An object
+    store that cannot be reached is named in one line instead of a client traceback.
+    """
+    if not is_remote(dest):
+        root = str(dest).removeprefix("file://")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise UsageError(f"destination {dest} is a file, not a store folder")
+        if os.path.isdir(root):
+            entries = sorted(e for e in os.listdir(root) if e != lease.LEASE_NAME)
+            doc = os.path.join(root, "zarr.json")
+            body = open(doc, "rb").read() if os.path.isfile(doc) else None  # noqa: SIM115
+            _refuse_foreign(dest, entries, body)
+        return
+    fs, path = filesystem(dest, _fail_fast(dest, storage_options))
+    try:
+        try:
+            listed = fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            listed = []
+            if str(dest).startswith(("s3://", "s3a://")):
+                bucket = path.split("/", 1)[0]
+                try:
+                    fs.ls(bucket, detail=False, refresh=True)
+                except FileNotFoundError:
+                    raise UsageError(f"destination {dest}: no such bucket {bucket!r}") from None
+        if not listed and fs.isfile(path):
+            raise UsageError(f"destination {dest} is an object, not a store prefix")
+        entries = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in listed)
+        entries = [e for e in entries if e != lease.LEASE_NAME]
+        body = fs.cat_file(f"{path.rstrip('/')}/zarr.json") if "zarr.json" in entries else None
+    except (UsageError, PermissionError):
+        raise
+    except Exception as exc:  # connection refused, DNS, TLS, auth: one line, not botocore's
+        endpoint = (storage_options or {}).get("endpoint_url") or dest
+        raise StoreError(f"cannot reach the object store at {endpoint}: {exc}") from exc
+    _refuse_foreign(dest, entries, body)
+
+
+def _fail_fast(dest: str, storage_options: dict | None) -> dict:
+    """Options for the first contact with a remote store: few retries, short timeouts."""
+    opts = with_retries(dest, storage_options)
+    if str(dest).startswith(("s3://", "s3a://")):
+        config = dict(opts.get("config_kwargs") or {})
+        config.update(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10)
+        opts["config_kwargs"] = config
+        opts["skip_instance_cache"] = True
+    return opts
+
+
+def _refuse_foreign(dest: str, entries: list[str], root_doc: bytes | None) -> None:
+    if not entries:
+        return
+    try:
+        attrs = json.loads(root_doc).get("attributes", {}) if root_doc else {}
+    except ValueError:
+        attrs = {}
+    if "livercube" in attrs:
+        return
+    shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+    raise UsageError(
+        f"destination {dest} is not empty and not a livercube store (it holds {shown}); "
+        "livercube does not write into folders it did not create: choose a new or empty one"
+    )
+
+
+def _check_input_file(path: str | None, option: str, storage_options: dict | None) -> None:
+    if not path:
+        return
+    fs, p = filesystem(path, storage_options if is_remote(path) else None)
+    if not fs.isfile(p):
+        raise UsageError(f"{option} {path}: no such file")
+
+
+def _hide_rewrites(
+    dest: str, storage_options: dict | None, tasks: list[Any], overwrite: bool
+) -> set[str]:
+    """Take volumes this run will replace out of the catalog before touching them.
+
+    Replacing a volume deletes its group document first; a catalog that still listed it
+    would send readers to a group without ``zarr.json`` until the run ends (or forever, if it
+    is interrupted).  The catalog always lists complete volumes only.
+    """
+    existing, has_catalog = stored_volumes(dest, storage_options)
+    current = {p: (m.get("complete") or {}).get("fingerprint") for p, m in existing}
+    doomed = {
+        t.store_path
+        for t in tasks
+        if t.store_path in current and (overwrite or current[t.store_path] != t.fingerprint)
+    }
+    if doomed and has_catalog:
+        write_catalog(dest, storage_options, exclude=doomed)
+    return doomed
+
+
+def _ran_out_of_space(rec: dict[str, Any]) -> bool:
+    reason = str(rec.get("reason", ""))
+    return (
+        any(f"[Errno {n}]" in reason for n in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left on device" in reason
+    )
 
 
 def check_collection(collection: str) -> None:
@@ -258,6 +447,7 @@ def plan_collection(
     ``where`` selects series of an ``idc://`` source from the IDC index.
     """
     check_collection(collection)
+    _check_input_file(overrides, "--overrides", source_options)
     return registry.get(collection).plan(
         source,
         clinical=clinical,
@@ -296,6 +486,7 @@ def convert(
     columns beyond the documented ones are stored only when named in ``clinical_columns``.
     """
     check_collection(collection)
+    check_scheduler(scheduler)
     # retries for flaky object storage on both ends; local paths are unaffected
     storage_options = with_retries(dest, storage_options) or None
     source_options = with_retries(source, source_options) or None
@@ -323,7 +514,83 @@ def convert(
             raise UsageError(f"--only: no such patient in {source}: {', '.join(sorted(unknown))}")
         tasks = [t for t in tasks if t.patient_id in wanted]
 
-    _prepare_root(dest, storage_options, collection, columns)
+    check_destination(dest, storage_options)
+    try:
+        return _convert_holding_lease(
+            report,
+            tasks,
+            columns,
+            dest,
+            storage_options,
+            source_options,
+            overwrite,
+            scheduler,
+            workers,
+            progress,
+        )
+    except OSError as exc:  # the disk filled up before the report or catalog could say so
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreFullError(f"no space left on the device of {dest}: {exc.strerror}") from exc
+
+
+def _convert_holding_lease(
+    report: ConvertReport,
+    tasks: list[Any],
+    columns: dict[str, Any],
+    dest: str,
+    storage_options: dict | None,
+    source_options: dict | None,
+    overwrite: bool,
+    scheduler: str,
+    workers: int | None,
+    progress: bool,
+) -> ConvertReport:
+    """Everything that writes: under the store's lease, report first, catalog last."""
+    collection = report.collection
+    with lease.held(dest, storage_options, purpose=f"livercube convert {collection}") as held:
+        _prepare_root(dest, storage_options, collection, columns)
+        write_report(dest, storage_options, report, reserve=True)
+        _hide_rewrites(dest, storage_options, tasks, overwrite)
+        _run(
+            report,
+            tasks,
+            dest,
+            storage_options,
+            source_options,
+            overwrite,
+            scheduler,
+            workers,
+            progress,
+        )
+        held.check()  # never rebuild the catalog over a run that took the store over
+        fault_point("before-catalog")
+        full = [r for r in report.failed if _ran_out_of_space(r)]
+        try:
+            write_catalog(dest, storage_options)
+        except StoreFullError as exc:
+            report.fatal = str(exc)
+        if full and not report.fatal:
+            report.fatal = (
+                f"no space left on the device of {dest}: {len(full)} volume(s) could not be written"
+            )
+        report.finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        write_report(dest, storage_options, report)
+    return report
+
+
+def _run(
+    report: ConvertReport,
+    tasks: list[Any],
+    dest: str,
+    storage_options: dict | None,
+    source_options: dict | None,
+    overwrite: bool,
+    scheduler: str,
+    workers: int | None,
+    progress: bool,
+) -> None:
+    """Run the volume tasks and sort their records into the report."""
     for _task, rec in run_tasks(
         _volume_task,
         tasks,
@@ -347,7 +614,3 @@ def convert(
         else:
             report.failed.append(rec)
     report.converted.sort(key=lambda r: r["path"])
-    write_catalog(dest, storage_options)
-    report.finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    write_report(dest, storage_options, report)
-    return report

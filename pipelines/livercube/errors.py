@@ -38,6 +38,18 @@ class StoreError(LivercubeError):
     """The store is missing, incomplete or does not follow the livercube contract."""
 
 
+class StoreBusyError(StoreError):
+    """Another run holds the store's writer lease; two writers would corrupt each other."""
+
+
+class StoreFullError(StoreError):
+    """The destination ran out of space (or quota); what was stored before is kept."""
+
+
+class ForeignFilesError(StoreError):
+    """The destination holds files livercube did not write where it would write; untouched."""
+
+
 class VolumeNotFoundError(StoreError, KeyError):
     """No complete volume with this key or index in the store."""
 

@@ -8,8 +8,13 @@ volumes and a lost or stale catalog can always be rebuilt (``livercube catalog U
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import shutil
+import uuid
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,9 +26,9 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from livercube import registry
-from livercube.errors import StoreError
+from livercube.errors import StoreError, StoreFullError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS, STORE_SCHEMA_VERSION
-from livercube.store.layout import open_zarr_store
+from livercube.store.layout import is_remote, open_zarr_store
 
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
 CLINICAL_PREFIX = {c.id: c.catalog_prefix for c in registry.REGISTRY.values()}
@@ -181,6 +186,9 @@ def build_catalog(vols: list[tuple[str, dict[str, Any]]], root_attrs: dict[str, 
 
 async def _metadata_documents(store: zarr.abc.store.Store) -> dict[str, Any]:
     """Every ``zarr.json`` in the store, fetched concurrently after one recursive listing."""
+    fs = getattr(store, "fs", None)
+    if fs is not None:  # fsspec caches listings per instance: a second rebuild must see now
+        fs.invalidate_cache()
     keys = [k async for k in store.list() if k == "zarr.json" or k.endswith("/zarr.json")]
     proto = default_buffer_prototype()
     sem = asyncio.Semaphore(32)
@@ -208,20 +216,94 @@ def volumes_from_documents(docs: dict[str, Any]) -> list[tuple[str, dict[str, An
     return sorted(found, key=lambda item: item[0])
 
 
-async def _replace_catalog(store, objects: dict[str, Any], root_doc) -> None:
-    await store.delete_dir(CATALOG_GROUP)
+def stored_volumes(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+    """Complete volumes now in the store (path, livercube attrs), and whether it has a catalog."""
+    docs = sync(_metadata_documents(open_zarr_store(url, storage_options)))
+    return volumes_from_documents(docs), f"{CATALOG_GROUP}/zarr.json" in docs
+
+
+async def _replace_catalog_remote(store, objects: dict[str, Any], root_doc, old: set[str]) -> None:
+    """Object storage: overwrite in place, metadata after data, root last, stale keys after.
+
+    Each PUT is atomic and nothing is deleted before the new catalog is whole, so an
+    interrupted rebuild leaves a catalog (old or new rows), never none.
+    """
     sem = asyncio.Semaphore(16)
 
     async def put(key: str, value) -> None:
         async with sem:
             await store.set(key, value)
 
-    await asyncio.gather(*(put(f"{CATALOG_GROUP}/{k}", v) for k, v in objects.items()))
+    def is_meta(key: str) -> bool:
+        return key == "zarr.json" or key.endswith("/zarr.json")
+
+    await asyncio.gather(
+        *(put(f"{CATALOG_GROUP}/{k}", v) for k, v in objects.items() if not is_meta(k))
+    )
+    await asyncio.gather(
+        *(put(f"{CATALOG_GROUP}/{k}", v) for k, v in objects.items() if is_meta(k))
+    )
     await store.set("zarr.json", root_doc)
+    new = {f"{CATALOG_GROUP}/{k}" for k in objects}
+    for key in sorted(old - new):
+        await store.delete(key)
 
 
-def write_catalog(url: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+#: Errors that mean "the destination is full" (device or quota).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _swap_local_catalog(root: Path, objects: dict[str, Any], root_doc) -> None:
+    """Local disk: write the new catalog beside the old one, then swap it in by renames.
+
+    If the disk fills up (or anything fails) while writing, the half-written copy is removed
+    and the previous catalog and root document are untouched.
+    """
+    tag = uuid.uuid4().hex[:12]
+    new, old = root / f".{CATALOG_GROUP}-new-{tag}", root / f".{CATALOG_GROUP}-old-{tag}"
+    root_tmp = root / f".zarr.json-{tag}.tmp"
+    try:
+        for key, value in objects.items():
+            target = new / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(value.to_bytes())
+        root_tmp.write_bytes(root_doc.to_bytes())
+    except OSError as exc:
+        shutil.rmtree(new, ignore_errors=True)
+        root_tmp.unlink(missing_ok=True)
+        if exc.errno in _FULL:
+            raise StoreFullError(
+                f"no space left on the device of {root} while writing the catalog; "
+                "the previous catalog is kept"
+            ) from exc
+        raise
+    current = root / CATALOG_GROUP
+    if current.exists():
+        current.rename(old)
+    new.rename(current)
+    os.replace(root_tmp, root / "zarr.json")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_store_document(key: str) -> bool:
+    """Metadata that belongs in the consolidated root: root, catalog, collections (no debris)."""
+    head = key.split("/", 1)[0]
+    return key == "zarr.json" or head == CATALOG_GROUP or head in COLLECTIONS
+
+
+def write_catalog(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    exclude: frozenset[str] | set[str] = frozenset(),
+) -> xr.Dataset:
     """Rebuild the catalog from the volumes' metadata, write it, consolidate the root.
+
+    ``exclude``: volume paths left out of the catalog and the consolidated metadata although
+    complete now — a run about to rewrite them hides them first, so no reader is sent to a
+    group that is being replaced.
 
     Cost on object storage: one recursive listing, one GET per metadata document, one PUT per
     catalog object and one for the root.  Consolidation runs on an in-memory mirror of the
@@ -232,6 +314,8 @@ def write_catalog(url: str, storage_options: dict[str, Any] | None = None) -> xr
     if "zarr.json" not in docs:
         raise StoreError(f"{url}: no zarr root group (nothing converted yet?)")
     root_attrs = json.loads(docs["zarr.json"].to_bytes()).get("attributes", {})
+    hidden = tuple(f"{p}/" for p in exclude)
+    docs = {k: v for k, v in docs.items() if _is_store_document(k) and not k.startswith(hidden)}
     ds = build_catalog(volumes_from_documents(docs), root_attrs)
 
     catalog_objects: dict[str, Any] = {}
@@ -243,5 +327,15 @@ def write_catalog(url: str, storage_options: dict[str, Any] | None = None) -> xr
             if k == "zarr.json" or k.endswith("/zarr.json"):
                 mirror[f"{CATALOG_GROUP}/{k}"] = v
         zarr.consolidate_metadata(MemoryStore(mirror), zarr_format=3)
-    sync(_replace_catalog(store, catalog_objects, mirror["zarr.json"]))
+    if not is_remote(url):
+        _swap_local_catalog(
+            Path(str(url).removeprefix("file://")), catalog_objects, mirror["zarr.json"]
+        )
+    else:
+        old = sync(_catalog_keys(store))
+        sync(_replace_catalog_remote(store, catalog_objects, mirror["zarr.json"], old))
     return ds
+
+
+async def _catalog_keys(store) -> set[str]:
+    return {k async for k in store.list_prefix(f"{CATALOG_GROUP}/")}

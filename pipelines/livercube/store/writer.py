@@ -21,6 +21,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
+from livercube.errors import ForeignFilesError
+from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard, fill_shards
 from livercube.store.layout import FULL_RES, open_zarr_store, volume_path
@@ -266,15 +268,50 @@ UPLOAD_CONCURRENCY = 16
 _GROUP_DOC = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 
+#: Children of a volume group written by earlier store versions (1.x); with the children of
+#: the version being written (and numbered levels), the only names ever deleted.
+LEGACY_CHILDREN = frozenset(
+    ("image", "label", "segments", "class_locations", "z", "y", "x", "pyramid", "labels")
+)
+
+
+def _own_child(name: str, own: frozenset[str] | set[str]) -> bool:
+    return name in own or name in LEGACY_CHILDREN or name.isdigit()
+
+
+async def _clear_own_group(
+    store: zarr.abc.store.Store, path: str, own: frozenset[str] | set[str]
+) -> None:
+    """Delete the previous version of the volume at ``path`` — livercube's objects only.
+
+    ``own``: the children of the group about to be written.  The group document goes first,
+    so a reader never pairs an old completion record with new data.  Anything else found
+    under the path (a user's own file in a folder that happens to sit where a volume goes) is
+    refused, not deleted.
+    """
+    keys = [k async for k in store.list_prefix(f"{path}/")]
+    children = {k: k[len(path) + 1 :].split("/", 1)[0] for k in keys}
+    foreign = sorted(
+        k for k, c in children.items() if k != f"{path}/zarr.json" and not _own_child(c, own)
+    )
+    if foreign:
+        shown = ", ".join(f.rsplit("/", 1)[-1] for f in foreign[:3])
+        raise ForeignFilesError(
+            f"{path}: refusing to replace this volume, the folder holds files livercube did "
+            f"not write ({shown}{', …' if len(foreign) > 3 else ''}); move them away"
+        )
+    await store.delete(f"{path}/zarr.json")
+    for child in sorted(set(children.values()) - {"zarr.json"}):
+        await store.delete_dir(f"{path}/{child}")
+
+
 async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None:
     """Replace the group at ``path`` with ``objects``; its ``zarr.json`` goes last.
 
-    The old group document is deleted before anything else, so a reader never pairs an old
-    completion record with new data; until the new document lands the volume is invisible.
+    Until the new document lands the volume is invisible (see :func:`_clear_own_group`).
     """
     proto = default_buffer_prototype()
-    await store.delete(f"{path}/zarr.json")
-    await store.delete_dir(path)
+    await _clear_own_group(store, path, {k.split("/", 1)[0] for k in objects})
     sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
     async def put(key: str, value) -> None:
@@ -287,6 +324,7 @@ async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None
         *(put(f"{path}/{k}", v) for k, v in objects.items() if k != "zarr.json"),
         *(put(f"{p}/zarr.json", proto.buffer.from_bytes(_GROUP_DOC)) for p in parents),
     )
+    fault_point("before-group-doc")
     await store.set(f"{path}/zarr.json", objects["zarr.json"])
 
 
