@@ -28,6 +28,7 @@ from livercube.faults import fault_point
 from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store import lease
 from livercube.store.catalog import stored_volumes, write_catalog
+from livercube.store.completion import CompletionRecord
 from livercube.store.layout import filesystem, is_remote, open_root, with_retries
 from livercube.store.writer import write_volume
 
@@ -125,9 +126,10 @@ def _existing_fingerprint(dest: str, storage_options: dict | None, path: str) ->
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     meta = group.attrs.get("livercube", {}) if isinstance(group, zarr.Group) else {}
-    if meta.get("status") != "complete" or meta.get("schema_version") != STORE_SCHEMA_VERSION:
+    record = CompletionRecord.of(meta)
+    if record is None or meta.get("schema_version") != STORE_SCHEMA_VERSION:
         return None  # partial, or written to an older layout: convert again
-    return (meta.get("complete") or {}).get("fingerprint")
+    return record.fingerprint
 
 
 def _volume_task(
@@ -403,7 +405,7 @@ def _hide_rewrites(
     is interrupted).  The catalog always lists complete volumes only.
     """
     existing, has_catalog = stored_volumes(dest, storage_options)
-    current = {p: (m.get("complete") or {}).get("fingerprint") for p, m in existing}
+    current = {p: getattr(CompletionRecord.of(m), "fingerprint", None) for p, m in existing}
     doomed = {
         t.store_path
         for t in tasks

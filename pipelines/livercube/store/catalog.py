@@ -28,6 +28,7 @@ from zarr.storage import MemoryStore
 from livercube import registry
 from livercube.errors import StoreError, StoreFullError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS, STORE_SCHEMA_VERSION
+from livercube.store.completion import is_complete
 from livercube.store.layout import is_remote, open_zarr_store
 
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
@@ -44,7 +45,7 @@ def complete_volumes(root: zarr.Group) -> list[tuple[str, dict[str, Any]]]:
             if not isinstance(node, zarr.Group):
                 continue
             meta = node.attrs.get("livercube")
-            if isinstance(meta, dict) and meta.get("status") == "complete":
+            if is_complete(meta):
                 found.append((f"{collection}/{path}", meta))
     return sorted(found, key=lambda item: item[0])
 
@@ -211,7 +212,7 @@ def volumes_from_documents(docs: dict[str, Any]) -> list[tuple[str, dict[str, An
         meta = (
             doc.get("attributes", {}).get("livercube") if doc.get("node_type") == "group" else None
         )
-        if isinstance(meta, dict) and meta.get("status") == "complete":
+        if is_complete(meta):
             found.append((path, meta))
     return sorted(found, key=lambda item: item[0])
 

@@ -9,7 +9,6 @@ record (content checksum + source fingerprint) — written.  A reader, the catal
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import warnings
 from typing import Any
@@ -25,6 +24,7 @@ from livercube.errors import ForeignFilesError
 from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard, fill_shards
+from livercube.store.completion import CompletionRecord
 from livercube.store.layout import FULL_RES, open_zarr_store, volume_path
 from livercube.store.pyramid import (
     image_level_path,
@@ -349,12 +349,7 @@ def write_volume(
         arrays["segments"] = volume.segments.bits
     checksum = content_checksum(arrays)
     meta = volume_attrs(volume, checksum=checksum, label_present=label is not None)
-    meta["status"] = "complete"
-    meta["complete"] = {
-        "checksum": checksum,
-        "fingerprint": fingerprint,
-        "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    CompletionRecord.new(checksum, fingerprint).stamp(meta)
     objects = encode_volume(volume, {"ome": ome_multiscales(volume), "livercube": meta}, arrays)
     store = open_zarr_store(url, storage_options)
     sync(_upload(store, path, objects))
