@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from store_checks import fingerprint_of_store
 
 from livercube.faults import ENV
 from livercube.store.contract import check_store
@@ -141,7 +142,6 @@ def _convert_cmd(root: Path, dest: Path, overrides: Path) -> list[str]:
     indirect=["cluster"],
 )
 def test_worker_killed_mid_run_store_identical(cluster, release_and_reference, tmp_path, redone_as):
-    from test_faults import fingerprint_of_store
 
     address, workers, logs = cluster
     root, overrides, reference = release_and_reference

@@ -12,29 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_checks import complete_count, fingerprint_of_store
 
 import livercube
 from livercube.convert import EXIT_PARTIAL, convert
+from livercube.faults import ENV
 from livercube.store.contract import check_store
 from livercube.synth.plc_cect import write_plc_cect
 
 LIVERCUBE = str(Path(sys.executable).parent / "livercube")
-
-
-def fingerprint_of_store(url: str, **opts) -> dict[str, str]:
-    cat = livercube.open(url, **opts).catalog
-    return dict(zip(cat.path.values.astype(str), cat.checksum.values.astype(str), strict=True))
-
-
-def complete_count(store: Path) -> int:
-    n = 0
-    for meta in store.glob("plc-cect/*/*/*/zarr.json"):
-        try:
-            attrs = json.loads(meta.read_text())["attributes"]["livercube"]
-        except (ValueError, KeyError):
-            continue
-        n += attrs.get("status") == "complete"
-    return n
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +120,14 @@ def test_killed_client_then_rerun_gives_the_clean_store(small_release, clean_run
         "--workers",
         "1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while complete_count(dest) < 3 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the conversion ended before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # the client kills itself right after its third volume is complete (no polling race)
+    killed = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, ENV: "volume-written:3"},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     done_before = complete_count(dest)
-    assert 3 <= done_before < 24
+    assert done_before == 3
 
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
