@@ -13,7 +13,7 @@ import zarr
 from livercube.errors import StoreError, VolumeNotFoundError
 from livercube.schema import CATALOG_GROUP
 from livercube.store.layout import data_path, open_root, open_zarr_store
-from livercube.volumes.volume import unique_segment_names
+from livercube.volumes.volume import segment_mask, unique_segment_names
 
 
 class Store:
@@ -101,10 +101,9 @@ class Store:
         if not meta.get("segments"):
             return {}
         bits = np.asarray(self.root[data_path(path)]["segments"][...])
-        dt = bits.dtype.type
         names = unique_segment_names([seg["label"] for seg in meta["segments"]])
         return {
-            name: ((bits >> dt(seg["bit"])) & dt(1)).astype(bool)
+            name: segment_mask(bits, int(seg["bit"]))
             for name, seg in zip(names, meta["segments"], strict=True)
         }
 

@@ -46,7 +46,7 @@ from livercube.schema import CATALOG_GROUP, COLLECTIONS
 from livercube.store.completion import CompletionRecord, is_complete
 from livercube.store.contract import check_volume_group
 from livercube.store.layout import FULL_RES, open_root, open_zarr_store, with_retries
-from livercube.volumes.volume import content_checksum
+from livercube.volumes.volume import content_checksum, segment_mask
 
 #: Exit status of ``livercube verify`` when any damage or mismatch is found.
 EXIT_DAMAGED = 4
@@ -409,9 +409,8 @@ def dicom_reference_check(
         notes += [f"segments not independently checked: {w}" for w in why]
         return problems, notes
     bits = arrays["segments"]
-    dt = bits.dtype.type
     for s in segs:
-        mine = ((bits >> dt(s["bit"])) & dt(1)).astype(bool)
+        mine = segment_mask(bits, int(s["bit"]))
         diff = (mine != masks[int(s["number"])]) & checked
         n = int(diff.sum())
         if n:

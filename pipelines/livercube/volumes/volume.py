@@ -57,6 +57,12 @@ class SegmentInfo:
         }
 
 
+def segment_mask(bits: np.ndarray, bit: int) -> np.ndarray:
+    """One segment of a ``segments`` bit field as a boolean mask."""
+    dt = bits.dtype.type
+    return ((bits >> dt(bit)) & dt(1)).astype(bool)
+
+
 def unique_segment_names(labels: list[str]) -> list[str]:
     """Segment labels made unique the way readers key them: ``Tumor``, ``Tumor (2)``, …
 
