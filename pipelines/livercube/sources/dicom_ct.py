@@ -49,7 +49,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from livercube.errors import GeometryError, IntensityError, SourceError, UnreadableFileError
 from livercube.sources.dicom_frames import frame_view
-from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, Tolerances, slice_grid
+from livercube.sources.dicom_geometry import (
+    DEFAULT_TOLERANCES,
+    SliceGrid,
+    Tolerances,
+    slice_grid,
+)
 from livercube.sources.dicom_scan import Acquisition, SliceRef, plain_value
 from livercube.volumes.geometry import Grid, Reorientation, canonical_reorientation
 
@@ -86,6 +91,63 @@ class CTVolume:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: slices filled because their file failed to read or decode: {"path", "z", "reason"}
     damaged_slices: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AcquisitionLayout:
+    """Where an acquisition's slices go on its canonical grid, from headers only.
+
+    The one place that turns a scanned :class:`Acquisition` into grid geometry: the CT reader
+    assembles pixels with it and the SEG matcher describes targets with it, so both agree on
+    the grid and on which instance lies on which canonical plane.
+    """
+
+    grid: SliceGrid
+    slices: tuple[SliceRef, ...]  # sorted ascending along the normal
+    reorientation: Reorientation
+
+    @property
+    def n_k(self) -> int:
+        return self.grid.spacing.n_grid
+
+    @property
+    def slice_axis(self) -> int:
+        """The canonical axis the source slices are stacked along (0 for axial CT)."""
+        return self.reorientation.axes.index(0)
+
+    def canon(self, k: int) -> int:
+        """Canonical index along :attr:`slice_axis` of source grid plane ``k``."""
+        return self.n_k - 1 - k if self.reorientation.flips[self.slice_axis] else k
+
+    def sop_uids_by_z(self) -> dict[int, tuple[str, ...]]:
+        """Canonical z → SOPInstanceUIDs of the slices crossing it (none for a missing one)."""
+        if self.slice_axis != 0:  # sagittal/coronal source: every slice crosses every z
+            every = tuple(ref.sop_uid for ref in self.slices)
+            return {z: every for z in range(self.reorientation.grid.shape[0])}
+        uids: dict[int, tuple[str, ...]] = {z: () for z in range(self.n_k)}
+        for ref, k in zip(self.slices, self.grid.spacing.grid_index, strict=True):
+            uids[self.canon(k)] = (ref.sop_uid,)
+        return uids
+
+
+def acquisition_layout(acq: Acquisition, tol: Tolerances = DEFAULT_TOLERANCES) -> AcquisitionLayout:
+    """The :class:`AcquisitionLayout` of ``acq``; :class:`GeometryError` when it has none."""
+    sg = slice_grid(
+        [s.position for s in acq.slices], acq.orientation, acq.pixel_spacing, source=acq.label,
+        tol=tol,
+    )  # fmt: skip
+    direction = np.column_stack(
+        [np.asarray(acq.orientation[:3]), np.asarray(acq.orientation[3:]), np.asarray(sg.normal)]
+    )
+    spacing_ijk = (float(acq.pixel_spacing[1]), float(acq.pixel_spacing[0]), sg.spacing.spacing)
+    reo = canonical_reorientation(
+        (sg.spacing.n_grid, acq.rows, acq.columns),
+        direction,
+        spacing_ijk,
+        tuple(sg.positions[0]),
+        source=acq.label,
+    )
+    return AcquisitionLayout(sg, tuple(acq.slices[i] for i in sg.order), reo)
 
 
 def _open_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
@@ -231,13 +293,10 @@ def read_acquisition(
     """
     label = acq.label
     fs, _ = fsspec.core.url_to_fs(acq.source, **(storage_options or {}))
-    row_cos = np.asarray(acq.orientation[:3], dtype=np.float64)
-    col_cos = np.asarray(acq.orientation[3:], dtype=np.float64)
-    sg = slice_grid(
-        [s.position for s in acq.slices], acq.orientation, acq.pixel_spacing, source=label, tol=tol
-    )
+    lay = acquisition_layout(acq, tol)
+    sg = lay.grid
     normal = np.asarray(sg.normal)
-    slices = [acq.slices[i] for i in sg.order]
+    slices = lay.slices
     positions = sg.positions
     spacing = sg.spacing
     dz = spacing.spacing
@@ -289,18 +348,10 @@ def read_acquisition(
     if damaged and len(damaged) == len(slices):
         raise UnreadableFileError(label, f"no slice could be read; first: {damaged[0][2]}")
 
-    direction = np.column_stack([row_cos, col_cos, normal])
-    spacing_ijk = (float(acq.pixel_spacing[1]), float(acq.pixel_spacing[0]), float(dz))
-    reo = canonical_reorientation(
-        (n_k, rows, cols), direction, spacing_ijk, tuple(positions[0]), source=label
-    )
+    reo = lay.reorientation
     image = reo.apply(src)
-
-    slice_axis = reo.axes.index(0)  # canonical axis holding source k
-    flip_k = reo.flips[slice_axis]
-
-    def canon(k: int) -> int:
-        return n_k - 1 - k if flip_k else k
+    slice_axis = lay.slice_axis
+    canon = lay.canon
 
     all_pos = positions[0] + np.outer(np.arange(n_k) * dz, normal)
     canon_order = [canon(k) for k in range(n_k)]
@@ -314,16 +365,7 @@ def read_acquisition(
         {"path": ref.path, "z": canon(k), "reason": reason} for ref, k, reason in damaged
     ]
 
-    uids_by_z: dict[int, tuple[str, ...]] = {}
-    if slice_axis == 0:
-        for z in range(n_k):
-            uids_by_z[z] = ()
-        for ref, k in zip(slices, spacing.grid_index, strict=True):
-            uids_by_z[canon(k)] = (ref.sop_uid,)
-    else:  # sagittal/coronal source: every slice crosses every canonical z
-        every = tuple(ref.sop_uid for ref in slices)
-        for z in range(image.shape[0]):
-            uids_by_z[z] = every
+    uids_by_z = lay.sop_uids_by_z()
 
     spacing_report = {
         "slice_spacing_mm": dz,

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, slice_grid
+from livercube.sources.dicom_ct import acquisition_layout
+from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES
 from livercube.sources.dicom_scan import Acquisition
 from livercube.sources.seg_frames import Frames, frame_table, plane_spacing, read_seg_header
-from livercube.volumes.geometry import Grid, canonical_reorientation
+from livercube.volumes.geometry import Grid
 
 #: A frame lies on a grid when its origin, its last row and its last column are within this
 #: fraction of a voxel of grid voxel centres on every axis (the CT reader itself accepts slices
@@ -62,40 +63,18 @@ def target_from_acquisition(
 ) -> SegTarget:
     """The :class:`SegTarget` of a scanned acquisition, from its headers only.
 
-    Gives the grid and canonical-z → SOPInstanceUID map that
-    :func:`livercube.sources.dicom_ct.read_acquisition` produces (missing slices are grid
-    planes without instances).  ``frame_of_reference_uid`` overrides the one the scan recorded.
+    The grid and canonical-z → SOPInstanceUID map are the acquisition's
+    :func:`~livercube.sources.dicom_ct.acquisition_layout`, the same the CT reader assembles
+    pixels with (missing slices are grid planes without instances).
+    ``frame_of_reference_uid`` overrides the one the scan recorded.
     """
-    sg = slice_grid(
-        [s.position for s in acq.slices], acq.orientation, acq.pixel_spacing, source=acq.label
-    )
-    normal = np.asarray(sg.normal)
-    slices = [acq.slices[i] for i in sg.order]
-    positions, spacing = sg.positions, sg.spacing
-    n_k = spacing.n_grid
-    direction = np.column_stack(
-        [np.asarray(acq.orientation[:3]), np.asarray(acq.orientation[3:]), normal]
-    )
-    spacing_ijk = (float(acq.pixel_spacing[1]), float(acq.pixel_spacing[0]), spacing.spacing)
-    reo = canonical_reorientation(
-        (n_k, acq.rows, acq.columns), direction, spacing_ijk, tuple(positions[0]), source=acq.label
-    )
-    slice_axis = reo.axes.index(0)
-    flip_k = reo.flips[slice_axis]
-    uids: dict[int, tuple[str, ...]]
-    if slice_axis == 0:
-        uids = {z: () for z in range(n_k)}
-        for ref, k in zip(slices, spacing.grid_index, strict=True):
-            uids[n_k - 1 - k if flip_k else k] = (ref.sop_uid,)
-    else:  # sagittal/coronal source: every slice crosses every canonical z
-        every = tuple(ref.sop_uid for ref in slices)
-        uids = {z: every for z in range(reo.grid.shape[0])}
+    lay = acquisition_layout(acq)
     return SegTarget(
         key=key,
         series_uid=acq.series_uid,
         study_uid=acq.study_uid,
-        grid=reo.grid,
-        sop_uids_by_z=uids,
+        grid=lay.reorientation.grid,
+        sop_uids_by_z=lay.sop_uids_by_z(),
         frame_of_reference_uid=frame_of_reference_uid or acq.frame_of_reference_uid or None,
     )
 
