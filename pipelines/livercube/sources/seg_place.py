@@ -321,8 +321,8 @@ def place_seg(
         pixels_outside = 0
         frames_empty_target = set()
         counts: dict[str, dict[str, int]] = {}  # keyed like Store.segments
-        names_so_far: list[str] = []
-        for item in segment_seq:
+        names = unique_segment_names([str(i.get("SegmentLabel", "") or "") for i in segment_seq])
+        for item, name in zip(segment_seq, names, strict=True):
             number = int(item.SegmentNumber)
             label = str(item.get("SegmentLabel", "") or "")
             try:
@@ -357,8 +357,6 @@ def place_seg(
                         frames_empty_target.add(int(f))
                         n_lost += positives
             stored = int(np.count_nonzero(mask))
-            name = unique_segment_names([*names_so_far, label])[-1]
-            names_so_far.append(label)
             counts[name] = {
                 "source_voxels": n_source,
                 "stored_voxels": stored,
