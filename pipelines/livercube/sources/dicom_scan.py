@@ -521,14 +521,18 @@ def _by_acquisition_time(im: _Image) -> Hashable:
     return im.acq_time
 
 
+#: What may tell separate acquisitions of one series apart, in the order tried.
+_ACQUISITION_KEYS: tuple[tuple[Callable[[_Image], Hashable], str], ...] = (
+    (_by_acquisition_number, "AcquisitionNumber"),
+    (_by_acquisition_time, "AcquisitionTime"),
+)
+
+
 def _split_duplicates(
     group: list[_Image], tol: Tolerances
 ) -> tuple[list[list[_Image]], str | None]:
     """Images at repeated positions: several acquisitions, each made duplicate-free."""
-    for key, what in (
-        (_by_acquisition_number, "AcquisitionNumber"),
-        (_by_acquisition_time, "AcquisitionTime"),
-    ):
+    for key, what in _ACQUISITION_KEYS:
         parts = _partition_by(group, key)
         if parts and all(not has_duplicates([im.offset for im in p], tol) for p in parts):
             return parts, f"split by {what} (repeated positions)"
@@ -555,10 +559,7 @@ def _split_grids(group: list[_Image], tol: Tolerances) -> tuple[list[list[_Image
     missing = missing_count([im.offset for im in group], tol)
     if len(group) < 3 or missing == 0:
         return [group], None
-    for key, what in (
-        (_by_acquisition_number, "AcquisitionNumber"),
-        (_by_acquisition_time, "AcquisitionTime"),
-    ):
+    for key, what in _ACQUISITION_KEYS:
         parts = _partition_by(group, key)
         if not parts or len(parts) > max(2, len(group) // 3):
             continue
