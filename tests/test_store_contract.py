@@ -402,3 +402,26 @@ def test_resume_rewrites_volumes_of_an_older_layout(tmp_path):
     meta["attributes"]["livercube"]["schema_version"] = "1.0"
     doc.write_text(json.dumps(meta))
     assert _existing_fingerprint(url, None, rec["path"]) is None
+
+
+def test_consolidation_note_is_silenced_without_per_call_filters():
+    """zarr's "consolidated metadata is not in the v3 spec" note never reaches the CLI's
+    output: one exact-text filter installed with the store layer, not a thread-unsafe
+    ``catch_warnings`` per call (pytest resets filters per test, hence a fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import livercube.store.layout, zarr\n"
+        "from zarr.storage import MemoryStore\n"
+        "s = MemoryStore()\n"
+        "zarr.open_group(s, mode='w', zarr_format=3).create_group('a')\n"
+        "zarr.consolidate_metadata(s, zarr_format=3)\n"
+        "import warnings; warnings.warn('control: other warnings still show')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Consolidated metadata" not in res.stderr, res.stderr
+    assert "control: other warnings still show" in res.stderr
