@@ -47,12 +47,14 @@ the UIDs needed to find the data again are never carried.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import fsspec
 import numpy as np
@@ -60,6 +62,7 @@ import pydicom
 from fsspec.implementations.local import LocalFileSystem
 
 from livercube.errors import GeometryError, SlantedStackError
+from livercube.fanout import Mapper, chunks, local_map
 from livercube.sources import dicom_sop
 from livercube.sources.dicom_frames import frame_view, n_frames
 from livercube.sources.dicom_geometry import (
@@ -79,6 +82,8 @@ from livercube.sources.dicom_headers import (
     list_files,
     read_header,
 )
+
+T = TypeVar("T")
 
 #: Rows or Columns above this are not a CT slice (a damaged header; 65535×65535 would need
 #: 8 GiB per slice before any pixel is checked).
@@ -270,10 +275,61 @@ def _int_or_none(v: Any) -> int | None:
 
 # --------------------------------------------------------------------------- scan
 
+#: Files whose headers one task reads: a few hundred keep the per-task overhead of a Dask
+#: cluster (~1 ms) far below the work (~5 ms per header) and the results of one task small.
+HEADER_CHUNK_FILES = 256
+
+
+class _SeriesFields(NamedTuple):
+    """What grouping and the Acquisition record need of a file's study/series attributes.
+
+    Kept as the scan used to read them from the header (``str(...)`` versus ``or ""`` forms
+    differ for empty elements), so a plan does not depend on where the header was read.
+    """
+
+    key: tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID) as grouped
+    label: str  # "patient … series … #…", for geometry messages
+    number_text: str  # SeriesNumber as notes quote it ("?" when absent)
+    patient_id: str
+    study_uid: str
+    study_date: str
+    study_description: str
+    series_uid: str
+    series_number: int | None
+    series_description: str
+    frame_of_reference_uid: str
+
+
+def _series_fields(ds: pydicom.Dataset) -> _SeriesFields:
+    def text(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "")
+
+    return _SeriesFields(
+        key=(str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))),
+        label=f"patient {ds.get('PatientID', '')} series {ds.get('SeriesInstanceUID', '')} "
+        f"#{ds.get('SeriesNumber', '')}",
+        number_text=f"{ds.get('SeriesNumber', '?')}",
+        patient_id=text("PatientID"),
+        study_uid=text("StudyInstanceUID"),
+        study_date=text("StudyDate"),
+        study_description=text("StudyDescription"),
+        series_uid=text("SeriesInstanceUID"),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        series_description=text("SeriesDescription"),
+        frame_of_reference_uid=text("FrameOfReferenceUID"),
+    )
+
 
 @dataclass
 class _Image:
-    hdr: Header
+    """One CT slice as grouping sees it: small and picklable, no pydicom Dataset.
+
+    Built where the header is read (possibly a Dask worker) and shipped to the planner.
+    """
+
+    path: str
+    size: int
+    complete: bool | None  # uncompressed pixel bytes fully present? None: cannot tell
     sop: str
     orientation: tuple[float, ...]
     position: tuple[float, float, float]
@@ -281,10 +337,45 @@ class _Image:
     cols: int
     spacing: tuple[float, float]
     acq_number: int | None
-    acq_time: str
+    acq_time: str  # AcquisitionDate + AcquisitionTime, for ordering and splitting
     instance: int
+    series: _SeriesFields
+    acquisition_time: str  # AcquisitionTime alone, as the record reports it
+    slice_thickness: Any
+    attrs: dict[str, Any]  # allowed_attrs of the file
     frame: int | None = None
     offset: float = 0.0
+
+
+class _Outcome(NamedTuple):
+    """What one file contributes to the scan; exactly one of the fields is set (or none:
+    a document the layout ships, not worth a word)."""
+
+    images: tuple[_Image, ...] = ()
+    seg: SegInstance | None = None
+    note: ScanNote | None = None
+    lost: ScanNote | None = None
+
+
+class _Interner:
+    """Hands out one shared object per distinct value within a chunk of headers.
+
+    The files of a series repeat their study/series attributes, orientation and most
+    allow-listed values; sharing the objects lets pickle send each once per chunk.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Any, Any] = {}
+
+    def __call__(self, value: T) -> T:
+        if isinstance(value, list):  # mutable: share its items, never the list
+            return [self(v) for v in value]  # type: ignore[return-value]
+        # repr keeps apart what compares equal but is not the same value (-0.0 and 0.0)
+        key = value if type(value) is str else (type(value), repr(value))
+        return self._seen.setdefault(key, value)
+
+    def attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        return {k: self(v) for k, v in attrs.items()}
 
 
 def _file_kind(path: str) -> str:
@@ -295,6 +386,60 @@ def _file_kind(path: str) -> str:
     return "dicom-named" if p.suffix.lower() in DICOM_SUFFIXES else "other"
 
 
+def _summarize_file(
+    fs: fsspec.AbstractFileSystem,
+    item: tuple[str, int],
+    source: str,
+    header_bytes: int,
+    intern: _Interner,
+) -> _Outcome:
+    """Read one file's header and say what it contributes (never raises for a bad file)."""
+    path, size = item
+    if size == 0:
+        return _Outcome(lost=ScanNote(path, "zero-byte file (damaged or incomplete download)"))
+    try:
+        hdr = read_header(fs, path, size, header_bytes=header_bytes)
+    except NotDicomError:
+        kind = _file_kind(path)
+        if kind == "dicom-named":
+            return _Outcome(lost=ScanNote(path, "named like a DICOM file but not DICOM (damaged?)"))
+        if kind == "expected":
+            return _Outcome()
+        return _Outcome(note=ScanNote(path, "not a DICOM file"))
+    except Exception as exc:  # corrupt header: keep scanning the collection
+        return _Outcome(
+            lost=ScanNote(path, f"unreadable DICOM header: {type(exc).__name__}: {exc}")
+        )
+    return _classify(hdr, source, intern)
+
+
+def read_header_chunk(
+    files: Sequence[tuple[str, int]],
+    *,
+    source: str,
+    storage_options: dict | None,
+    header_bytes: int = HEADER_PREFIX_BYTES,
+    max_workers: int | None = None,
+) -> list[_Outcome]:
+    """The outcome of every ``(path, size)`` in ``files``, in order: one planning task.
+
+    Runs wherever the mapper puts it (here or on a Dask worker), so it opens the filesystem
+    itself from ``source``; headers are fetched ``max_workers`` at a time (default 4 locally,
+    16 on object storage, where each read waits on the network).
+    """
+    fs, _ = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    intern = _Interner()
+
+    def one(item: tuple[str, int]) -> _Outcome:
+        return _summarize_file(fs, item, source, header_bytes, intern)
+
+    workers = max_workers or (4 if isinstance(fs, LocalFileSystem) else 16)
+    if workers > 1 and len(files) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(files))) as pool:
+            return list(pool.map(one, files))
+    return [one(f) for f in files]
+
+
 def scan(
     source: str | Sequence[str],
     storage_options: dict | None = None,
@@ -302,12 +447,19 @@ def scan(
     header_bytes: int = HEADER_PREFIX_BYTES,
     max_workers: int | None = None,
     tol: Tolerances = DEFAULT_TOLERANCES,
+    mapper: Mapper | None = None,
+    chunk_files: int = HEADER_CHUNK_FILES,
 ) -> ScanResult:
     """Discover CT acquisitions and SEG instances below ``source`` from headers only.
 
     ``source`` may be several URLs on one filesystem (the series prefixes of an IDC
     selection); the result's ``source`` is then the first one, which only names the
     filesystem the recorded paths belong to.
+
+    Listing and grouping happen here; the headers are read in chunks of ``chunk_files`` by
+    :func:`read_header_chunk` through ``mapper`` (:func:`livercube.fanout.local_map` by
+    default, :func:`livercube.fanout.dask_map` to read them on a cluster's workers).  The
+    result does not depend on the mapper or the chunk size.
     """
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
@@ -319,39 +471,43 @@ def scan(
         files += list_files(fs, fsspec.core.url_to_fs(url, **(storage_options or {}))[1])
     result.n_files = len(files)
 
-    def load(item: tuple[str, int]) -> Header | tuple[ScanNote, str]:
-        """The header, or a note and where it goes: "lost", "note" or "silent"."""
-        path, size = item
-        if size == 0:
-            return ScanNote(path, "zero-byte file (damaged or incomplete download)"), "lost"
-        try:
-            return read_header(fs, path, size, header_bytes=header_bytes)
-        except NotDicomError:
-            kind = _file_kind(path)
-            if kind == "dicom-named":
-                return ScanNote(path, "named like a DICOM file but not DICOM (damaged?)"), "lost"
-            return ScanNote(path, "not a DICOM file"), "silent" if kind == "expected" else "note"
-        except Exception as exc:  # corrupt header: keep scanning the collection
-            reason = f"unreadable DICOM header: {type(exc).__name__}: {exc}"
-            return ScanNote(path, reason), "lost"
+    parts = chunks(files, chunk_files) if files else []
+    job = partial(
+        read_header_chunk,
+        source=result.source,
+        storage_options=storage_options,
+        header_bytes=header_bytes,
+        max_workers=max_workers,
+    )
+    outcomes = (mapper or local_map)(job, parts)
+    return group_outcomes(result, parts, outcomes, tol)
 
-    workers = max_workers or (4 if isinstance(fs, LocalFileSystem) else 16)
-    if workers > 1 and len(files) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            loaded = list(pool.map(load, files))
-    else:
-        loaded = [load(f) for f in files]
 
+def group_outcomes(
+    result: ScanResult,
+    parts: Sequence[Sequence[tuple[str, int]]],
+    outcomes: Sequence[list[_Outcome] | BaseException],
+    tol: Tolerances = DEFAULT_TOLERANCES,
+) -> ScanResult:
+    """Fill ``result`` from the chunks' outcomes (client side, no I/O): the same notes in
+    the same order as a file-by-file scan.  A chunk whose task failed loses each of its files,
+    named with the error, so nothing read by a dead worker vanishes from the report."""
     images: list[_Image] = []
-    for item in loaded:
-        if isinstance(item, tuple):
-            note, where = item
-            if where == "lost":
-                result.left_out.append(note)
-            elif where == "note":
-                result.notes.append(note)
+    for part, got in zip(parts, outcomes, strict=True):
+        if isinstance(got, BaseException):
+            reason = (
+                f"header not read: the task reading it failed ({type(got).__name__}: {got})"
+            )
+            result.left_out.extend(ScanNote(path, reason) for path, _size in part)
             continue
-        images.extend(_classify(item, result, result.source))
+        for outcome in got:
+            if outcome.lost is not None:
+                result.left_out.append(outcome.lost)
+            elif outcome.note is not None:
+                result.notes.append(outcome.note)
+            elif outcome.seg is not None:
+                result.segs.append(outcome.seg)
+            images.extend(outcome.images)
 
     images = _drop_duplicate_instances(images, result)
     _build_acquisitions(images, result, result.source, tol)
@@ -389,65 +545,73 @@ def _seg_instance(hdr: Header, source: str) -> SegInstance:
     )
 
 
-def _classify(hdr: Header, result: ScanResult, source: str) -> list[_Image]:
-    """The CT slices a header contributes (none for SEGs, other objects and damaged CT)."""
+def _classify(hdr: Header, source: str, intern: _Interner) -> _Outcome:
+    """What a header contributes: CT slices, a SEG, a note, or a lost input."""
     ds = hdr.ds
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in dicom_sop.SEGMENTATION_CLASSES:
-        result.segs.append(_seg_instance(hdr, source))
-        return []
+        return _Outcome(seg=_seg_instance(hdr, source))
     if sop_class not in dicom_sop.CT_CLASSES:
         name = dicom_sop.sop_class_name(sop_class)
-        result.notes.append(ScanNote(hdr.path, f"non-image or non-CT object: {name}"))
-        return []
+        return _Outcome(note=ScanNote(hdr.path, f"non-image or non-CT object: {name}"))
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
-        result.notes.append(ScanNote(hdr.path, "localizer (ImageType contains LOCALIZER)"))
-        return []
+        return _Outcome(note=ScanNote(hdr.path, "localizer (ImageType contains LOCALIZER)"))
     multiframe = sop_class in dicom_sop.MULTIFRAME_CT_CLASSES or n_frames(ds) > 1
     n_groups = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
     if multiframe and n_groups not in (0, n_frames(ds)):
-        result.left_out.append(
-            ScanNote(
+        return _Outcome(
+            lost=ScanNote(
                 hdr.path,
                 f"damaged multi-frame CT: {n_groups} per-frame functional groups for "
                 f"NumberOfFrames {n_frames(ds)}",
             )
         )
-        return []
     views = [frame_view(ds, f) for f in range(n_frames(ds))] if multiframe else [ds]
+    series = intern(_series_fields(ds))
+    attrs = intern.attrs(allowed_attrs(ds))
+    acq_number = _int_or_none(ds.get("AcquisitionNumber"))
+    acq_time = intern(
+        str(ds.get("AcquisitionDate", "") or "") + str(ds.get("AcquisitionTime", "") or "")
+    )
+    acquisition_time = intern(str(ds.get("AcquisitionTime", "") or ""))
+    thickness = intern(plain_value(ds.get("SliceThickness")))
+    sop = str(ds.get("SOPInstanceUID", ""))
     images = []
     for f, view in enumerate(views):
         try:
             orientation, position, spacing, rows, cols = _plane(view)
         except (AttributeError, TypeError, ValueError, GeometryError) as exc:
             where = f"frame {f + 1} of a multi-frame CT" if multiframe else "CT image"
-            result.left_out.append(
-                ScanNote(hdr.path, f"{where} without usable plane geometry ({exc})")
+            return _Outcome(
+                lost=ScanNote(hdr.path, f"{where} without usable plane geometry ({exc})")
             )
-            return []
         if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
-            result.left_out.append(
-                ScanNote(hdr.path, f"implausible matrix {rows}×{cols} (damaged header?)")
+            return _Outcome(
+                lost=ScanNote(hdr.path, f"implausible matrix {rows}×{cols} (damaged header?)")
             )
-            return []
         images.append(
             _Image(
-                hdr=hdr,
-                sop=str(ds.get("SOPInstanceUID", "")),
-                orientation=orientation,
+                path=hdr.path,
+                size=hdr.size,
+                complete=hdr.complete,
+                sop=sop,
+                orientation=intern(orientation),
                 position=position,
                 rows=rows,
                 cols=cols,
-                spacing=spacing,
-                acq_number=_int_or_none(ds.get("AcquisitionNumber")),
-                acq_time=str(ds.get("AcquisitionDate", "") or "")
-                + str(ds.get("AcquisitionTime", "") or ""),
+                spacing=intern(spacing),
+                acq_number=acq_number,
+                acq_time=acq_time,
                 instance=(_int_or_none(ds.get("InstanceNumber")) or 0) + f,
+                series=series,
+                acquisition_time=acquisition_time,
+                slice_thickness=thickness,
+                attrs=attrs,
                 frame=f if multiframe else None,
             )
         )
-    return images
+    return _Outcome(images=tuple(images))
 
 
 def _plane(view: pydicom.Dataset):
@@ -473,26 +637,26 @@ def _drop_duplicate_instances(images: list[_Image], result: ScanResult) -> list[
     for (sop, _frame), group in by_sop.items():
         rank = sorted(
             group,
-            key=lambda im: (im.hdr.complete is not False, im.hdr.complete is True, im.hdr.size),
+            key=lambda im: (im.complete is not False, im.complete is True, im.size),
             reverse=True,
         )
         best = rank[0]
-        if best.hdr.complete is False:
+        if best.complete is False:
             result.left_out.append(
                 ScanNote(
-                    best.hdr.path,
+                    best.path,
                     "truncated file: its pixel data is shorter than the header announces",
                 )
             )
         else:
             kept.append(best)
         for other in rank[1:]:
-            why = "truncated " if other.hdr.complete is False else ""
+            why = "truncated " if other.complete is False else ""
             result.notes.append(
                 ScanNote(
-                    other.hdr.path,
-                    f"duplicate SOPInstanceUID {sop}: {why}copy of {other.hdr.size} bytes "
-                    f"dropped, kept {best.hdr.path} ({best.hdr.size} bytes)",
+                    other.path,
+                    f"duplicate SOPInstanceUID {sop}: {why}copy of {other.size} bytes "
+                    f"dropped, kept {best.path} ({best.size} bytes)",
                 )
             )
     return kept
@@ -539,7 +703,7 @@ def _split_duplicates(
     runs: list[list[_Image]] = []
     current: list[_Image] = []
     seen: list[float] = []
-    for im in sorted(group, key=lambda im: (im.acq_time, im.instance, im.hdr.path)):
+    for im in sorted(group, key=lambda im: (im.acq_time, im.instance, im.path)):
         if any(abs(im.offset - s) < tol.duplicate_mm for s in seen):
             runs.append(current)
             current, seen = [], []
@@ -609,8 +773,7 @@ def _build_acquisitions(
     # (study, series) -> list of geometry groups
     series: dict[tuple[str, str], list[list[_Image]]] = defaultdict(list)
     for im in images:
-        ds = im.hdr.ds
-        key = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
+        key = im.series.key
         for g in series[key]:
             ref = g[0]
             if (
@@ -640,7 +803,7 @@ def _build_acquisitions(
             if len(g) == 1 and main is not None and abs(float(np.dot(main, normal))) < 0.5:
                 result.notes.append(
                     ScanNote(
-                        g[0].hdr.path,
+                        g[0].path,
                         "localizer: single slice orthogonal to the study's main orientation",
                     )
                 )
@@ -661,9 +824,9 @@ def _build_acquisitions(
                 im = imgs[0]
                 result.left_out.append(
                     ScanNote(
-                        im.hdr.path,
+                        im.path,
                         "single CT slice that is no part of a volume "
-                        f"(series {im.hdr.ds.get('SeriesNumber', '?')}, position "
+                        f"(series {im.series.number_text}, position "
                         f"{im.offset:.2f} mm along the normal): not converted",
                     )
                 )
@@ -684,57 +847,54 @@ def _make_acquisition(
 ) -> Acquisition | None:
     imgs = sorted(imgs, key=lambda im: (im.offset, im.instance))
     first = imgs[0]
-    ds = first.hdr.ds
+    fields = first.series
     numbers = sorted({im.acq_number for im in imgs if im.acq_number is not None})
-    label = (
-        f"patient {ds.get('PatientID', '')} series {ds.get('SeriesInstanceUID', '')} "
-        f"#{ds.get('SeriesNumber', '')}"
-    )
+    label = fields.label
     positions = [im.position for im in imgs]
     try:
         slice_grid(positions, first.orientation, first.spacing, source=label, tol=tol)
     except SlantedStackError as exc:
-        result.left_out.append(ScanNote(first.hdr.path, f"{len(imgs)} slices: {exc.reason}"))
+        result.left_out.append(ScanNote(first.path, f"{len(imgs)} slices: {exc.reason}"))
         return None
     except GeometryError:
         pass  # irregular spacing: the reader refuses it naming every position
-    notes = [ScanNote(first.hdr.path, r) for r in reasons]
+    notes = [ScanNote(first.path, r) for r in reasons]
     if len(numbers) > 1 and not any("AcquisitionNumber" in r for r in reasons):
         notes.append(
             ScanNote(
-                first.hdr.path,
+                first.path,
                 f"AcquisitionNumbers {numbers} on one regular stack: kept as one volume",
             )
         )
-    attrs = allowed_attrs(ds)
-    times = sorted(str(im.hdr.ds.get("AcquisitionTime", "") or "") for im in imgs)
+    attrs = copy.deepcopy(first.attrs)  # shared between the slices of a chunk
+    times = sorted(im.acquisition_time for im in imgs)
     times = [t for t in times if t]
     acq_time = times[0] if times else ""
     if acq_time:
         attrs["AcquisitionTime"] = acq_time
-    thickness = {plain_value(im.hdr.ds.get("SliceThickness")) for im in imgs}
+    thickness = {im.slice_thickness for im in imgs}
     if len(thickness) > 1:
         attrs["SliceThickness"] = sorted(t for t in thickness if t is not None)
     return Acquisition(
         source=source,
-        patient_id=str(ds.get("PatientID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        study_date=str(ds.get("StudyDate", "") or ""),
-        study_description=str(ds.get("StudyDescription", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        series_number=_int_or_none(ds.get("SeriesNumber")),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
+        patient_id=fields.patient_id,
+        study_uid=fields.study_uid,
+        study_date=fields.study_date,
+        study_description=fields.study_description,
+        series_uid=fields.series_uid,
+        series_number=fields.series_number,
+        series_description=fields.series_description,
         acquisition_number=numbers[0] if numbers else None,
         acquisition_time=acq_time,
         index_in_series=index,
-        slices=tuple(SliceRef(im.hdr.path, im.sop, im.position, im.frame) for im in imgs),
+        slices=tuple(SliceRef(im.path, im.sop, im.position, im.frame) for im in imgs),
         orientation=first.orientation,  # type: ignore[arg-type]
         pixel_spacing=first.spacing,
         rows=first.rows,
         columns=first.cols,
         estimated_bytes=2 * first.rows * first.cols * len(imgs),
-        file_bytes=sum(im.hdr.size for im in imgs),
+        file_bytes=sum(im.size for im in imgs),
         attrs=attrs,
         notes=tuple(notes),
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+        frame_of_reference_uid=fields.frame_of_reference_uid,
     )
