@@ -7,12 +7,13 @@ and consolidated metadata are rebuilt at the end from the volumes' own metadata.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
 import os
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from livercube.errors import (
     StoreFullError,
     UsageError,
 )
+from livercube.fanout import Mapper, dask_map
 from livercube.faults import fault_point
 from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store import lease
@@ -197,6 +199,28 @@ def _client(scheduler: str, workers: int | None):
 REMOTE_SCHEDULERS = ("tcp://", "tls://", "ws://", "wss://")
 
 
+@contextlib.contextmanager
+def shared_client(scheduler: str, workers: int | None) -> Iterator[Any]:
+    """The cluster a whole run uses for planning and volumes; ``None`` for ``threads``.
+
+    With a process cluster or a remote one, header reading runs on its workers too and the
+    cluster is started (or reached) once.  The embedded thread pool plans in this process
+    (the same header tasks, run here) and starts its pool for the volume tasks only.
+    """
+    if scheduler == "threads":
+        yield None
+        return
+    with _client(scheduler, workers) as client:
+        yield client
+
+
+def planning_mapper(client: Any, *, progress: bool) -> Mapper | None:
+    """Where planners run their per-file work: on ``client``'s workers, else here."""
+    if client is None:
+        return None
+    return dask_map(client, name="headers", retries=TASK_RETRIES, progress=progress)
+
+
 def check_scheduler(scheduler: str) -> None:
     """Reject a scheduler we cannot start or reach before anything is written."""
     if scheduler in ("threads", "local") or (
@@ -218,11 +242,13 @@ def run_tasks(
     scheduler: str,
     workers: int | None,
     progress: bool,
+    client: Any = None,
 ) -> Iterable[tuple[Any, dict[str, Any]]]:
     """Map ``fn(task, *args)`` over tasks on a Dask cluster; yields (task, record) as they end.
 
     A task that raised after its retries (or whose workers kept dying) yields a ``failed``
-    record with the error and traceback: one bad input never stops the others.
+    record with the error and traceback: one bad input never stops the others.  ``client``:
+    a cluster the run already holds (:func:`shared_client`); else one is started here.
     """
     import sys
 
@@ -231,7 +257,8 @@ def run_tasks(
 
     if not tasks:
         return
-    with _client(scheduler, workers) as client:
+    held = contextlib.nullcontext(client) if client is not None else _client(scheduler, workers)
+    with held as client:
         if scheduler != "threads":  # worker processes: cap their encode threads
             from livercube.dask_plugins import EncodeThreads
 
@@ -442,11 +469,13 @@ def plan_collection(
     where: str | None = None,
     keep_descriptions: bool = False,
     clinical_columns: list[str] | None = None,
+    mapper: Mapper | None = None,
 ) -> Any:
     """Plan a collection from headers and file names only: tasks, skipped inputs, warnings.
 
     One entry point so that ``convert`` and ``verify --source`` see exactly the same tasks.
-    ``where`` selects series of an ``idc://`` source from the IDC index.
+    ``where`` selects series of an ``idc://`` source from the IDC index; ``mapper`` runs
+    the per-file work (header reads) on a cluster (:func:`planning_mapper`), else here.
     """
     check_collection(collection)
     _check_input_file(overrides, "--overrides", source_options)
@@ -458,6 +487,7 @@ def plan_collection(
         where=where,
         keep_descriptions=keep_descriptions,
         clinical_columns=tuple(clinical_columns or ()),
+        mapper=mapper,
     )
 
 
@@ -495,6 +525,44 @@ def convert(
     report = ConvertReport(
         collection, str(source), str(dest), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
+    with shared_client(scheduler, workers) as client:
+        return _plan_and_convert(
+            report,
+            clinical=clinical,
+            overrides=overrides,
+            storage_options=storage_options,
+            source_options=source_options,
+            scheduler=scheduler,
+            workers=workers,
+            progress=progress,
+            overwrite=overwrite,
+            only=only,
+            where=where,
+            keep_descriptions=keep_descriptions,
+            clinical_columns=clinical_columns,
+            client=client,
+        )
+
+
+def _plan_and_convert(
+    report: ConvertReport,
+    *,
+    clinical: str | None,
+    overrides: str | None,
+    storage_options: dict | None,
+    source_options: dict | None,
+    scheduler: str,
+    workers: int | None,
+    progress: bool,
+    overwrite: bool,
+    only: list[str] | None,
+    where: str | None,
+    keep_descriptions: bool,
+    clinical_columns: list[str] | None,
+    client: Any,
+) -> ConvertReport:
+    """Plan (header reads on ``client``'s workers when there is one), then convert."""
+    source, dest, collection = report.source, report.dest, report.collection
     plan = plan_collection(
         source,
         collection,
@@ -504,6 +572,7 @@ def convert(
         where=where,
         keep_descriptions=keep_descriptions,
         clinical_columns=clinical_columns,
+        mapper=planning_mapper(client, progress=progress),
     )
     report.deidentification = dict(getattr(plan, "deidentification", None) or {})
     report.skipped.extend(plan.skipped)
@@ -529,6 +598,7 @@ def convert(
             scheduler,
             workers,
             progress,
+            client,
         )
     except OSError as exc:  # the disk filled up before the report or catalog could say so
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -547,6 +617,7 @@ def _convert_holding_lease(
     scheduler: str,
     workers: int | None,
     progress: bool,
+    client: Any = None,
 ) -> ConvertReport:
     """Everything that writes: under the store's lease, report first, catalog last."""
     collection = report.collection
@@ -564,6 +635,7 @@ def _convert_holding_lease(
             scheduler,
             workers,
             progress,
+            client,
         )
         held.check()  # never rebuild the catalog over a run that took the store over
         fault_point("before-catalog")
@@ -591,6 +663,7 @@ def _run(
     scheduler: str,
     workers: int | None,
     progress: bool,
+    client: Any = None,
 ) -> None:
     """Run the volume tasks and sort their records into the report."""
     for _task, rec in run_tasks(
@@ -600,6 +673,7 @@ def _run(
         scheduler=scheduler,
         workers=workers,
         progress=progress,
+        client=client,
     ):
         descriptors = getattr(_task, "descriptors", None)  # DICOM: messages may quote them
         if descriptors is not None:

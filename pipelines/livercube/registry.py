@@ -27,9 +27,10 @@ class Collection:
     """One collection: identity, planning, example data, covariates, provenance.
 
     ``planner`` is called as ``planner(source, collection=id, clinical=, overrides=,
-    storage_options=, where=)`` and returns a plan (``tasks``, ``skipped``, ``warnings``,
-    ``clinical_columns``); ``example_writer`` as ``writer(root, n=, size=, seed=)`` and returns
-    the generator's truth object.
+    storage_options=, where=, keep_descriptions=, clinical_columns=, mapper=)`` (``mapper``:
+    where per-file planning work may run, :mod:`livercube.fanout`) and returns a plan
+    (``tasks``, ``skipped``, ``warnings``, ``clinical_columns``); ``example_writer`` as
+    ``writer(root, n=, size=, seed=)`` and returns the generator's truth object.
     """
 
     id: str

@@ -20,6 +20,7 @@ import fsspec
 
 from livercube import registry
 from livercube.errors import SourceError, UsageError
+from livercube.fanout import Mapper
 from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.sources import idc
 from livercube.sources.deid import DESCRIPTOR_ATTRIBUTES, Descriptors, clean_segment_item
@@ -165,6 +166,7 @@ def plan(
     where: str | None = None,
     keep_descriptions: bool = False,
     clinical_columns: list[str] | tuple[str, ...] = (),
+    mapper: Mapper | None = None,
 ) -> DicomPlan:
     """Scan headers and decide every volume of a DICOM collection.
 
@@ -174,7 +176,8 @@ def plan(
     unless ``keep_descriptions``; every message of the plan that quotes them is scrubbed too.
     Clinical columns: the collection's documented ones plus ``clinical_columns``
     (:func:`livercube.sources.clinical.select_columns`).  An unreadable spreadsheet skips the
-    covariates (a skipped input), never the images.
+    covariates (a skipped input), never the images.  ``mapper`` decides where the headers
+    are read (:mod:`livercube.fanout`: here by default, or on a Dask cluster's workers).
     """
     from livercube.sources import clinical as clinical_mod
     from livercube.sources import dicom_phase, dicom_seg
@@ -188,7 +191,7 @@ def plan(
         storage_options = with_retries("s3://", storage_options or {"anon": True})
     elif where:
         raise UsageError("--where selects series of an idc:// source only")
-    result = scan(scanned, storage_options)
+    result = scan(scanned, storage_options, mapper=mapper)
     if not result.n_files:
         raise UsageError(f"{source}: no files found (is it a DICOM collection?)")
     # IDC paths are "<bucket>/<series uuid>/<instance uuid>.dcm": already short and unique

@@ -332,6 +332,7 @@ def plan(
     where: str | None = None,
     keep_descriptions: bool = False,
     clinical_columns: tuple[str, ...] = (),
+    mapper: Any = None,  # file names only: nothing worth spreading over a cluster
 ) -> PlcPlan:
     """List the volumes of a PLC-CECT release from file names and ``patient_data.csv``.
 
