@@ -3,95 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from dask_cluster import dask_cluster
 from store_checks import fingerprint_of_store
 
-from livercube.faults import ENV
 from livercube.store.contract import check_store
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 @pytest.fixture()
 def cluster(request, tmp_path):
     """A scheduler and two single-threaded workers; worker 0 runs with ``request.param`` as
     its ``LIVERCUBE_FAULT`` (see :mod:`livercube.faults`): it kills itself at a known point."""
-    fault = getattr(request, "param", None)
-    port = _free_port()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = []
-
-    def start(name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen(
-            [str(BIN / "dask"), *args], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-        procs.append(p)
-        return p
-
-    start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
-    _wait_port(port)
-    address = f"tcp://127.0.0.1:{port}"
-    base_env = {k: v for k, v in os.environ.items() if k != ENV}
-    workers = [
-        start(
-            f"worker{i}",
-            "worker",
-            address,
-            "--nworkers",
-            "1",
-            "--nthreads",
-            "1",
-            "--no-dashboard",
-            "--host",
-            "127.0.0.1",
-            "--memory-limit",
-            "2GiB",
-            # no nanny: the worker is this process, so a self-kill is a death, not a restart
-            "--no-nanny",
-            env={**base_env, ENV: fault} if (i == 0 and fault) else base_env,
-        )
-        for i in range(2)
-    ]
-    from distributed import Client
-
-    with Client(address, timeout=60) as c:
-        c.wait_for_workers(2, timeout=60)
-    yield address, workers, logs
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    with dask_cluster(tmp_path / "logs", fault=getattr(request, "param", None)) as c:
+        yield c.address, c.workers, c.logs
 
 
 @pytest.fixture(scope="module")

@@ -448,7 +448,7 @@ def scan(
     max_workers: int | None = None,
     tol: Tolerances = DEFAULT_TOLERANCES,
     mapper: Mapper | None = None,
-    chunk_files: int = HEADER_CHUNK_FILES,
+    chunk_files: int | None = None,
 ) -> ScanResult:
     """Discover CT acquisitions and SEG instances below ``source`` from headers only.
 
@@ -456,7 +456,8 @@ def scan(
     selection); the result's ``source`` is then the first one, which only names the
     filesystem the recorded paths belong to.
 
-    Listing and grouping happen here; the headers are read in chunks of ``chunk_files`` by
+    Listing and grouping happen here; the headers are read in chunks of ``chunk_files``
+    (default :data:`HEADER_CHUNK_FILES`) by
     :func:`read_header_chunk` through ``mapper`` (:func:`livercube.fanout.local_map` by
     default, :func:`livercube.fanout.dask_map` to read them on a cluster's workers).  The
     result does not depend on the mapper or the chunk size.
@@ -471,7 +472,7 @@ def scan(
         files += list_files(fs, fsspec.core.url_to_fs(url, **(storage_options or {}))[1])
     result.n_files = len(files)
 
-    parts = chunks(files, chunk_files) if files else []
+    parts = chunks(files, chunk_files or HEADER_CHUNK_FILES) if files else []
     job = partial(
         read_header_chunk,
         source=result.source,

@@ -1,0 +1,219 @@
+"""Planning that scales out: header reads in chunks, here or on a Dask cluster's workers.
+
+The plan must not depend on where or in how many chunks the headers were read: same
+acquisitions, same SEGs, same notes and losses in the same order.  A chunk whose task could
+not run loses each of its files by name (exit 3), never silently.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+from dask_cluster import dask_cluster
+from dicom_factory import Study, canonical_test_array, write_ct_series
+
+from livercube.fanout import chunks, dask_map, local_map
+from livercube.sources.dicom_scan import _Interner, read_header_chunk, scan
+
+
+def _collection(root: Path) -> Path:
+    """Two patients, several series and every kind of note and loss the scanner knows."""
+    a = canonical_test_array((6, 16, 16), seed=5)
+    p1, p2 = Study("P1"), Study("P2", study_date="20020304")
+    write_ct_series(root / "p1" / "s3", a, study=p1, series_number=3)
+    uid = "1.2.826.0.1.3680043.8.498.77"  # two acquisitions at the same positions
+    write_ct_series(root / "p1" / "s4a", a, study=p1, series_uid=uid, series_number=4)
+    write_ct_series(
+        root / "p1" / "s4b", a + 2, study=p1, series_uid=uid, series_number=4,
+        acquisition_number=2, acquisition_time="102000",
+    )  # fmt: skip
+    paths = write_ct_series(root / "p2" / "s7", a, study=p2, series_number=7, skip={2})
+    write_ct_series(root / "p2" / "s9", a[:1], study=p2, series_number=9)  # a stray slice
+    dup = root / "p2" / "copy" / "dup.dcm"  # a truncated second copy of one slice
+    dup.parent.mkdir(parents=True)
+    dup.write_bytes(paths[0].read_bytes()[:-64])
+    paths[3].write_bytes(paths[3].read_bytes()[:-64])  # truncated, no other copy: lost
+    (root / "p2" / "zero.dcm").write_bytes(b"")
+    (root / "p2" / "junk.dcm").write_bytes(b"not a dicom file at all" * 20)
+    (root / "p2" / "blob.bin").write_bytes(b"\x01\x02" * 40)
+    (root / "metadata.csv").write_text("Series UID,Number of Images\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    return _collection(tmp_path_factory.mktemp("plan") / "coll")
+
+
+def _seen(result) -> tuple:
+    return (
+        result.n_files,
+        result.acquisitions,
+        result.segs,
+        result.notes,
+        result.left_out,
+    )
+
+
+def test_the_fixture_has_every_kind_of_outcome(collection):
+    result = scan(str(collection))
+    assert len(result.acquisitions) == 4  # s3, s4 ×2, s7 (s9 is a single slice)
+    reasons = " | ".join(n.reason for n in result.left_out)
+    for lost in ("zero-byte", "not DICOM", "truncated file", "single CT slice"):
+        assert lost in reasons
+    notes = " | ".join(n.reason for n in result.notes)
+    assert "not a DICOM file" in notes and "duplicate SOPInstanceUID" in notes
+    assert not any(n.path.endswith("metadata.csv") for n in result.notes + result.left_out)
+
+
+@pytest.mark.parametrize("chunk_files", [1, 3, 7, 1000])
+def test_plan_does_not_depend_on_the_chunk_size(collection, chunk_files):
+    whole = scan(str(collection), chunk_files=10_000, max_workers=1)
+    assert _seen(scan(str(collection), chunk_files=chunk_files)) == _seen(whole)
+
+
+def test_plan_does_not_depend_on_the_order_chunks_finish(collection):
+    def backwards(fn, items):  # results in order, computed last chunk first
+        return list(reversed([fn(x) for x in reversed(items)]))
+
+    assert _seen(scan(str(collection), chunk_files=2, mapper=backwards)) == _seen(
+        scan(str(collection))
+    )
+
+
+def test_a_chunk_that_could_not_be_read_loses_each_of_its_files(collection):
+    files = sorted(str(p) for p in collection.rglob("*") if p.is_file())
+
+    def second_chunk_dies(fn, items):
+        return [RuntimeError("worker lost") if i == 1 else fn(x) for i, x in enumerate(items)]
+
+    result = scan(str(collection), chunk_files=4, mapper=second_chunk_dies)
+    lost = [n for n in result.left_out if "task reading it failed" in n.reason]
+    assert [n.path for n in lost] == files[4:8]
+    assert all("RuntimeError: worker lost" in n.reason for n in lost)
+    used = {s.path for a in result.acquisitions for s in a.slices}
+    assert used and not used & set(files[4:8])
+
+
+def test_chunk_results_carry_no_pydicom_objects_and_are_small(collection):
+    import io
+
+    import pydicom
+
+    files = [(str(p), p.stat().st_size) for p in sorted((collection / "p1").rglob("*.dcm"))]
+    out = read_header_chunk(files, source=str(collection), storage_options=None)
+    shipped = pickle.dumps(out)
+    assert b"pydicom" not in shipped
+    datasets = [
+        pydicom.dcmread(io.BytesIO(Path(p).read_bytes()), stop_before_pixels=True)
+        for p, _ in files
+    ]
+    assert len(shipped) < len(pickle.dumps(datasets)) / 2
+
+
+def test_interner_shares_equal_values_but_keeps_signed_zero_apart():
+    intern = _Interner()
+    a, b = "".join(["SIE", "MENS"]), "".join(["SIEM", "ENS"])
+    assert a is not b and intern(a) is intern(b)
+    neg, pos = (1.0, -0.0), (1.0, 0.0)
+    assert intern(neg) is neg and intern(pos) is pos
+    assert repr(intern((1.0, -0.0))) == "(1.0, -0.0)"
+    intern(1)
+    assert type(intern(1.0)) is float
+    items = ["A", "B"]
+    assert intern(items) == items and intern(items) is not items  # lists are never shared
+
+
+def test_chunks_keep_order_and_cover_everything():
+    items = list(range(11))
+    parts = chunks(items, 4)
+    assert [len(p) for p in parts] == [4, 4, 3] and [x for p in parts for x in p] == items
+    assert local_map(lambda x: x * 2, items) == [2 * x for x in items]
+    with pytest.raises(ValueError, match="at least 1"):
+        chunks(items, 0)
+
+
+# --------------------------------------------------------------------------- real cluster
+
+
+def _plan_signature(plan) -> tuple:
+    return (
+        [(t.key, t.fingerprint, t.phase, t.phase_evidence, t.seg_notes) for t in plan.tasks],
+        plan.skipped,
+        plan.warnings,
+    )
+
+
+@pytest.fixture(scope="module")
+def hcc_with_defects(tmp_path_factory) -> Path:
+    """The HCC-TACE-Seg example (SEGs, phases, the generator's quirks) plus damaged files."""
+    from livercube.synth.dicom_collections import write_hcc_tace_seg
+
+    root = tmp_path_factory.mktemp("plan-hcc") / "HCC"
+    write_hcc_tace_seg(root, n_patients=2, size="tiny", seed=3)
+    extra = _collection(root.parent / "defects")
+    shutil.copytree(extra / "p2", root / "zz-damaged")
+    return root
+
+
+@pytest.mark.slow
+def test_plan_on_a_real_cluster_equals_the_local_plan(hcc_with_defects, tmp_path, monkeypatch):
+    from distributed import Client
+
+    from livercube.convert import plan_collection
+    from livercube.sources import dicom_scan
+
+    local = plan_collection(str(hcc_with_defects), "hcc-tace-seg")
+    assert local.skipped and local.tasks  # the damaged files are losses
+    monkeypatch.setattr(dicom_scan, "HEADER_CHUNK_FILES", 8)  # many tasks for both workers
+    ran_on: set[str] = set()
+    with dask_cluster(tmp_path / "logs") as c, Client(c.address, timeout=60) as client:
+        mapper = dask_map(client, name="headers", retries=1)
+
+        def spy(fn, items):  # which worker read each chunk (a closure: pickled by value)
+            def tagged(x):
+                from distributed import get_worker
+
+                return get_worker().address, fn(x)
+
+            got = mapper(tagged, items)
+            assert not [g for g in got if isinstance(g, BaseException)]
+            ran_on.update(where for where, _ in got)
+            return [out for _, out in got]
+
+        remote = plan_collection(str(hcc_with_defects), "hcc-tace-seg", mapper=spy)
+        assert ran_on == set(client.scheduler_info()["workers"])
+    assert len(ran_on) == 2
+    assert _plan_signature(remote) == _plan_signature(local)
+
+
+@pytest.mark.slow
+def test_convert_with_a_cluster_reports_every_loss(hcc_with_defects, tmp_path):
+    import json
+    import subprocess
+
+    from dask_cluster import BIN
+
+    def run(dest: Path, *extra: str) -> dict:
+        res = subprocess.run(
+            [str(BIN / "livercube"), "convert", str(hcc_with_defects), str(dest),
+             "--collection", "hcc-tace-seg", "--quiet", *extra],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert res.returncode == 3, res.stdout + res.stderr  # damaged inputs: exit 3
+        return json.loads((dest / "livercube-report.json").read_text())
+
+    local = run(tmp_path / "local.zarr")
+    with dask_cluster(tmp_path / "logs") as c:
+        remote = run(tmp_path / "cluster.zarr", "--scheduler", c.address)
+    assert remote["skipped"] == local["skipped"]
+    # volume notes arrive in the order tasks finish; the plan's own order is tested above
+    assert sorted(remote["warnings"]) == sorted(local["warnings"])
+    assert sorted(r["path"] for r in remote["converted"]) == sorted(
+        r["path"] for r in local["converted"]
+    )
+    damaged = {s["input"] for s in remote["skipped"]}
+    assert any("zero.dcm" in d for d in damaged) and any("junk.dcm" in d for d in damaged)
