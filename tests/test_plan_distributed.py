@@ -136,6 +136,28 @@ def test_chunks_keep_order_and_cover_everything():
         chunks(items, 0)
 
 
+def test_plan_from_object_storage_equals_the_local_plan(collection, s3_bucket):
+    """Listing by top-level folders at once and prefix-first header reads see what a local
+    scan sees: same volumes, notes and losses once the roots are set aside."""
+    import s3fs
+
+    bucket, opts = s3_bucket
+    fs = s3fs.S3FileSystem(**opts)
+    fs.put(str(collection) + "/", f"{bucket}/coll/", recursive=True)
+    from livercube.sources.dicom_headers import list_files
+
+    listed = list_files(fs, f"{bucket}/coll")
+    flat = sorted((k, v["size"]) for k, v in fs.find(f"{bucket}/coll", detail=True).items())
+    assert listed == flat and len(listed) == sum(1 for p in collection.rglob("*") if p.is_file())
+    assert list_files(fs, f"{bucket}/nothing-here") == []
+
+    remote = scan(f"s3://{bucket}/coll", opts, chunk_files=5)
+    local = scan(str(collection))
+    as_remote = repr(_seen(local)).replace(str(collection), "ROOT")
+    seen = repr(_seen(remote)).replace(f"s3://{bucket}/coll", "ROOT")
+    assert seen.replace(f"{bucket}/coll", "ROOT") == as_remote
+
+
 # --------------------------------------------------------------------------- real cluster
 
 

@@ -768,6 +768,12 @@ def partition_series(
     return out
 
 
+def _same_spacing(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """``np.allclose(a, b, rtol=1e-4, atol=1e-4)`` for finite pairs, without numpy's
+    per-call overhead: it runs once per slice on the client, where planning must stay cheap."""
+    return all(abs(x - y) <= 1e-4 + 1e-4 * abs(y) for x, y in zip(a, b, strict=True))
+
+
 def _build_acquisitions(
     images: list[_Image], result: ScanResult, source: str, tol: Tolerances
 ) -> None:
@@ -780,7 +786,7 @@ def _build_acquisitions(
             if (
                 same_orientation(ref.orientation, im.orientation, tol)
                 and (ref.rows, ref.cols) == (im.rows, im.cols)
-                and np.allclose(ref.spacing, im.spacing, rtol=1e-4, atol=1e-4)
+                and _same_spacing(ref.spacing, im.spacing)
             ):
                 g.append(im)
                 break
