@@ -231,22 +231,27 @@ def client_parts(url: str, opts: dict | None) -> dict[str, float]:
     files = list_files(fs, root)
     listing = time.perf_counter() - t
     parts = chunks(files, HEADER_CHUNK_FILES)
+    # one thread: its CPU time is the per-file work a worker does (load barely changes it)
+    c = time.process_time()
     outcomes = local_map(
-        lambda p: read_header_chunk(p, source=url, storage_options=opts), parts
+        lambda p: read_header_chunk(p, source=url, storage_options=opts, max_workers=1), parts
     )
+    worker_cpu = time.process_time() - c
     blobs = [pickle.dumps(o) for o in outcomes]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     outcomes = [pickle.loads(b) for b in blobs]
-    unpickle = time.perf_counter() - t
-    t = time.perf_counter()
+    unpickle, unpickle_cpu = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
     result = group_outcomes(ScanResult(source=url, n_files=len(files)), parts, outcomes)
-    grouping = time.perf_counter() - t
+    grouping, group_cpu = time.perf_counter() - t, time.process_time() - c
     assert result.acquisitions
     return {
         "n": len(files),
         "list_s": listing,
         "unpickle_s": unpickle,
         "group_s": grouping,
+        "worker_cpu_s": worker_cpu,
+        "client_cpu_s": unpickle_cpu + group_cpu,
         "shipped_bytes": sum(len(b) for b in blobs),
         "acquisitions": len(result.acquisitions),
     }
@@ -325,6 +330,28 @@ def model(where: str, times: dict[str, list[float]], n: int, parts: dict) -> dic
         two = _median(times["dask 2 workers"])
         print(f"measured 2 workers ÷ 1 worker: {one / two:.2f}×")
     return out
+
+
+def model_cpu(where: str, parts: dict) -> None:
+    """The same model from CPU seconds (one thread, so load hardly moves them): worker CPU
+    per header read, client CPU per file for unpickling and grouping, listing as measured."""
+    n = parts["n"]
+    worker = parts["worker_cpu_s"] / n
+    client = parts["client_cpu_s"] / n + parts["list_s"] / n
+    print(
+        f"\nmodel from CPU time, {where}, {REAL_FILES:,} files: worker {worker * 1e3:.2f} "
+        f"ms CPU/file, client {client * 1e6:.1f} µs/file (unpickle + group CPU, listing wall)"
+    )
+    print("| workers | predicted wall s | files/s | speed-up vs 1 | efficiency |")
+    print("|---:|---:|---:|---:|---:|")
+    t1 = REAL_FILES * (worker + client)
+    effs = {}
+    for w in MODEL_WORKERS:
+        t = REAL_FILES * (worker / w + client)
+        effs[w] = t1 / t / w
+        print(f"| {w} | {t:,.0f} | {REAL_FILES / t:,.0f} | {t1 / t:.1f}× | {effs[w]:.0%} |")
+    linear = all(e >= 0.9 for w, e in effs.items() if w <= 8)
+    print(f"goal (linear to >= 8 workers, efficiency >= 90 %): {'met' if linear else 'NOT met'}")
 
 
 # --------------------------------------------------------------------------- S3
@@ -457,6 +484,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=10_240, help="about this many (64 series/…)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--s3-rounds", type=int, default=1, help="moto serves ~100 requests/s")
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--ct", action="store_true", help="also time one CT volume read from S3")
     ap.add_argument("--ct-slices", type=int, default=100)
@@ -494,6 +522,7 @@ def main() -> None:
             times, n = plan_rounds(str(src), None, clusters, args.rounds)
             report_plan("local disk", times, n, parts, _load())
             model("local disk", times, n, parts)
+            model_cpu("local disk", parts)
             if not args.no_s3:
                 moto = Moto()
                 try:
@@ -502,11 +531,11 @@ def main() -> None:
                     print(f"\nuploaded to moto in {time.perf_counter() - t:.0f} s")
                     opts = {**moto.opts, "skip_instance_cache": True}
                     parts = client_parts(url, opts)
-                    times, n = plan_rounds(url, opts, clusters, args.rounds)
+                    times, n = plan_rounds(url, opts, clusters, args.s3_rounds)
                     report_plan("moto S3 on loopback", times, n, parts, _load())
                     model("moto S3 on loopback", times, n, parts)
                     if args.ct:
-                        bench_ct(moto, tmp, args.ct_slices, args.rounds, args.latency_ms)
+                        bench_ct(moto, tmp, args.ct_slices, args.s3_rounds + 2, args.latency_ms)
                 finally:
                     moto.close()
             control = two_process_control()

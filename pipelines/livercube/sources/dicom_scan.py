@@ -47,11 +47,10 @@ the UIDs needed to find the data again are never carried.
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any, NamedTuple, TypeVar
@@ -345,6 +344,23 @@ class _Image:
     attrs: dict[str, Any]  # allowed_attrs of the file
     frame: int | None = None
     offset: float = 0.0
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        # positional fields instead of a __dict__ per slice: a third of the client's cost of
+        # unpickling the chunks' results
+        return (_Image, tuple(getattr(self, f) for f in _IMAGE_FIELDS))
+
+
+_IMAGE_FIELDS = tuple(f.name for f in fields(_Image))
+
+
+def _own_copy(value: Any) -> Any:
+    """A copy of plain values (dicts and lists of str/int/float) sharing nothing mutable."""
+    if isinstance(value, dict):
+        return {k: _own_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_own_copy(v) for v in value]
+    return value
 
 
 class _Outcome(NamedTuple):
@@ -873,7 +889,7 @@ def _make_acquisition(
                 f"AcquisitionNumbers {numbers} on one regular stack: kept as one volume",
             )
         )
-    attrs = copy.deepcopy(first.attrs)  # shared between the slices of a chunk
+    attrs = _own_copy(first.attrs)  # its values are shared between the slices of a chunk
     times = sorted(im.acquisition_time for im in imgs)
     times = [t for t in times if t]
     acq_time = times[0] if times else ""
