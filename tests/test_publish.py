@@ -30,7 +30,7 @@ import livercube
 from livercube.cli import main
 from livercube.convert import convert
 from livercube.store.contract import check_store
-from livercube.store.publish import COLLECTION_INFO, catalog_frame, publish
+from livercube.store.publish import catalog_frame, collection_info, publish
 from livercube.store.verify import verify
 
 # --------------------------------------------------------------------------- HTTP hosting
@@ -126,7 +126,7 @@ def test_publish_writes_parquet_and_card_and_keeps_the_contract(published, plc_s
     assert json.loads(schema.field("plc_age").metadata[b"livercube"])["source_column"] == "age"
 
     card = (published / "README.md").read_text()
-    plc = COLLECTION_INFO["plc-cect"]
+    plc = collection_info("plc-cect")
     assert "PLC-CECT" in card and "CC BY 4.0" in card and plc["doi"] in card
     assert "| PLC-CECT | 3 | 12 |" in card  # patients, volumes
     for name in ("background", "liver", "tumor", "portal_vein", "hepatic_vein", "aorta"):
@@ -136,7 +136,7 @@ def test_publish_writes_parquet_and_card_and_keeps_the_contract(published, plc_s
     assert "livercube-report.json" in card and "12 converted" in card
     assert "approximate HU" in card and "untrusted" in card  # PLC-CECT's flags
     # collections not in the store are not claimed
-    assert "HCC-TACE-Seg" not in card and COLLECTION_INFO["crlm"]["doi"] not in card
+    assert "HCC-TACE-Seg" not in card and collection_info("crlm")["doi"] not in card
 
 
 def test_publish_consolidates_an_unconsolidated_root(plc_store, tmp_path, capsys):

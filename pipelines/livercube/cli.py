@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from livercube import registry
 from livercube.convert import EXIT_FATAL, EXIT_OK, EXIT_USAGE, convert
 from livercube.errors import LivercubeError, UsageError
-from livercube.schema import COLLECTIONS
 from livercube.store.location import StoreLocation
 
 
@@ -37,6 +37,16 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
 def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
     opts = _kv(items)
     return opts or None
+
+
+def _collection(name: str) -> str:
+    """``--collection``: an id or alias of a registered collection (plug-ins included)."""
+    cid = registry.canonical(name)
+    if cid is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown collection {name!r} (choose from {', '.join(registry.ids())})"
+        )
+    return cid
 
 
 def _store(a: argparse.Namespace) -> StoreLocation:
@@ -209,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a collection into a store (local path or URL)")
     c.add_argument("source", help="collection root (local path or fsspec URL)")
     c.add_argument("dest", help="store URL: a path, s3://bucket/prefix, …")
-    c.add_argument("--collection", required=True, choices=COLLECTIONS)
+    c.add_argument("--collection", required=True, type=_collection)
     c.add_argument(
         "--clinical", help="clinical spreadsheet / patient_data.csv (default: found in SOURCE)"
     )
@@ -261,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write miniature example collections in their real forms")
     s.add_argument("dest")
     s.add_argument(
-        "--collection", action="append", choices=COLLECTIONS, help="repeatable; default all three"
+        "--collection", action="append", type=_collection, help="repeatable; default all"
     )
     s.add_argument("--subjects", type=int, default=3)
     s.add_argument("--size", default="tiny", choices=("tiny", "small", "full"))
@@ -319,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vf.add_argument("url")
     vf.add_argument("--source", help="also compare voxel for voxel with this collection root")
-    vf.add_argument("--collection", choices=COLLECTIONS, help="collection of --source")
+    vf.add_argument("--collection", type=_collection, help="collection of --source")
     vf.add_argument("--clinical", help="clinical spreadsheet used at conversion (with --source)")
     vf.add_argument("--overrides", help="overrides CSV used at conversion (with --source)")
     vf.add_argument("--source-option", action="append", metavar="KEY=VALUE")

@@ -25,10 +25,11 @@ from livercube.errors import (
     UsageError,
 )
 from livercube.faults import fault_point
-from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
+from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.store import lease
 from livercube.store.catalog import stored_volumes, write_catalog
 from livercube.store.completion import CompletionRecord
+from livercube.store.layout import task_path
 from livercube.store.location import StoreLocation, is_remote, with_retries
 from livercube.store.writer import write_volume
 
@@ -145,8 +146,9 @@ def _volume_task(
     the client quarantines this input with its traceback while the rest completes.
     """
     fingerprint = task.fingerprint
-    if not overwrite and _existing_fingerprint(store, task.store_path) == fingerprint:
-        return {"status": "unchanged", "input": task.key, "path": task.store_path}
+    path = task_path(task)
+    if not overwrite and _existing_fingerprint(store, path) == fingerprint:
+        return {"status": "unchanged", "input": task.key, "path": path}
     try:
         volume, skipped = task.read(source_options)
     except SourceError as exc:
@@ -236,7 +238,7 @@ def run_tasks(
             fn,
             tasks,
             *[[a] * len(tasks) for a in args],
-            key=[f"livercube-{t.store_path}" for t in tasks],
+            key=[f"livercube-{task_path(t)}" for t in tasks],
             retries=TASK_RETRIES,
             pure=False,
         )
@@ -385,10 +387,11 @@ def _hide_rewrites(store: StoreLocation, tasks: list[Any], overwrite: bool) -> s
     """
     existing, has_catalog = stored_volumes(store)
     current = {p: getattr(CompletionRecord.of(m), "fingerprint", None) for p, m in existing}
+    paths = {task_path(t): t for t in tasks}
     doomed = {
-        t.store_path
-        for t in tasks
-        if t.store_path in current and (overwrite or current[t.store_path] != t.fingerprint)
+        p
+        for p, t in paths.items()
+        if p in current and (overwrite or current[p] != t.fingerprint)
     }
     if doomed and has_catalog:
         write_catalog(store, exclude=doomed)
@@ -405,9 +408,9 @@ def _ran_out_of_space(rec: dict[str, Any]) -> bool:
 
 def check_collection(collection: str) -> None:
     """Reject an unknown collection name before any I/O, naming the valid ones."""
-    if collection not in COLLECTIONS:
+    if collection not in registry.ids():
         raise UsageError(
-            f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}"
+            f"unknown collection {collection!r}; choose one of {', '.join(registry.ids())}"
         )
 
 

@@ -27,21 +27,21 @@ from zarr.storage import MemoryStore
 
 from livercube import registry
 from livercube.errors import StoreError, StoreFullError
-from livercube.schema import CATALOG_GROUP, COLLECTIONS, STORE_SCHEMA_VERSION
+from livercube.schema import CATALOG_GROUP, STORE_SCHEMA_VERSION
 from livercube.store.completion import is_complete
+from livercube.store.layout import in_collection_tree
 from livercube.store.location import StoreLocation
 
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
-CLINICAL_PREFIX = {c.id: c.catalog_prefix for c in registry.REGISTRY.values()}
 
 
 def complete_volumes(root: zarr.Group) -> list[tuple[str, dict[str, Any]]]:
     """(path, livercube attrs) of every complete volume group, sorted by path."""
     found = []
-    for collection in COLLECTIONS:
-        if collection not in root:
+    for collection, group in root.groups():
+        if not in_collection_tree(f"{collection}/"):
             continue
-        for path, node in root[collection].members(max_depth=None):
+        for path, node in group.members(max_depth=None):
             if not isinstance(node, zarr.Group):
                 continue
             meta = node.attrs.get("livercube")
@@ -64,7 +64,8 @@ def _clinical_variables(
     out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
     n = len(metas)
     for collection, cols in columns.items():
-        prefix = CLINICAL_PREFIX.get(collection, _snake(collection) + "_")
+        known = registry.canonical(collection)
+        prefix = registry.get(known).catalog_prefix if known else _snake(collection) + "_"
         for col, spec in cols.items():
             name = prefix + _snake(col)
             kind = spec.get("dtype", "str")
@@ -206,7 +207,7 @@ def volumes_from_documents(docs: dict[str, Any]) -> list[tuple[str, dict[str, An
     found = []
     for key, buf in docs.items():
         path = key.removesuffix("zarr.json").rstrip("/")
-        if path.split("/", 1)[0] not in COLLECTIONS:
+        if not in_collection_tree(key):
             continue
         doc = json.loads(buf.to_bytes())
         meta = (
@@ -290,8 +291,7 @@ def _swap_local_catalog(root: Path, objects: dict[str, Any], root_doc) -> None:
 
 def _is_store_document(key: str) -> bool:
     """Metadata that belongs in the consolidated root: root, catalog, collections (no debris)."""
-    head = key.split("/", 1)[0]
-    return key == "zarr.json" or head == CATALOG_GROUP or head in COLLECTIONS
+    return key == "zarr.json" or key.startswith(f"{CATALOG_GROUP}/") or in_collection_tree(key)
 
 
 def write_catalog(

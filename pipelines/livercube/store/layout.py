@@ -13,6 +13,12 @@ Layout (see ``schemas/store-contract.md``)::
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+from livercube.schema import CATALOG_GROUP
+
+if TYPE_CHECKING:
+    from livercube.sources.plan import VolumeTask
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -47,3 +53,19 @@ def sanitize(name: str | int | None, *, fallback: str = "NA") -> str:
 def volume_path(collection: str, patient: str, study: str, series: str) -> str:
     """Group path of one volume: ``<collection>/<patient>/<study>/<series>``, sanitized."""
     return "/".join(sanitize(p) for p in (collection, patient, study, series))
+
+
+def in_collection_tree(key: str) -> bool:
+    """Whether a store key lies below a collection group (where volumes live).
+
+    Everything at the top level but the catalog and dot-named debris (a catalog swap left
+    behind) is a collection — known to this installation or not: a store written with a
+    collection plug-in stays readable and checkable without it.
+    """
+    head = key.strip("/").split("/", 1)[0]
+    return bool(head) and head != CATALOG_GROUP and not head.startswith(".") and "/" in key
+
+
+def task_path(task: VolumeTask) -> str:
+    """Where the volume of a planned task goes: sources name volumes, the store places them."""
+    return volume_path(task.collection, task.patient_id, task.study, task.series)

@@ -42,10 +42,10 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from livercube.errors import SourceError, StoreError, UsageError
-from livercube.schema import CATALOG_GROUP, COLLECTIONS
+from livercube.schema import CATALOG_GROUP
 from livercube.store.completion import CompletionRecord, is_complete
 from livercube.store.contract import check_volume_group
-from livercube.store.layout import FULL_RES
+from livercube.store.layout import FULL_RES, in_collection_tree, task_path
 from livercube.store.location import StoreLocation, with_retries
 from livercube.volumes.volume import content_checksum, segment_mask
 
@@ -161,7 +161,7 @@ def _volume_groups(
     found: dict[str, dict[str, Any]] = {}
     for key, raw in sorted(docs.items()):
         path = key.removesuffix("zarr.json").rstrip("/")
-        if path.split("/", 1)[0] not in COLLECTIONS:
+        if not in_collection_tree(key):
             continue
         try:
             doc = json.loads(raw)
@@ -190,7 +190,7 @@ def _consolidated_volumes(root: zarr.Group) -> dict[str, dict[str, Any]]:
             getattr(node, "node_type", "") == "group"
             and isinstance(meta, dict)
             and is_complete(meta)
-            and path.split("/", 1)[0] in COLLECTIONS
+            and in_collection_tree(f"{path}/")
         ):
             out[path] = meta
     return out
@@ -367,7 +367,7 @@ def source_tasks(
     plan = plan_collection(
         source, collection, clinical=clinical, overrides=overrides, source_options=source_options
     )
-    return {t.store_path: t for t in plan.tasks}
+    return {task_path(t): t for t in plan.tasks}
 
 
 def decoded_arrays(task: Any, source_options: dict | None) -> dict[str, np.ndarray]:
