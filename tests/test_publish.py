@@ -237,7 +237,7 @@ def test_partial_shard_reads_over_http_use_byte_ranges(http_site, published):
     patch read fetches the shard index and its chunks by byte range."""
     import zarr
 
-    from livercube.store.layout import open_zarr_store
+    from livercube.store.location import StoreLocation
 
     server, base = http_site
     data = np.arange(16 * 32 * 32, dtype=np.int16).reshape(16, 32, 32)
@@ -250,7 +250,8 @@ def test_partial_shard_reads_over_http_use_byte_ranges(http_site, published):
     )
     arr[...] = data
     del server.log[:]
-    remote = zarr.open_array(open_zarr_store(f"{base}/ranged.zarr", read_only=True), mode="r")
+    ranged = StoreLocation.of(f"{base}/ranged.zarr").zarr_store(read_only=True)
+    remote = zarr.open_array(ranged, mode="r")
     np.testing.assert_array_equal(remote[2:5, 3:9, 20:30], data[2:5, 3:9, 20:30])
     ranges = [rng for _, _, rng in server.log if rng]
     assert len(ranges) == 2 and ranges[0].startswith("bytes=-"), server.log  # index, chunk

@@ -17,6 +17,7 @@ from typing import Any
 from livercube.convert import EXIT_FATAL, EXIT_OK, EXIT_USAGE, convert
 from livercube.errors import LivercubeError, UsageError
 from livercube.schema import COLLECTIONS
+from livercube.store.location import StoreLocation
 
 
 def _kv(items: list[str] | None) -> dict[str, Any]:
@@ -36,6 +37,11 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
 def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
     opts = _kv(items)
     return opts or None
+
+
+def _store(a: argparse.Namespace) -> StoreLocation:
+    """The store named on the command line (``url`` + ``--storage-option``), parsed once."""
+    return StoreLocation.of(a.url, _storage_options(a.storage_option))
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -79,7 +85,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     import livercube
     from livercube.store.query import catalog_frame, select
 
-    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    store = livercube.open(_store(a))
     cat = store.catalog
     table = select(catalog_frame(cat), a.where)
     rows = table.index.to_numpy()
@@ -95,13 +101,11 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_catalog(a: argparse.Namespace) -> int:
     from livercube.store import lease
     from livercube.store.catalog import write_catalog
-    from livercube.store.layout import is_remote
-
-    opts = _storage_options(a.storage_option)
-    if not is_remote(a.url) and not Path(a.url.removeprefix("file://")).is_dir():
+    loc = _store(a)
+    if not loc.is_remote and not Path(loc.url).is_dir():
         raise UsageError(f"{a.url}: no such store")
-    with lease.held(a.url, opts, purpose="livercube catalog"):
-        ds = write_catalog(a.url, opts)
+    with lease.held(loc, purpose="livercube catalog"):
+        ds = write_catalog(loc)
     print(f"catalog rebuilt: {ds.sizes['volume']} complete volumes")
     return EXIT_OK
 
@@ -110,7 +114,7 @@ def cmd_preview(a: argparse.Namespace) -> int:
     import livercube
     from livercube.preview import volume_preview
 
-    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    store = livercube.open(_store(a))
     if a.contact_sheets:
         from livercube.preview import contact_sheets
 
@@ -141,7 +145,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
     import livercube
     from livercube.store.query import catalog_frame, select
 
-    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    store = livercube.open(_store(a))
     table = catalog_frame(store.catalog)
     total = len(table)
     table = select(table, a.where)
@@ -161,8 +165,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from livercube.store.verify import verify
 
     report = verify(
-        a.url,
-        _storage_options(a.storage_option),
+        _store(a),
         source=a.source,
         collection=a.collection,
         clinical=a.clinical,
@@ -177,7 +180,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_publish(a: argparse.Namespace) -> int:
     from livercube.store.publish import publish
 
-    print(publish(a.url, _storage_options(a.storage_option)).summary())
+    print(publish(_store(a)).summary())
     return EXIT_OK
 
 
@@ -186,7 +189,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     phases = [p.strip() for p in (a.phases or "").split(",") if p.strip()] or None
     result = export(
-        a.url,
+        _store(a),
         a.dest,
         a.format,
         where=a.where,
@@ -194,7 +197,6 @@ def cmd_export(a: argparse.Namespace) -> int:
         phases=phases,
         interpolation=a.interpolation,
         overwrite=a.overwrite,
-        storage_options=_storage_options(a.storage_option),
     )
     print(result.summary())
     return EXIT_OK

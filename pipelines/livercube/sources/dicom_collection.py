@@ -24,7 +24,8 @@ from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.sources import idc
 from livercube.sources.deid import DESCRIPTOR_ATTRIBUTES, Descriptors, clean_segment_item
 from livercube.sources.dicom_scan import Acquisition, SegInstance, scan
-from livercube.store.layout import sanitize, volume_path, with_retries
+from livercube.store.layout import sanitize, volume_path
+from livercube.store.location import with_retries
 from livercube.volumes.volume import Volume
 
 #: File names of the clinical spreadsheets as released (found in SOURCE when --clinical is absent).

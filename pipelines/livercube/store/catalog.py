@@ -29,7 +29,7 @@ from livercube import registry
 from livercube.errors import StoreError, StoreFullError
 from livercube.schema import CATALOG_GROUP, COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store.completion import is_complete
-from livercube.store.layout import is_remote, open_zarr_store
+from livercube.store.location import StoreLocation
 
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
 CLINICAL_PREFIX = {c.id: c.catalog_prefix for c in registry.REGISTRY.values()}
@@ -218,10 +218,10 @@ def volumes_from_documents(docs: dict[str, Any]) -> list[tuple[str, dict[str, An
 
 
 def stored_volumes(
-    url: str, storage_options: dict[str, Any] | None = None
+    where: str | StoreLocation, storage_options: dict[str, Any] | None = None
 ) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
     """Complete volumes now in the store (path, livercube attrs), and whether it has a catalog."""
-    docs = sync(_metadata_documents(open_zarr_store(url, storage_options)))
+    docs = sync(_metadata_documents(StoreLocation.of(where, storage_options).zarr_store()))
     return volumes_from_documents(docs), f"{CATALOG_GROUP}/zarr.json" in docs
 
 
@@ -295,7 +295,7 @@ def _is_store_document(key: str) -> bool:
 
 
 def write_catalog(
-    url: str,
+    where: str | StoreLocation,
     storage_options: dict[str, Any] | None = None,
     *,
     exclude: frozenset[str] | set[str] = frozenset(),
@@ -310,10 +310,11 @@ def write_catalog(
     catalog object and one for the root.  Consolidation runs on an in-memory mirror of the
     metadata documents (public zarr API), so it needs no second walk of the bucket.
     """
-    store = open_zarr_store(url, storage_options)
+    loc = StoreLocation.of(where, storage_options)
+    store = loc.zarr_store()
     docs = sync(_metadata_documents(store))
     if "zarr.json" not in docs:
-        raise StoreError(f"{url}: no zarr root group (nothing converted yet?)")
+        raise StoreError(f"{loc}: no zarr root group (nothing converted yet?)")
     root_attrs = json.loads(docs["zarr.json"].to_bytes()).get("attributes", {})
     hidden = tuple(f"{p}/" for p in exclude)
     docs = {k: v for k, v in docs.items() if _is_store_document(k) and not k.startswith(hidden)}
@@ -328,10 +329,8 @@ def write_catalog(
             if k == "zarr.json" or k.endswith("/zarr.json"):
                 mirror[f"{CATALOG_GROUP}/{k}"] = v
         zarr.consolidate_metadata(MemoryStore(mirror), zarr_format=3)
-    if not is_remote(url):
-        _swap_local_catalog(
-            Path(str(url).removeprefix("file://")), catalog_objects, mirror["zarr.json"]
-        )
+    if not loc.is_remote:
+        _swap_local_catalog(Path(loc.url), catalog_objects, mirror["zarr.json"])
     else:
         old = sync(_catalog_keys(store))
         sync(_replace_catalog_remote(store, catalog_objects, mirror["zarr.json"], old))

@@ -38,7 +38,7 @@ from livercube.schema import (
     unified_labels,
 )
 from livercube.store.completion import CompletionRecord
-from livercube.store.layout import filesystem, with_retries
+from livercube.store.location import StoreLocation
 from livercube.store.query import catalog_frame
 
 #: Public facts about each collection (``shared/reference/collections.md``).
@@ -293,7 +293,9 @@ class PublishResult:
         )
 
 
-def publish(url: str, storage_options: dict[str, Any] | None = None) -> PublishResult:
+def publish(
+    where: str | StoreLocation, storage_options: dict[str, Any] | None = None
+) -> PublishResult:
     """Consolidate, export ``catalog.parquet`` and write ``README.md`` in the store at ``url``.
 
     Needs write access (credentials) to the store; the result reads anonymously.
@@ -302,12 +304,13 @@ def publish(url: str, storage_options: dict[str, Any] | None = None) -> PublishR
     from livercube.store.catalog import complete_volumes, write_catalog
     from livercube.store.reader import Store
 
-    storage_options = with_retries(url, storage_options) or None
-    write_catalog(url, storage_options)  # catalog from the volumes, root consolidated
-    store = Store(url, **(storage_options or {}))
+    loc = StoreLocation.of(where, storage_options)
+    url = loc.url
+    write_catalog(loc)  # catalog from the volumes, root consolidated
+    store = Store(loc)
     catalog = store.catalog
     volume_meta = dict(complete_volumes(store.root))  # from the consolidated metadata
-    fs, root = filesystem(url, storage_options)
+    fs, root = loc.filesystem()
     root = root.rstrip("/")
     parquet = f"{root}/{PARQUET_NAME}"
     size = write_parquet(catalog, fs, parquet)
