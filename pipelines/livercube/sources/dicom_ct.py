@@ -38,12 +38,9 @@ which stored values declared it is recorded in ``attrs["padding_voxels"]`` /
 from __future__ import annotations
 
 import io
-import itertools
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -67,9 +64,6 @@ FILL_HU = -1024
 PADDING_HU: int | None = None
 
 _INT16 = np.iinfo(np.int16)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -156,32 +150,9 @@ def acquisition_layout(acq: Acquisition, tol: Tolerances = DEFAULT_TOLERANCES) -
     return AcquisitionLayout(sg, tuple(acq.slices[i] for i in sg.order), reo)
 
 
-#: Files fetched and decoded at once from object storage, where each waits on the network.
-REMOTE_FETCHES = 16
-
-
-def _read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    """The whole file in one request (``open`` would first ask object storage its size)."""
-    return fs.cat_file(path)
-
-
-def _bounded_map(
-    pool: ThreadPoolExecutor | None, fn: Callable[[T], R], items: Sequence[T], ahead: int
-) -> Iterator[R]:
-    """``map(fn, items)`` in order, at most ``ahead`` items in flight or finished but not
-    yet taken: a volume's decoded slices never pile up while the caller places them."""
-    if pool is None:
-        yield from map(fn, items)
-        return
-    pending: deque[Future[R]] = deque()
-    it = iter(items)
-    for item in itertools.islice(it, ahead):
-        pending.append(pool.submit(fn, item))
-    while pending:
-        result = pending.popleft().result()
-        for item in itertools.islice(it, 1):
-            pending.append(pool.submit(fn, item))
-        yield result
+def _open_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read()
 
 
 def stored_to_hu(
@@ -317,10 +288,8 @@ def read_acquisition(
 ) -> CTVolume:
     """Read the pixels of one :class:`Acquisition` and return its canonical volume.
 
-    Each file is fetched through fsspec in one request and decoded by pydicom (its numpy
-    handlers; pylibjpeg for JPEG family codecs) in a pool of ``max_workers`` threads (default
-    1 locally, :data:`REMOTE_FETCHES` on object storage), at most twice that many files ahead
-    of the slice being placed.  Placement, checks and HU conversion stay in order.
+    Files are fetched through fsspec (``max_workers`` in parallel; default 1 locally, 8 for
+    remote filesystems) and decoded by pydicom one at a time.
     """
     label = acq.label
     fs, _ = fsspec.core.url_to_fs(acq.source, **(storage_options or {}))
@@ -338,31 +307,29 @@ def read_acquisition(
     src = np.full((n_k, rows, cols), fill_hu, dtype=np.int16)
     stats = _SliceStats()
 
-    def load(path: str) -> tuple[pydicom.Dataset, np.ndarray] | SourceError:
-        """Fetch and decode one file; a failure comes back to be reported by name."""
+    def fetch(path: str) -> bytes | Exception:
         try:
-            blob: bytes | Exception = _read_bytes(fs, path)
+            return _open_bytes(fs, path)
         except Exception as exc:  # reported with the file's name below
-            blob = exc
-        try:
-            return _decode_file(blob, f"{label}: file {path}")
-        except SourceError as exc:
             return exc
 
     # one fetch and one decode per file: a multi-frame file holds many slices
     paths = list(dict.fromkeys(ref.path for ref in slices))
-    workers = max_workers or (1 if isinstance(fs, LocalFileSystem) else REMOTE_FETCHES)
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 and len(paths) > 1 else None
+    workers = max_workers or (1 if isinstance(fs, LocalFileSystem) else 8)
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     damaged: list[tuple[SliceRef, int, str]] = []
     decoded: dict[str, tuple[pydicom.Dataset, np.ndarray] | SourceError] = {}
     try:
-        loaded = zip(paths, _bounded_map(pool, load, paths, 2 * workers), strict=True)
+        fetched = pool.map(fetch, paths) if pool else map(fetch, paths)
+        blobs = dict(zip(paths, fetched, strict=True))
         for ref, k in zip(slices, spacing.grid_index, strict=True):
             where = f"{label}: file {ref.path}"
-            while ref.path not in decoded:  # slices of one file are adjacent
-                path, got = next(loaded)
-                decoded.clear()  # keep one decoded file
-                decoded[path] = got
+            if ref.path not in decoded:
+                decoded.clear()  # slices of one file are adjacent: keep one decoded file
+                try:
+                    decoded[ref.path] = _decode_file(blobs.pop(ref.path), where)
+                except SourceError as exc:
+                    decoded[ref.path] = exc
             try:
                 got = decoded[ref.path]
                 if isinstance(got, SourceError):
