@@ -28,6 +28,7 @@ from livercube.faults import fault_point
 from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
 from livercube.store import lease
 from livercube.store.catalog import stored_volumes, write_catalog
+from livercube.store.chunking import DEFAULT_CHUNKING, Chunking
 from livercube.store.completion import CompletionRecord
 from livercube.store.layout import filesystem, is_remote, open_root, with_retries
 from livercube.store.writer import write_volume
@@ -138,6 +139,7 @@ def _volume_task(
     storage_options: dict | None,
     source_options: dict | None,
     overwrite: bool = False,
+    chunking: Chunking = DEFAULT_CHUNKING,
 ) -> dict[str, Any]:
     """One volume on a worker: skip if already complete and unchanged, else decode and write.
 
@@ -157,7 +159,11 @@ def _volume_task(
         return {"status": "skipped", "input": exc.source, "reason": exc.reason}
     try:
         record = write_volume(
-            dest, volume, storage_options=storage_options, fingerprint=fingerprint
+            dest,
+            volume,
+            storage_options=storage_options,
+            fingerprint=fingerprint,
+            chunking=chunking,
         )
     except ForeignFilesError as exc:
         return {"status": "skipped", "input": task.key, "reason": str(exc)}
@@ -478,6 +484,7 @@ def convert(
     where: str | None = None,
     keep_descriptions: bool = False,
     clinical_columns: list[str] | None = None,
+    chunking: Chunking = DEFAULT_CHUNKING,
 ) -> ConvertReport:
     """Convert one collection at ``source`` into the store at ``dest``; returns the report.
 
@@ -486,6 +493,7 @@ def convert(
     ``overwrite`` rewrites everything; ``only`` restricts the run to some patient ids.
     DICOM free-text descriptors are stored cleaned unless ``keep_descriptions``; clinical
     columns beyond the documented ones are stored only when named in ``clinical_columns``.
+    ``chunking``: chunk and shard shapes of the volume arrays (the contract's by default).
     """
     check_collection(collection)
     check_scheduler(scheduler)
@@ -529,6 +537,7 @@ def convert(
             scheduler,
             workers,
             progress,
+            chunking,
         )
     except OSError as exc:  # the disk filled up before the report or catalog could say so
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -547,6 +556,7 @@ def _convert_holding_lease(
     scheduler: str,
     workers: int | None,
     progress: bool,
+    chunking: Chunking = DEFAULT_CHUNKING,
 ) -> ConvertReport:
     """Everything that writes: under the store's lease, report first, catalog last."""
     collection = report.collection
@@ -564,6 +574,7 @@ def _convert_holding_lease(
             scheduler,
             workers,
             progress,
+            chunking,
         )
         held.check()  # never rebuild the catalog over a run that took the store over
         fault_point("before-catalog")
@@ -591,12 +602,13 @@ def _run(
     scheduler: str,
     workers: int | None,
     progress: bool,
+    chunking: Chunking = DEFAULT_CHUNKING,
 ) -> None:
     """Run the volume tasks and sort their records into the report."""
     for _task, rec in run_tasks(
         _volume_task,
         tasks,
-        (dest, storage_options, source_options, overwrite),
+        (dest, storage_options, source_options, overwrite, chunking),
         scheduler=scheduler,
         workers=workers,
         progress=progress,
