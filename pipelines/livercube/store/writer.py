@@ -364,6 +364,7 @@ async def _put_shards(
             await store.set(key, proto.buffer.from_bytes(obj))
         finally:
             slots.release()
+        fault_point("shard-written")
 
     with encoder_pool(threads) as pool:
         async with asyncio.TaskGroup() as puts:
