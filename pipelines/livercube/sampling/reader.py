@@ -49,7 +49,7 @@ import numcodecs
 import numpy as np
 
 from livercube.errors import ChecksumMismatchError, MissingShardError, StoreIntegrityError
-from livercube.store.layout import is_remote
+from livercube.store.location import is_remote
 
 EMPTY = 2**64 - 1
 _BYTES_TO_BYTES = {"blosc", "zstd", "gzip", "crc32c"}

@@ -25,7 +25,8 @@ from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import DEFAULT_CHUNKING, Chunking, fill_shards
 from livercube.store.completion import CompletionRecord
-from livercube.store.layout import FULL_RES, open_zarr_store, volume_path
+from livercube.store.layout import FULL_RES, volume_path
+from livercube.store.location import StoreLocation
 from livercube.store.pyramid import (
     image_level_path,
     label_level_path,
@@ -408,7 +409,7 @@ async def _put_group(store: zarr.abc.store.Store, path: str, objects: dict) -> N
 
 
 def write_volume(
-    url: str,
+    url: str | StoreLocation,
     volume: Volume,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -435,7 +436,7 @@ def write_volume(
     attrs = {"ome": ome_multiscales(volume), "livercube": meta}
     sharded = sharded_arrays(volume, arrays)
 
-    store = open_zarr_store(url, storage_options)
+    store = StoreLocation.of(url, storage_options).zarr_store()
     threads = encode_threads(zarr.config.get("threading.max_workers", None))
     # old group document first (invisible from here on), then shards, documents, group last
     sync(_clear_own_group(store, path, {FULL_RES, *(a.path.split("/")[0] for a in sharded)}))
