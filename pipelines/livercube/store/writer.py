@@ -286,12 +286,14 @@ def _coordinates(group: zarr.Group, centres: list[np.ndarray]) -> None:
 
 
 def limit_encode_threads(n: int) -> None:
-    """Cap zarr's codec thread pool in this process at ``n`` threads.
+    """Cap this process's encoding threads at ``n``: livercube's shard encoder pool (read
+    per volume from zarr's ``threading.max_workers``) and zarr's own codec pool.
 
     Blosc itself runs single-threaded off the main thread (numcodecs' default), so a worker's
-    CPU use is its Dask threads plus zarr's codec pool, which defaults to cores + 4: on a
-    machine with one worker process per core that is ~6 encoding threads per core.  Takes
-    effect if called before zarr's first use in the process (a fresh Dask worker).
+    CPU use is its Dask threads plus the encode threads, which default to the machine's cores
+    (zarr's pool: cores + 4): on a machine with one worker process per core that would be
+    several encoding threads per core.  zarr's pool is sized at its first use in the process
+    (a fresh Dask worker); the shard encoder follows the setting at every volume.
     """
     zarr.config.set({"threading.max_workers": max(1, int(n))})
 
