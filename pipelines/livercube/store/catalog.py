@@ -35,12 +35,35 @@ from livercube.store.location import StoreLocation
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
 
 
+def _collection_groups(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    """The top-level collection groups, without tripping over the store's other objects.
+
+    With consolidated metadata zarr answers from memory (no listing: plain HTTP has none);
+    otherwise the top level is listed and only names that are groups are opened, so the
+    report, README and parquet beside them are not "unrecognized components".
+    """
+    if root.metadata.consolidated_metadata is not None:
+        return [(k, g) for k, g in root.groups() if in_collection_tree(f"{k}/")]
+
+    async def names() -> list[str]:
+        return [k async for k in root.store.list_dir(root.path)]
+
+    out = []
+    for name in sorted(sync(names())):
+        if in_collection_tree(f"{name}/"):
+            try:
+                node = root[name]
+            except KeyError:
+                continue
+            if isinstance(node, zarr.Group):
+                out.append((name, node))
+    return out
+
+
 def complete_volumes(root: zarr.Group) -> list[tuple[str, dict[str, Any]]]:
     """(path, livercube attrs) of every complete volume group, sorted by path."""
     found = []
-    for collection, group in root.groups():
-        if not in_collection_tree(f"{collection}/"):
-            continue
+    for collection, group in _collection_groups(root):
         for path, node in group.members(max_depth=None):
             if not isinstance(node, zarr.Group):
                 continue
