@@ -97,3 +97,31 @@ def test_zarr_xarray_and_tensorstore_read_the_written_volume_voxel_identically(t
     # a browse level through TensorStore too (strided view at write time)
     t = ts.open({"driver": "zarr3", "kvstore": f"file://{url}/{rec['path']}/1/image"}).result()
     np.testing.assert_array_equal(t.read().result(), vol.image[::2, ::2, ::2])
+
+
+def test_a_failed_shard_upload_raises_itself_and_leaves_no_volume(tmp_path, monkeypatch):
+    """A full disk mid-volume surfaces as the OSError (convert reports ENOSPC by its errno),
+    not as an ExceptionGroup, and the group stays without its document (invisible)."""
+    import errno
+    from pathlib import Path
+
+    url = str(tmp_path / "s.zarr")
+    zarr.open_group(url, mode="w", zarr_format=3)
+    original = zarr.storage.LocalStore.set
+    calls = {"shards": 0}
+
+    async def failing_set(self, key, value):
+        if "/c/" in key:
+            calls["shards"] += 1
+            if calls["shards"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
+    vol = phantom_volume(shape=(17, 40, 40), seed=2)
+    with pytest.raises(OSError) as info:
+        write_volume(url, vol, chunking=Chunking((4, 16, 16), 4))
+    assert info.value.errno == errno.ENOSPC
+    assert calls["shards"] >= 2
+    group = Path(url, "crlm", "CRLM-CT-1001", "S1", "100")
+    assert not (group / "zarr.json").exists()

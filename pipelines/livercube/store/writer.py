@@ -370,20 +370,25 @@ async def _put_shards(
         fault_point("shard-written")
 
     with encoder_pool(threads) as pool:
-        async with asyncio.TaskGroup() as puts:
-            for arr in sharded:
-                layout = arr.layout(chunking)
-                blosc = numcodecs_blosc(arr.compressor, arr.data.dtype)
-                shards = iter_shards(arr.data, layout, blosc, 0, pool)
-                fills[arr.path] = []
-                while (item := await asyncio.to_thread(next, shards, None)) is not None:
-                    coords, obj = item
-                    if obj is None:
-                        fills[arr.path].append([int(c) for c in coords])
-                        continue
-                    await slots.acquire()
-                    sent += len(obj)
-                    puts.create_task(put(f"{path}/{arr.path}/{shard_key(coords)}", obj))
+        try:
+            async with asyncio.TaskGroup() as puts:
+                for arr in sharded:
+                    layout = arr.layout(chunking)
+                    blosc = numcodecs_blosc(arr.compressor, arr.data.dtype)
+                    shards = iter_shards(arr.data, layout, blosc, 0, pool)
+                    fills[arr.path] = []
+                    while (item := await asyncio.to_thread(next, shards, None)) is not None:
+                        coords, obj = item
+                        if obj is None:
+                            fills[arr.path].append([int(c) for c in coords])
+                            continue
+                        await slots.acquire()
+                        sent += len(obj)
+                        puts.create_task(put(f"{path}/{arr.path}/{shard_key(coords)}", obj))
+        except ExceptionGroup as failed:
+            # the first failed PUT as itself: callers and Dask retries look at its type
+            # (a full disk, a storage error), not at a group wrapper
+            raise failed.exceptions[0] from None
     return fills, sent
 
 
