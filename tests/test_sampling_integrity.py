@@ -28,6 +28,7 @@ from livercube.errors import (
 from livercube.sampling import ArrayInfo, PatchSampler, ShardReader
 from livercube.store import chunking
 from livercube.store.catalog import write_catalog
+from livercube.store.chunking import Chunking
 from livercube.store.layout import data_path
 from livercube.store.writer import FILL_SHARDS_ATTR, write_volume
 
@@ -40,12 +41,9 @@ SHAPE, SPACING = (24, 96, 84), (8.0, 4.0, 4.0)
 def pristine(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("integrity") / "s.zarr"
     zarr.open_group(str(dest), mode="w", zarr_format=3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chunking, "INNER_CHUNK", (2, 32, 32))
-        mp.setattr(chunking, "SHARD_SLICES", 4)
-        for i, series in enumerate(("100", "200")):
-            vol = phantom_volume(series=series, shape=SHAPE, spacing=SPACING, seed=i)
-            write_volume(str(dest), vol)
+    for i, series in enumerate(("100", "200")):
+        vol = phantom_volume(series=series, shape=SHAPE, spacing=SPACING, seed=i)
+        write_volume(str(dest), vol, chunking=Chunking((2, 32, 32), 4))
     write_catalog(str(dest))
     return dest
 

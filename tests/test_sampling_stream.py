@@ -10,7 +10,7 @@ from zarr.storage import FsspecStore
 import livercube
 from livercube.convert import convert
 from livercube.sampling import ArrayInfo, PatchSampler, ShardReader
-from livercube.store import chunking
+from livercube.store.chunking import Chunking
 from livercube.store.layout import data_path
 from livercube.synth.plc_cect import write_plc_cect
 
@@ -22,10 +22,8 @@ def local_store(tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("stream")
     write_plc_cect(tmp / "PLC", n_subjects=2, size="tiny", seed=5)
     dest = str(tmp / "s.zarr")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chunking, "INNER_CHUNK", (4, 16, 16))
-        mp.setattr(chunking, "SHARD_SLICES", 8)
-        report = convert(str(tmp / "PLC"), dest, "plc-cect", progress=False)
+    small = Chunking((4, 16, 16), 8)
+    report = convert(str(tmp / "PLC"), dest, "plc-cect", progress=False, chunking=small)
     assert report.exit_code == 0, report.summary()
     return dest
 

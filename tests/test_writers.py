@@ -390,3 +390,33 @@ def test_missing_bucket_is_a_one_line_usage_error(s3_endpoint, plc_release, plc_
     )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "no such bucket 'no-such-bucket'" in _one_line_error(res)
+
+
+# --- killed mid-volume -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_shards_leaves_the_volume_invisible_and_resumes(
+    dest, plc_release, plc_overrides, plc_store
+):
+    """Shards are uploaded as they are encoded: a run killed after some of a volume's shards
+    (but before its group document) must leave no group a reader would take for a volume."""
+    url, opts = dest
+    root, _ = plc_release
+    killed = subprocess.run(
+        _cmd(root, url, plc_overrides, "--workers", "1", opts=opts),
+        env=_env("shard-written:2"),
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    import fsspec
+
+    from livercube.store.catalog import stored_volumes
+
+    fs, root_path = fsspec.core.url_to_fs(url, **(opts or {}))
+    assert fs.glob(f"{root_path}/plc-cect/**/c/0/0/0")  # shards were written …
+    assert stored_volumes(url, opts)[0] == []  # … but no volume is visible
+    res = subprocess.run(_cmd(root, url, plc_overrides, opts=opts), capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert fingerprint_of_store(url, **(opts or {})) == fingerprint_of_store(plc_store[0])
+    _verify(url, opts)

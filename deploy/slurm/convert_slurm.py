@@ -10,7 +10,9 @@ cancelled when it exits::
         /lustre/stores/livercube.zarr --collection crlm --jobs 16 --partition cpu --account proj
 
 Each SLURM job holds ``--workers-per-job`` single-threaded workers (one volume at a time each:
-peak memory is a few times the volume, see benchmarks/README.md "Conversion").  The report is
+peak memory ~0.2 GB + 2.6 × the largest volume's raw int16 size, see benchmarks/README.md
+"Conversion": 1.0 GB for a 600-slice 512² series; the 2 GiB default keeps that under Dask's
+80 % pause threshold up to ~1000 slices).  The report is
 printed and written to ``DEST/livercube-report.json``; the exit status is the CLI's (0 all
 converted, 3 some inputs skipped or failed, 2 usage error, 1 otherwise).
 
@@ -35,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--jobs", type=int, default=8, help="SLURM jobs to submit")
     p.add_argument("--workers-per-job", type=int, default=4, help="dask workers per SLURM job")
-    p.add_argument("--memory-per-worker", default="4GiB")
+    p.add_argument("--memory-per-worker", default="2GiB")
     p.add_argument("--walltime", default="04:00:00")
     p.add_argument("--partition", help="SLURM partition (queue)")
     p.add_argument("--account", help="SLURM account/project")

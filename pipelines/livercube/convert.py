@@ -30,6 +30,7 @@ from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.store import lease
 from livercube.store.catalog import stored_volumes, write_catalog
+from livercube.store.chunking import DEFAULT_CHUNKING, Chunking
 from livercube.store.completion import CompletionRecord
 from livercube.store.layout import task_path
 from livercube.store.location import StoreLocation, is_remote, with_retries
@@ -140,6 +141,7 @@ def _volume_task(
     store: StoreLocation,
     source_options: dict | None,
     overwrite: bool = False,
+    chunking: Chunking = DEFAULT_CHUNKING,
 ) -> dict[str, Any]:
     """One volume on a worker: skip if already complete and unchanged, else decode and write.
 
@@ -156,7 +158,7 @@ def _volume_task(
     except SourceError as exc:
         return {"status": "skipped", "input": exc.source, "reason": exc.reason}
     try:
-        record = write_volume(store, volume, fingerprint=fingerprint)
+        record = write_volume(store, volume, fingerprint=fingerprint, chunking=chunking)
     except ForeignFilesError as exc:
         return {"status": "skipped", "input": task.key, "reason": str(exc)}
     fault_point("volume-written")
@@ -490,6 +492,7 @@ def convert(
     where: str | None = None,
     keep_descriptions: bool = False,
     clinical_columns: list[str] | None = None,
+    chunking: Chunking = DEFAULT_CHUNKING,
 ) -> ConvertReport:
     """Convert one collection at ``source`` into the store at ``dest``; returns the report.
 
@@ -498,6 +501,7 @@ def convert(
     ``overwrite`` rewrites everything; ``only`` restricts the run to some patient ids.
     DICOM free-text descriptors are stored cleaned unless ``keep_descriptions``; clinical
     columns beyond the documented ones are stored only when named in ``clinical_columns``.
+    ``chunking``: chunk and shard shapes of the volume arrays (the contract's by default).
     """
     check_collection(collection)
     check_scheduler(scheduler)
@@ -523,6 +527,7 @@ def convert(
             keep_descriptions=keep_descriptions,
             clinical_columns=clinical_columns,
             client=client,
+            chunking=chunking,
         )
 
 
@@ -542,6 +547,7 @@ def _plan_and_convert(
     keep_descriptions: bool,
     clinical_columns: list[str] | None,
     client: Any,
+    chunking: Chunking,
 ) -> ConvertReport:
     """Plan (header reads on ``client``'s workers when there is one), then convert."""
     source, dest, collection = report.source, store.url, report.collection
@@ -579,6 +585,7 @@ def _plan_and_convert(
         workers=workers,
         progress=progress,
         client=client,
+        chunking=chunking,
     )
     try:
         return _convert_holding_lease(run)
@@ -603,6 +610,7 @@ class ConvertRun:
     progress: bool
     #: the cluster the plan was made on, reused for the volumes (None: threads)
     client: Any = None
+    chunking: Chunking = DEFAULT_CHUNKING
 
 
 def _convert_holding_lease(run: ConvertRun) -> ConvertReport:
@@ -636,7 +644,7 @@ def _run(run: ConvertRun) -> None:
     for _task, rec in run_tasks(
         _volume_task,
         run.tasks,
-        (run.store, run.source_options, run.overwrite),
+        (run.store, run.source_options, run.overwrite, run.chunking),
         scheduler=run.scheduler,
         workers=run.workers,
         progress=run.progress,

@@ -12,6 +12,8 @@ Points:
 
 ``volume-written``
     a volume group is complete in the store, its task has not returned yet
+``shard-written``
+    one more shard of a volume's arrays is uploaded (the volume is mid-write, invisible)
 ``before-group-doc``
     a volume's arrays are uploaded, its group document (completion record) is not
 ``before-catalog``

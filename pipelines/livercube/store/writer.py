@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,17 +23,26 @@ from zarr.storage import MemoryStore
 from livercube.errors import ForeignFilesError
 from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
-from livercube.store.chunking import chunk_and_shard, fill_shards
+from livercube.store.chunking import DEFAULT_CHUNKING, Chunking, fill_shards
 from livercube.store.completion import CompletionRecord
 from livercube.store.layout import FULL_RES, volume_path
 from livercube.store.location import StoreLocation
 from livercube.store.pyramid import (
     image_level_path,
+    label_level_path,
     level_group,
     multiscales,
     omero,
     pyramid_factors,
     subsample,
+)
+from livercube.store.shards import (
+    ShardLayout,
+    encode_threads,
+    encoder_pool,
+    iter_shards,
+    numcodecs_blosc,
+    shard_key,
 )
 from livercube.volumes.volume import (
     CLASS_LOCATIONS_PER_CLASS,
@@ -94,111 +104,165 @@ def volume_attrs(volume: Volume, *, checksum: str, label_present: bool) -> dict[
     }
 
 
-def _create(
-    group: zarr.Group,
-    name: str,
-    data: np.ndarray,
-    dims: tuple[str, ...],
-    compressor: BloscCodec,
-    attrs: dict[str, Any],
-    *,
-    write: bool = True,
-) -> None:
-    """Create a sharded array shaped like ``data`` and (unless ``write`` is False) fill it.
+@dataclass(frozen=True)
+class ShardedArray:
+    """One sharded (z, y, x) array of a volume group: where it goes, its voxels, its codec.
 
-    Inner chunks are compressed then checksummed (``CHECKSUM``); the all-fill shards zarr will
-    skip are recorded in ``attrs.livercube.fill_shards``.
+    ``data`` may be a strided view of a level-0 array (browse levels): the encoder copies one
+    inner chunk at a time out of it.
     """
-    chunks, shards = chunk_and_shard(data.shape)  # type: ignore[arg-type]
-    record = {FILL_SHARDS_ATTR: fill_shards(data, shards, 0)}
-    arr = group.create_array(
+
+    path: str
+    data: np.ndarray
+    compressor: BloscCodec
+    attrs: dict[str, Any]
+
+    def layout(self, chunking: Chunking) -> ShardLayout:
+        chunks, shards = chunking.chunk_and_shard(self.data.shape)
+        return ShardLayout(tuple(self.data.shape), chunks, shards)
+
+
+def sharded_arrays(volume: Volume, arrays: dict[str, np.ndarray]) -> list[ShardedArray]:
+    """Every sharded array of the volume group: level 0, then each browse level."""
+    out = [
+        ShardedArray(
+            f"{FULL_RES}/image",
+            volume.image,
+            COMPRESSOR,
+            {"units": "HU", "long_name": "CT attenuation (Hounsfield units)"},
+        )
+    ]
+    if "label" in arrays:
+        names = unified_labels()
+        out.append(
+            ShardedArray(
+                f"{FULL_RES}/label",
+                arrays["label"],
+                LABEL_COMPRESSOR,
+                {
+                    "long_name": "unified label (tumor > vessels > liver)",
+                    "flag_values": list(names),
+                    "flag_meanings": " ".join(names.values()),
+                },
+            )
+        )
+        segs = volume.segments.segments if volume.segments else []
+        out.append(
+            ShardedArray(
+                f"{FULL_RES}/segments",
+                arrays["segments"],
+                LABEL_COMPRESSOR,
+                {
+                    "long_name": "source segments as a bit field: bit k set = voxel in segment k",
+                    "segments": [s.to_attrs() for s in segs],
+                },
+            )
+        )
+    for k, f in enumerate(pyramid_factors(volume.grid.shape, volume.grid.spacing), start=1):
+        out.append(
+            ShardedArray(
+                image_level_path(k),
+                subsample(volume.image, f),
+                COMPRESSOR,
+                {"units": "HU", "subsampling": list(f)},
+            )
+        )
+        if "label" in arrays:
+            out.append(
+                ShardedArray(
+                    label_level_path(k),
+                    subsample(arrays["label"], f),
+                    LABEL_COMPRESSOR,
+                    {"subsampling": list(f)},
+                )
+            )
+    return out
+
+
+def _declare(
+    group: zarr.Group, name: str, arr: ShardedArray, chunking: Chunking, fills: list[list[int]]
+) -> None:
+    """The zarr.json of a sharded array whose shards :mod:`livercube.store.shards` wrote.
+
+    Inner chunks are compressed then checksummed (``CHECKSUM``); the all-fill shards that were
+    not written are recorded in ``attrs.livercube.fill_shards``.
+    """
+    layout = arr.layout(chunking)
+    attrs = arr.attrs
+    group.create_array(
         name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=chunks,
-        shards=shards,
-        compressors=[compressor, CHECKSUM],
-        dimension_names=dims,
+        shape=layout.shape,
+        dtype=arr.data.dtype,
+        chunks=layout.chunks,
+        shards=layout.shard,
+        compressors=[arr.compressor, CHECKSUM],
+        dimension_names=("z", "y", "x"),
         fill_value=0,
-        attributes={**attrs, "livercube": {**attrs.get("livercube", {}), **record}},
+        attributes={**attrs, "livercube": {**attrs.get("livercube", {}), FILL_SHARDS_ATTR: fills}},
     )
-    if write:
-        arr[...] = data
 
 
-def encode_volume(volume: Volume, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict:
-    """Every object of a volume group, encoded in memory: ``{key: zarr Buffer}``.
+def metadata_objects(
+    volume: Volume,
+    attrs: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    sharded: list[ShardedArray],
+    fills: dict[str, list[list[int]]],
+    chunking: Chunking = DEFAULT_CHUNKING,
+) -> dict:
+    """Every object of a volume group except the sharded arrays' shards: ``{key: Buffer}``.
 
-    Encoding into a :class:`~zarr.storage.MemoryStore` first means the real store sees only
-    what it must: one PUT per object (shards, metadata), sent concurrently, instead of the
-    existence checks and metadata round trips of creating nodes one by one (≈170 requests for
-    a tiny volume on S3 before, ≈15 now).
+    Group and array documents, ``class_locations`` and the coordinates (all small), built by
+    zarr-python in a :class:`~zarr.storage.MemoryStore` so the documents are exactly zarr's;
+    the real store then sees one PUT per object instead of the existence checks and metadata
+    round trips of creating nodes one by one.
     """
     objects: dict = {}
     memory = MemoryStore(objects)
     volume_group = zarr.create_group(memory, zarr_format=3, attributes=attrs)
-    group = volume_group.create_group(FULL_RES)
-    _create(
-        group,
-        "image",
-        volume.image,
-        ("z", "y", "x"),
-        COMPRESSOR,
-        {"units": "HU", "long_name": "CT attenuation (Hounsfield units)"},
-    )
+    groups = {FULL_RES: volume_group.create_group(FULL_RES)}
+    factors = pyramid_factors(volume.grid.shape, volume.grid.spacing)
+    for k, f in enumerate(factors, start=1):
+        groups[level_group(k)] = volume_group.create_group(
+            level_group(k), attributes={"subsampling": list(f)}
+        )
+    for arr in sharded:
+        parent, name = arr.path.split("/")
+        _declare(groups[parent], name, arr, chunking, fills[arr.path])
     if "label" in arrays:
-        names = unified_labels()
-        _create(
-            group,
-            "label",
-            arrays["label"],
-            ("z", "y", "x"),
-            LABEL_COMPRESSOR,
-            {
-                "long_name": "unified label (tumor > vessels > liver)",
-                "flag_values": list(names),
-                "flag_meanings": " ".join(names.values()),
-            },
-        )
-        _create(
-            group,
-            "segments",
-            arrays["segments"],
-            ("z", "y", "x"),
-            LABEL_COMPRESSOR,
-            {
-                "long_name": "source segments as a bit field: bit k set = voxel in segment k",
-                "segments": attrs["livercube"]["segments"],
-            },
-        )
-        locations = class_locations(arrays["label"])
-        loc = group.create_array(
-            "class_locations",
-            shape=locations.shape,
-            dtype="int32",
-            chunks=(max(1, locations.shape[0]), 4),
-            compressors=[LABEL_COMPRESSOR, CHECKSUM],
-            dimension_names=("location", "component"),
-            fill_value=0,
-            attributes={
-                "long_name": "sampled voxel indices per unified class, for foreground sampling",
-                "columns": ["class", "z", "y", "x"],
-                "per_class": CLASS_LOCATIONS_PER_CLASS,
-                "livercube": {
-                    FILL_SHARDS_ATTR: fill_shards(locations, (max(1, locations.shape[0]), 4), 0)
-                },
-            },
-        )
-        if locations.size:
-            loc[...] = locations
-    _coordinates(group, [volume.grid.centres(axis) for axis in range(3)])
-    _browse_levels(volume_group, volume, arrays)
+        _class_locations(groups[FULL_RES], class_locations(arrays["label"]))
+    centres = [volume.grid.centres(axis) for axis in range(3)]
+    _coordinates(groups[FULL_RES], centres)
+    for k, f in enumerate(factors, start=1):
+        _coordinates(groups[level_group(k)], [c[:: f[axis]] for axis, c in enumerate(centres)])
     # each group's document lists its whole subtree: opening a volume (or its level 0) by URL
     # needs no listing, which plain HTTP hosting cannot give
     # (zarr's "not in the v3 spec" note is silenced once in store.layout)
     zarr.consolidate_metadata(memory, path=FULL_RES, zarr_format=3)
     zarr.consolidate_metadata(memory, zarr_format=3)
     return objects
+
+
+def _class_locations(group: zarr.Group, locations: np.ndarray) -> None:
+    loc = group.create_array(
+        "class_locations",
+        shape=locations.shape,
+        dtype="int32",
+        chunks=(max(1, locations.shape[0]), 4),
+        compressors=[LABEL_COMPRESSOR, CHECKSUM],
+        dimension_names=("location", "component"),
+        fill_value=0,
+        attributes={
+            "long_name": "sampled voxel indices per unified class, for foreground sampling",
+            "columns": ["class", "z", "y", "x"],
+            "per_class": CLASS_LOCATIONS_PER_CLASS,
+            "livercube": {
+                FILL_SHARDS_ATTR: fill_shards(locations, (max(1, locations.shape[0]), 4), 0)
+            },
+        },
+    )
+    if locations.size:
+        loc[...] = locations
 
 
 def _coordinates(group: zarr.Group, centres: list[np.ndarray]) -> None:
@@ -221,43 +285,15 @@ def _coordinates(group: zarr.Group, centres: list[np.ndarray]) -> None:
         arr[:] = coord
 
 
-def _browse_levels(group: zarr.Group, volume: Volume, arrays: dict[str, np.ndarray]) -> None:
-    """Browse levels ``<k>/image`` (+ ``<k>/label``), viewers and previews only.
-
-    Each level is a group of its own with its own coordinates: every group is one consistent
-    xarray Dataset.  No OME ``labels`` group: see :mod:`livercube.store.pyramid`.
-    """
-    factors = pyramid_factors(volume.grid.shape, volume.grid.spacing)
-    centres = [volume.grid.centres(axis) for axis in range(3)]
-    for k, f in enumerate(factors, start=1):
-        level = group.create_group(level_group(k), attributes={"subsampling": list(f)})
-        _create(
-            level,
-            "image",
-            subsample(volume.image, f),
-            ("z", "y", "x"),
-            COMPRESSOR,
-            {"units": "HU", "subsampling": list(f)},
-        )
-        if "label" in arrays:
-            _create(
-                level,
-                "label",
-                subsample(arrays["label"], f),
-                ("z", "y", "x"),
-                LABEL_COMPRESSOR,
-                {"subsampling": list(f)},
-            )
-        _coordinates(level, [c[:: f[axis]] for axis, c in enumerate(centres)])
-
-
 def limit_encode_threads(n: int) -> None:
-    """Cap zarr's codec thread pool in this process at ``n`` threads.
+    """Cap this process's encoding threads at ``n``: livercube's shard encoder pool (read
+    per volume from zarr's ``threading.max_workers``) and zarr's own codec pool.
 
     Blosc itself runs single-threaded off the main thread (numcodecs' default), so a worker's
-    CPU use is its Dask threads plus zarr's codec pool, which defaults to cores + 4: on a
-    machine with one worker process per core that is ~6 encoding threads per core.  Takes
-    effect if called before zarr's first use in the process (a fresh Dask worker).
+    CPU use is its Dask threads plus the encode threads, which default to the machine's cores
+    (zarr's pool: cores + 4): on a machine with one worker process per core that would be
+    several encoding threads per core.  zarr's pool is sized at its first use in the process
+    (a fresh Dask worker); the shard encoder follows the setting at every volume.
     """
     zarr.config.set({"threading.max_workers": max(1, int(n))})
 
@@ -304,13 +340,65 @@ async def _clear_own_group(
         await store.delete_dir(f"{path}/{child}")
 
 
-async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None:
-    """Replace the group at ``path`` with ``objects``; its ``zarr.json`` goes last.
+#: Encoded shards waiting for their PUT, per volume: bounds memory to a few shards
+#: (≈ 10 MB each for 512² CT) while the next slab is encoded during the upload.
+SHARDS_IN_FLIGHT = 4
 
-    Until the new document lands the volume is invisible (see :func:`_clear_own_group`).
+
+async def _put_shards(
+    store: zarr.abc.store.Store,
+    path: str,
+    sharded: list[ShardedArray],
+    chunking: Chunking,
+    threads: int,
+) -> tuple[dict[str, list[list[int]]], int]:
+    """Encode and upload every shard of ``sharded``, one z-slab at a time.
+
+    Returns the all-fill shards skipped per array (for ``fill_shards``) and the bytes sent.
+    Encoding runs off the event loop (zarr's loop is shared by every thread of the process).
     """
     proto = default_buffer_prototype()
-    await _clear_own_group(store, path, {k.split("/", 1)[0] for k in objects})
+    fills: dict[str, list[list[int]]] = {}
+    sent = 0
+    slots = asyncio.Semaphore(SHARDS_IN_FLIGHT)
+
+    async def put(key: str, obj: bytes) -> None:
+        try:
+            await store.set(key, proto.buffer.from_bytes(obj))
+        finally:
+            slots.release()
+        fault_point("shard-written")
+
+    with encoder_pool(threads) as pool:
+        try:
+            async with asyncio.TaskGroup() as puts:
+                for arr in sharded:
+                    layout = arr.layout(chunking)
+                    blosc = numcodecs_blosc(arr.compressor, arr.data.dtype)
+                    shards = iter_shards(arr.data, layout, blosc, 0, pool)
+                    fills[arr.path] = []
+                    while (item := await asyncio.to_thread(next, shards, None)) is not None:
+                        coords, obj = item
+                        if obj is None:
+                            fills[arr.path].append([int(c) for c in coords])
+                            continue
+                        await slots.acquire()
+                        sent += len(obj)
+                        puts.create_task(put(f"{path}/{arr.path}/{shard_key(coords)}", obj))
+        except ExceptionGroup as failed:
+            # the first failed PUT as itself: callers and Dask retries look at its type
+            # (a full disk, a storage error), not at a group wrapper
+            raise failed.exceptions[0] from None
+    return fills, sent
+
+
+async def _put_group(store: zarr.abc.store.Store, path: str, objects: dict) -> None:
+    """Upload the group's documents and small arrays; its own ``zarr.json`` goes last.
+
+    Until that document lands the volume is invisible (see :func:`_clear_own_group`), so a
+    run killed mid-volume leaves nothing a reader would take for a volume.
+    """
+    proto = default_buffer_prototype()
     sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
     async def put(key: str, value) -> None:
@@ -333,11 +421,14 @@ def write_volume(
     *,
     storage_options: dict[str, Any] | None = None,
     fingerprint: str = "",
+    chunking: Chunking = DEFAULT_CHUNKING,
 ) -> dict[str, Any]:
     """Write ``volume`` into the store at ``url``; returns a small record for the report.
 
     An existing group at the same path is replaced: the caller decides whether to skip
-    complete volumes (resume) before calling this.
+    complete volumes (resume) before calling this.  ``chunking``: inner chunk and shard
+    shapes (the contract's by default; tests pass small ones).  Memory beyond the volume's
+    own arrays: the unified label, a few encoded shards and the browse levels' chunk copies.
     """
     path = volume_path(volume.collection, volume.patient_id, volume.study, volume.series)
     label = volume.label()
@@ -349,13 +440,21 @@ def write_volume(
     checksum = content_checksum(arrays)
     meta = volume_attrs(volume, checksum=checksum, label_present=label is not None)
     CompletionRecord.new(checksum, fingerprint).stamp(meta)
-    objects = encode_volume(volume, {"ome": ome_multiscales(volume), "livercube": meta}, arrays)
+    attrs = {"ome": ome_multiscales(volume), "livercube": meta}
+    sharded = sharded_arrays(volume, arrays)
+
     store = StoreLocation.of(url, storage_options).zarr_store()
-    sync(_upload(store, path, objects))
+    threads = encode_threads(zarr.config.get("threading.max_workers", None))
+    # old group document first (invisible from here on), then shards, documents, group last
+    sync(_clear_own_group(store, path, {FULL_RES, *(a.path.split("/")[0] for a in sharded)}))
+    fills, sent = sync(_put_shards(store, path, sharded, chunking, threads))
+    objects = metadata_objects(volume, attrs, arrays, sharded, fills, chunking)
+    sync(_put_group(store, path, objects))
+    stored = sent + sum(len(v) for v in objects.values())
     return {
         "path": path,
         "checksum": checksum,
         "shape": list(volume.grid.shape),
         "bytes": int(sum(a.nbytes for a in arrays.values())),
-        "stored_bytes": int(sum(len(v) for v in objects.values())),
+        "stored_bytes": int(stored),
     }
