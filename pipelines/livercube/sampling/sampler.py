@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from livercube.errors import VolumeIncompleteError
-from livercube.sampling.reader import ArrayInfo, Box, ShardReader
+from livercube.sampling.arrays import ArrayInfo
+from livercube.sampling.plan import Box
+from livercube.sampling.reader import ShardReader
 from livercube.store.completion import is_complete
 from livercube.store.layout import data_path
 from livercube.store.query import catalog_frame, select
