@@ -186,6 +186,13 @@ class ShardReader:
         self._check_pid()
         return fetch_ranges(ranges, root=self.root, fs=self.fs, pool=self.pool)
 
+    def fetch_objects(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Whole small objects (metadata documents) under the store root, concurrently;
+        ``None`` for each one that does not exist."""
+        return [
+            None if b is None else bytes(b) for b in self._fetch([ByteRange(k) for k in keys])
+        ]
+
     # -- shard index ----------------------------------------------------------------------------
     def _load_indexes(self, wanted: dict[tuple[str, tuple[int, ...]], ArrayInfo]) -> None:
         missing = [(a, s) for (p, s), a in wanted.items() if (p, s) not in self._index]
