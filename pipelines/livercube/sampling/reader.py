@@ -37,7 +37,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,7 @@ class ShardReader:
         self._lru: OrderedDict[tuple, bytes] = OrderedDict()
         self._lru_size = 0
         self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, tuple[int, ...]], Future] = {}
         self._ts: _TensorStoreEngine | None = None
         if self._user_fs is not None:
             self.fs, self.root = self._user_fs, fsspec.core.url_to_fs(self.url)[1]
@@ -153,7 +154,7 @@ class ShardReader:
         state = {
             k: v
             for k, v in self.__dict__.items()
-            if k not in {"_pool", "_lru", "_lru_size", "_lock", "fs", "stats", "_ts"}
+            if k not in {"_pool", "_lru", "_lru_size", "_lock", "_inflight", "fs", "stats", "_ts"}
         }
         state["_index"] = dict(self._index)
         return state
@@ -189,9 +190,7 @@ class ShardReader:
     def fetch_objects(self, keys: Sequence[str]) -> list[bytes | None]:
         """Whole small objects (metadata documents) under the store root, concurrently;
         ``None`` for each one that does not exist."""
-        return [
-            None if b is None else bytes(b) for b in self._fetch([ByteRange(k) for k in keys])
-        ]
+        return [None if b is None else bytes(b) for b in self._fetch([ByteRange(k) for k in keys])]
 
     # -- shard index ----------------------------------------------------------------------------
     def _load_indexes(self, wanted: dict[tuple[str, tuple[int, ...]], ArrayInfo]) -> None:
@@ -322,25 +321,65 @@ class ShardReader:
                     data[cid] = hit
                     del located[cid]
                     self.stats.add(cache_hits=1)
-        cids = list(located)
-        ranges = [located[c] for c in cids]
-        self.stats.add(chunks=len(plan.uses), chunk_bytes=sum(r.nbytes or 0 for r in ranges))
-        requests = merge_ranges(
-            ranges,
-            max_gap=self.coalesce_gap,
-            overfetch=self.overfetch,
-            max_request=self.max_request,
+        self.stats.add(
+            chunks=len(plan.uses), chunk_bytes=sum(r.nbytes or 0 for r in located.values())
         )
-        blobs = self._fetch([r.range for r in requests])
-        self.stats.add(requests=len(requests), bytes_fetched=sum(len(b or b"") for b in blobs))
-        for req, blob in zip(requests, blobs, strict=True):
-            self._split(req, blob, cids, plan, data)
+        mine, theirs = self._claim(located)
+        try:
+            cids = list(mine)
+            requests = merge_ranges(
+                [mine[c] for c in cids],
+                max_gap=self.coalesce_gap,
+                overfetch=self.overfetch,
+                max_request=self.max_request,
+            )
+            blobs = self._fetch([r.range for r in requests])
+            self.stats.add(requests=len(requests), bytes_fetched=sum(len(b or b"") for b in blobs))
+            for req, blob in zip(requests, blobs, strict=True):
+                self._split(req, blob, cids, plan, data)
+        except BaseException as exc:
+            self._release(mine, data, exc)
+            raise
+        self._release(mine, data, None)
+        for cid, fut in theirs.items():
+            data[cid] = fut.result()  # the same error as the read that fetched it, if any
         if caching:
             for cid in cids:
                 if data[cid] is not None:
                     loc = located[cid]
                     self._cache_put((tuple(cid[:2]), loc.start, loc.end), bytes(data[cid]))
         return data
+
+    def _claim(
+        self, located: dict[ChunkId, ByteRange]
+    ) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, Future]]:
+        """Split the chunks into those this read fetches and those another concurrent read
+        (patches in flight often overlap) is already fetching: each is fetched once."""
+        mine: dict[ChunkId, ByteRange] = {}
+        theirs: dict[ChunkId, Future] = {}
+        with self._lock:
+            for cid, loc in located.items():
+                fut = self._inflight.get(cid[:2])
+                if fut is None:
+                    self._inflight[cid[:2]] = Future()
+                    mine[cid] = loc
+                else:
+                    theirs[cid] = fut
+        return mine, theirs
+
+    def _release(
+        self, mine: dict[ChunkId, ByteRange], data: dict, exc: BaseException | None
+    ) -> None:
+        """Hand this read's chunks (or its error) to the reads waiting for them."""
+        with self._lock:
+            futs = [(cid, self._inflight.pop(cid[:2])) for cid in mine]
+        for cid, fut in futs:
+            if exc is None and cid in data:
+                fut.set_result(data[cid])
+            else:
+                fut.set_exception(
+                    exc or StoreIntegrityError(self.url, cid.path, "chunk was not fetched")
+                )
 
     def _split(
         self, req: Request, blob: bytes | None, cids: list[ChunkId], plan: ReadPlan, data: dict
