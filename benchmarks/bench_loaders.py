@@ -1,6 +1,6 @@
 """Patches/s of a 2-worker torch DataLoader: livercube vs MONAI vs TorchIO on the same volumes.
 
-    python benchmarks/bench_loaders.py [--volumes 4] [--size 128x256x256] [--n 48]
+    python benchmarks/bench_loaders.py [--volumes 4] [--size 100x512x512] [--n 48]
 
 Why: does streaming patches from a sharded Zarr store beat the usual way of training on
 ``.nii.gz`` files (goal: ≥ 20× MONAI's patches/s)?  The three pipelines read the
@@ -403,7 +403,7 @@ def main() -> None:
     ap.add_argument(
         "--size",
         type=parse_size,
-        default=parse_size("128x256x256"),
+        default=parse_size("100x512x512"),  # full-size CT planes: what users train on
         help="nominal volume grid ZxNxN (CRLM-CT-1003 gets twice the slices)",
     )
     ap.add_argument("--n", type=int, default=48, help="timed patches per pipeline")
