@@ -107,8 +107,9 @@ def build_store(tmp: Path, n_volumes: int, size: tuple[int, int, int]) -> tuple[
     """Write example CRLM DICOM at ``size`` and convert it with livercube's own converter.
 
     The generator only knows its named sizes; a benchmark-local entry is added to its size
-    table (same field of view as "full") so volumes are big enough for 96³ patches without
-    the 512²-pixel "full" size, whose export and loading would blow the 5-minute budget.
+    table (same field of view as "full"), so ``--size`` changes the resolution, not the anatomy
+    covered.  The default is full-size 512² planes, what users train on (MONAI's and TorchIO's
+    cost per patch grows with the volume, livercube's does not).
     One generator plan (CRLM-CT-1003) has twice the slices, as in the real collection.
     """
     from livercube.convert import convert

@@ -5,13 +5,19 @@ reads the shard index again on every access.  :class:`ShardReader` instead
 
 * reads each shard's index once (one ranged GET, a suffix range for ``index_location=end``)
   and caches it for the life of the process;
-* plans a whole batch of boxes at once (image + label + other phases of one patch), looks up
-  every inner chunk's ``(offset, nbytes)``, merges byte ranges of the same shard object that
-  are adjacent or closer than ``coalesce_gap`` and fetches all of them concurrently
-  (``fs.cat_ranges`` on async fsspec filesystems such as s3fs, ``os.pread`` in threads on
-  local disk) — so after the index is cached a patch costs one round trip;
-* decodes inner chunks in a thread pool (Blosc/Zstd release the GIL) straight into the
-  output array, with the padding value outside the array;
+* plans a whole batch of boxes at once (image + label + other phases of one patch:
+  :mod:`~livercube.sampling.plan`), looks up every inner chunk's byte range
+  (:mod:`~livercube.sampling.shard_index`), merges ranges of one object only while the
+  unwanted bytes between them stay a small fraction of the wanted ones
+  (:mod:`~livercube.sampling.ranges`) and fetches all of them in one concurrent round
+  (:mod:`~livercube.sampling.fetch`: ``fs.cat_ranges`` on async fsspec filesystems such as
+  s3fs and HTTP, ``os.pread`` on local disk) — after the index is cached a patch costs one
+  round trip;
+* shares in-flight chunk fetches between concurrent reads (patches in flight overlap), so a
+  chunk several prefetched patches need is fetched once;
+* decodes inner chunks in a thread pool (Blosc/Zstd release the GIL) with a decode plan built
+  once per array (:mod:`~livercube.sampling.arrays`), straight into a reused buffer and from
+  there into the output, with the padding value outside the array;
 * optionally keeps compressed chunks in a bounded in-memory LRU (``cache_bytes``) and/or a
   local directory (``cache_dir``) so later epochs do not go back to the bucket.
 
