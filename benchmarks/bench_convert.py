@@ -248,15 +248,16 @@ def bench_task_times(src: Path, work: Path) -> dict:
     plan = dicom_collection.plan(str(src), "crlm")
     plan_s = time.perf_counter() - t0
     n_files = sum(len(t.acquisition.slices) for t in plan.tasks)
-    dest = str(work / "task-store.zarr")
     from livercube.convert import _prepare_root
+    from livercube.store.location import StoreLocation
 
-    _prepare_root(dest, None, "crlm", plan.clinical_columns)
+    dest = StoreLocation.of(work / "task-store.zarr")
+    _prepare_root(dest, "crlm", plan.clinical_columns)
     rows = []
     for task in plan.tasks:
         mb = task.acquisition.file_bytes / MB
         w0, c0 = time.perf_counter(), time.process_time()
-        rec = _volume_task(task, dest, None, None)
+        rec = _volume_task(task, dest, None)
         rows.append(
             {
                 "key": task.key,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from livercube import registry
 from livercube.cli import build_parser
-from livercube.schema import COLLECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -134,7 +134,7 @@ def test_job_command_is_accepted_by_the_cli_parser():
         assert not any("$(" in a for a in argv), f"unexpanded variable in {argv}"
         ns = build_parser().parse_args(argv)
         assert ns.command == "convert"
-        assert ns.collection in COLLECTIONS
+        assert ns.collection in registry.ids()
         assert ns.source.startswith("s3://") and ns.dest.startswith("s3://")
         # operator's value already carries the scheme: "tcp://tcp://…" would be a bug
         assert re.fullmatch(r"tcp://[a-z0-9.\-]+:8786", ns.scheduler), ns.scheduler

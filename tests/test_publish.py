@@ -30,7 +30,7 @@ import livercube
 from livercube.cli import main
 from livercube.convert import convert
 from livercube.store.contract import check_store
-from livercube.store.publish import COLLECTION_INFO, catalog_frame, publish
+from livercube.store.publish import catalog_frame, collection_info, publish
 from livercube.store.verify import verify
 
 # --------------------------------------------------------------------------- HTTP hosting
@@ -126,7 +126,7 @@ def test_publish_writes_parquet_and_card_and_keeps_the_contract(published, plc_s
     assert json.loads(schema.field("plc_age").metadata[b"livercube"])["source_column"] == "age"
 
     card = (published / "README.md").read_text()
-    plc = COLLECTION_INFO["plc-cect"]
+    plc = collection_info("plc-cect")
     assert "PLC-CECT" in card and "CC BY 4.0" in card and plc["doi"] in card
     assert "| PLC-CECT | 3 | 12 |" in card  # patients, volumes
     for name in ("background", "liver", "tumor", "portal_vein", "hepatic_vein", "aorta"):
@@ -136,7 +136,7 @@ def test_publish_writes_parquet_and_card_and_keeps_the_contract(published, plc_s
     assert "livercube-report.json" in card and "12 converted" in card
     assert "approximate HU" in card and "untrusted" in card  # PLC-CECT's flags
     # collections not in the store are not claimed
-    assert "HCC-TACE-Seg" not in card and COLLECTION_INFO["crlm"]["doi"] not in card
+    assert "HCC-TACE-Seg" not in card and collection_info("crlm")["doi"] not in card
 
 
 def test_publish_consolidates_an_unconsolidated_root(plc_store, tmp_path, capsys):
@@ -237,7 +237,7 @@ def test_partial_shard_reads_over_http_use_byte_ranges(http_site, published):
     patch read fetches the shard index and its chunks by byte range."""
     import zarr
 
-    from livercube.store.layout import open_zarr_store
+    from livercube.store.location import StoreLocation
 
     server, base = http_site
     data = np.arange(16 * 32 * 32, dtype=np.int16).reshape(16, 32, 32)
@@ -250,7 +250,8 @@ def test_partial_shard_reads_over_http_use_byte_ranges(http_site, published):
     )
     arr[...] = data
     del server.log[:]
-    remote = zarr.open_array(open_zarr_store(f"{base}/ranged.zarr", read_only=True), mode="r")
+    ranged = StoreLocation.of(f"{base}/ranged.zarr").zarr_store(read_only=True)
+    remote = zarr.open_array(ranged, mode="r")
     np.testing.assert_array_equal(remote[2:5, 3:9, 20:30], data[2:5, 3:9, 20:30])
     ranges = [rng for _, _, rng in server.log if rng]
     assert len(ranges) == 2 and ranges[0].startswith("bytes=-"), server.log  # index, chunk

@@ -391,17 +391,18 @@ def test_full_size_store_opens_as_datatree_and_validates_as_ome(tmp_path):
 def test_resume_rewrites_volumes_of_an_older_layout(tmp_path):
     """A complete volume written by a 1.x livercube is not "unchanged": its layout is gone."""
     from livercube.convert import _existing_fingerprint
+    from livercube.store.location import StoreLocation
     from livercube.store.writer import write_volume
 
     url = str(tmp_path / "s.zarr")
     zarr.open_group(url, mode="w", zarr_format=3)
     rec = write_volume(url, phantom_volume(shape=(4, 32, 32)), fingerprint="fp")
-    assert _existing_fingerprint(url, None, rec["path"]) == "fp"
+    assert _existing_fingerprint(StoreLocation.of(url), rec["path"]) == "fp"
     doc = Path(url, rec["path"], "zarr.json")
     meta = json.loads(doc.read_text())
     meta["attributes"]["livercube"]["schema_version"] = "1.0"
     doc.write_text(json.dumps(meta))
-    assert _existing_fingerprint(url, None, rec["path"]) is None
+    assert _existing_fingerprint(StoreLocation.of(url), rec["path"]) is None
 
 
 def test_consolidation_note_is_silenced_without_per_call_filters():
@@ -412,7 +413,7 @@ def test_consolidation_note_is_silenced_without_per_call_filters():
     import sys
 
     code = (
-        "import livercube.store.layout, zarr\n"
+        "import livercube.store.location, zarr\n"
         "from zarr.storage import MemoryStore\n"
         "s = MemoryStore()\n"
         "zarr.open_group(s, mode='w', zarr_format=3).create_group('a')\n"

@@ -8,6 +8,7 @@ generator's own geometry code.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -23,6 +24,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from livercube.sources.dicom_sop import LABELMAP_SEGMENTATION
 from livercube.synth.dicom_collections import (
     AI_DESCRIPTION,
     CRLM_COLLECTION,
@@ -31,6 +33,7 @@ from livercube.synth.dicom_collections import (
     write_crlm,
     write_hcc_tace_seg,
 )
+from livercube.synth.dicom_plans import CRLM, HCC_TACE_SEG, LIVER
 
 warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
 
@@ -485,3 +488,139 @@ def test_quirk_flags_and_idc_layout(which, tmp_path):
         if f.stat().st_size > 0 and f != dup
     }
     assert not set(seg.missing_referenced_sop_uids) & on_disk
+
+
+# ----------------------------------------------------------------------------- the descriptions
+
+
+def _coded(item) -> tuple[str, str, str]:
+    return (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning)
+
+
+@pytest.mark.parametrize("spec", [HCC_TACE_SEG, CRLM], ids=["hcc", "crlm"])
+def test_collection_descriptions_are_consistent(spec):
+    """Every plan's annotated series exists in its first study with the acquisitions it cites,
+    and every label the AI SEG derives from is an expert segment."""
+    for plan in spec.plans:
+        series = {s.number: s for s in plan.studies[0].series}
+        assert plan.seg_series in series, plan.like
+        assert max(plan.seg_acqs) < len(series[plan.seg_series].acqs), plan.like
+        for study in plan.studies:
+            numbers = [s.number for s in study.series]
+            assert len(numbers) == len(set(numbers)), plan.like  # SeriesNumber keys a volume
+    labels = [s.label for s in spec.expert_segments]
+    assert len(labels) == len(set(labels))
+    if spec.ai_seg is not None:
+        assert {label for label, _ in spec.ai_seg.segments} <= set(labels)
+        assert {op for _, op in spec.ai_seg.segments} <= {"erode", "dilate"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"  # type: ignore[misc]
+
+
+def test_patient_ids_follow_the_real_collections():
+    assert [HCC_TACE_SEG.patient_id(i) for i in (0, 1, 104)] == ["HCC_001", "HCC_002", "HCC_105"]
+    crlm_ids = [CRLM.patient_id(i) for i in range(197)]
+    assert crlm_ids[0] == "CRLM-CT-1001" and crlm_ids[-1] == "CRLM-CT-1198"
+    assert "CRLM-CT-1024" not in crlm_ids and len(set(crlm_ids)) == 197
+
+
+@pytest.mark.parametrize("which", ["hcc", "crlm"])
+def test_segment_codes_travel_with_labels(which, hcc, crlm):
+    """Each SEG codes its segments as the collection description says; a label means the same
+    code in both collections and in the AI SEG (readers map by label, the codes must not lie)."""
+    truth, spec = (hcc, HCC_TACE_SEG) if which == "hcc" else (crlm, CRLM)
+    fixed = {s.label: s for s in spec.expert_segments + spec.plans[0].extra_segments}
+    tumour = next((s for s in spec.expert_segments if s.mask == "tumour"), None)
+    for seg in truth.segs:
+        ds = _header(seg.path)
+        for item in ds.SegmentSequence:
+            label = item.SegmentLabel
+            want = fixed.get(label) or (tumour if re.fullmatch(r"Tumor_\d+", label) else None)
+            assert want is not None, label
+            assert _coded(item.SegmentedPropertyCategoryCodeSequence[0]) == (
+                want.category[0], "SCT", want.category[1]
+            )  # fmt: skip
+            assert _coded(item.SegmentedPropertyTypeCodeSequence[0]) == (
+                want.type[0], "SCT", want.type[1]
+            )  # fmt: skip
+            algo = item.SegmentAlgorithmType
+            assert algo == ("AUTOMATIC" if seg.kind == "ai" else "MANUAL")
+    both = {s.label: s.type for s in HCC_TACE_SEG.expert_segments} | {
+        s.label: s.type for s in CRLM.expert_segments
+    }
+    assert both["Liver"] == LIVER and both["Liver Remnant"] == LIVER
+
+
+def test_defects_hit_the_volumes_the_descriptions_name(tmp_path):
+    """``missing_slice``: HCC_001's post-TACE "Recon 2: PRE LIVER" (middle interior slice);
+    CRLM: the last patient's CT, on its first interior slice without segmented content (the
+    first interior slice when every one has some)."""
+    hcc = write_hcc_tace_seg(tmp_path / "h", n_patients=1, seed=2, missing_slice=True)
+    (gone,) = hcc.quirks["missing_slice"]
+    vol = next(v for v in hcc.volumes if v.missing_z)
+    assert vol.patient_id == "HCC_001" and vol.series_description == "Recon 2: PRE LIVER"
+    assert vol.study_date == max(v.study_date for v in hcc.volumes)
+    assert vol.files[vol.missing_z[0]] == gone and not gone.exists()
+    crlm = write_crlm(tmp_path / "c", n_patients=2, seed=2, missing_slice=True)
+    (gone,) = crlm.quirks["missing_slice"]
+    vol = next(v for v in crlm.volumes if v.missing_z)
+    assert vol.patient_id == crlm.patient_ids[-1]
+    (z,) = vol.missing_z
+    (seg,) = crlm.segs_of(vol.patient_id)
+    assert 0 < z < vol.grid.shape[0] - 1
+    interior = list(range(1, vol.grid.shape[0] - 1))
+    blank = [k for k in interior if not any(m[k].any() for m in seg.masks.values())]
+    assert z == (blank or interior)[0]
+
+
+def test_plans_cycle_with_shifted_dates(tmp_path):
+    """Patient 5 repeats patient 1's exam list, dates moved by the collection's date step."""
+    truth = write_hcc_tace_seg(tmp_path, n_patients=5, seed=0, keep_arrays=False)
+    first, fifth = truth.volumes_of("HCC_001"), truth.volumes_of("HCC_005")
+    assert [(v.series_number, v.series_description, v.phase) for v in first] == [
+        (v.series_number, v.series_description, v.phase) for v in fifth
+    ]
+    days = {
+        (pd.Timestamp(b.study_date) - pd.Timestamp(a.study_date)).days
+        for a, b in zip(first, fifth, strict=True)
+    }
+    assert days == {HCC_TACE_SEG.date_step[0]}
+    assert {v.sop_instance_uids[0] for v in first}.isdisjoint(v.sop_instance_uids[0] for v in fifth)
+
+
+def test_keep_arrays_off_changes_no_file(tmp_path):
+    """Benchmarks and the phase tests write without arrays; the files must be the same."""
+    a = write_crlm(tmp_path / "a", n_patients=1, seed=6)
+    b = write_crlm(tmp_path / "b", n_patients=1, seed=6, keep_arrays=False)
+    assert _tree(a.root) == _tree(b.root)
+    assert all(v.hu is None for v in b.volumes) and all(s.masks is None for s in b.segs)
+    assert [v.key for v in a.volumes] == [v.key for v in b.volumes]
+
+
+def test_crlm_real_world_variants_are_written_where_documented(tmp_path):
+    """What the converter tests rely on: per-slice AcquisitionNumbers on the first CT, a sparse
+    SEG for the first patient, a LABELMAP SEG for the second, the last CT tilted and withdrawn."""
+    t = write_crlm(
+        tmp_path, n_patients=3, seed=5, per_slice_acquisition_numbers=True,
+        sparse_seg_frames=True, labelmap_seg=True, gantry_tilt=True,
+    )  # fmt: skip
+    numbers = [int(_header(f).AcquisitionNumber) for f in t.quirks["per_slice_acquisition_numbers"]]
+    assert len(set(numbers)) == len(numbers) == t.volumes[0].grid.shape[0]
+    assert t.quirks["per_slice_acquisition_numbers"] == t.volumes[0].files
+    sparse, labelmap = t.segs[0], t.segs[1]
+    assert sparse.patient_id == t.patient_ids[0] and labelmap.patient_id == t.patient_ids[1]
+    content = [
+        z for z in range(sparse.grid.shape[0]) if any(m[z].any() for m in sparse.masks.values())
+    ]
+    assert content and min(np.diff(content)) >= 2
+    assert _header(labelmap.path).SOPClassUID == LABELMAP_SEGMENTATION
+    assert _header(sparse.path).SOPClassUID == pydicom.uid.SegmentationStorage
+    stacked = np.stack(list(labelmap.masks.values()))
+    assert stacked.sum(axis=0).max() == 1  # a label map cannot overlap
+    # the tilted CT and its SEG are gone from the truth, present on disk
+    assert t.patient_ids[-1] not in {v.patient_id for v in t.volumes}
+    assert t.patient_ids[-1] not in {s.patient_id for s in t.segs}
+    tilted = t.quirks["gantry_tilt"]
+    assert all(p.exists() for p in tilted) and len(tilted) > 2
+    tilts = {_header(p).get("GantryDetectorTilt") for p in tilted[:-1]}
+    assert None not in tilts and _header(tilted[-1]).Modality == "SEG"

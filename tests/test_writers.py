@@ -70,10 +70,10 @@ def _one_line_error(res: subprocess.CompletedProcess) -> str:
 
 def _complete_listed(url: str, opts: dict | None = None) -> None:
     """Every volume the catalog lists opens and carries its completion record."""
-    from livercube.store.layout import open_root
+    from livercube.store.location import StoreLocation
 
     store = livercube.open(url, **(opts or {}))
-    root = open_root(url, opts, mode="r", consolidated=False)  # as the volume is now
+    root = StoreLocation.of(url, opts).open_root(consolidated=False)  # as the volume is now
     for path in store.paths():
         store.volume(path)  # opens (readers refuse an incomplete group)
         meta = root[path].attrs["livercube"]

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from livercube import registry
 from livercube.convert import EXIT_FATAL, EXIT_OK, EXIT_USAGE, convert
 from livercube.errors import LivercubeError, UsageError
-from livercube.schema import COLLECTIONS
+from livercube.store.location import StoreLocation
 
 
 def _kv(items: list[str] | None) -> dict[str, Any]:
@@ -36,6 +37,21 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
 def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
     opts = _kv(items)
     return opts or None
+
+
+def _collection(name: str) -> str:
+    """``--collection``: an id or alias of a registered collection (plug-ins included)."""
+    cid = registry.canonical(name)
+    if cid is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown collection {name!r} (choose from {', '.join(registry.ids())})"
+        )
+    return cid
+
+
+def _store(a: argparse.Namespace) -> StoreLocation:
+    """The store named on the command line (``url`` + ``--storage-option``), parsed once."""
+    return StoreLocation.of(a.url, _storage_options(a.storage_option))
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -79,7 +95,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     import livercube
     from livercube.store.query import catalog_frame, select
 
-    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    store = livercube.open(_store(a))
     cat = store.catalog
     table = select(catalog_frame(cat), a.where)
     rows = table.index.to_numpy()
@@ -95,13 +111,11 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_catalog(a: argparse.Namespace) -> int:
     from livercube.store import lease
     from livercube.store.catalog import write_catalog
-    from livercube.store.layout import is_remote
-
-    opts = _storage_options(a.storage_option)
-    if not is_remote(a.url) and not Path(a.url.removeprefix("file://")).is_dir():
+    loc = _store(a)
+    if not loc.is_remote and not Path(loc.url).is_dir():
         raise UsageError(f"{a.url}: no such store")
-    with lease.held(a.url, opts, purpose="livercube catalog"):
-        ds = write_catalog(a.url, opts)
+    with lease.held(loc, purpose="livercube catalog"):
+        ds = write_catalog(loc)
     print(f"catalog rebuilt: {ds.sizes['volume']} complete volumes")
     return EXIT_OK
 
@@ -110,7 +124,7 @@ def cmd_preview(a: argparse.Namespace) -> int:
     import livercube
     from livercube.preview import volume_preview
 
-    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    store = livercube.open(_store(a))
     if a.contact_sheets:
         from livercube.preview import contact_sheets
 
@@ -141,7 +155,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
     import livercube
     from livercube.store.query import catalog_frame, select
 
-    store = livercube.open(a.url, **(_storage_options(a.storage_option) or {}))
+    store = livercube.open(_store(a))
     table = catalog_frame(store.catalog)
     total = len(table)
     table = select(table, a.where)
@@ -161,8 +175,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from livercube.store.verify import verify
 
     report = verify(
-        a.url,
-        _storage_options(a.storage_option),
+        _store(a),
         source=a.source,
         collection=a.collection,
         clinical=a.clinical,
@@ -177,7 +190,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_publish(a: argparse.Namespace) -> int:
     from livercube.store.publish import publish
 
-    print(publish(a.url, _storage_options(a.storage_option)).summary())
+    print(publish(_store(a)).summary())
     return EXIT_OK
 
 
@@ -186,7 +199,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     phases = [p.strip() for p in (a.phases or "").split(",") if p.strip()] or None
     result = export(
-        a.url,
+        _store(a),
         a.dest,
         a.format,
         where=a.where,
@@ -194,7 +207,6 @@ def cmd_export(a: argparse.Namespace) -> int:
         phases=phases,
         interpolation=a.interpolation,
         overwrite=a.overwrite,
-        storage_options=_storage_options(a.storage_option),
     )
     print(result.summary())
     return EXIT_OK
@@ -207,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a collection into a store (local path or URL)")
     c.add_argument("source", help="collection root (local path or fsspec URL)")
     c.add_argument("dest", help="store URL: a path, s3://bucket/prefix, …")
-    c.add_argument("--collection", required=True, choices=COLLECTIONS)
+    c.add_argument("--collection", required=True, type=_collection)
     c.add_argument(
         "--clinical", help="clinical spreadsheet / patient_data.csv (default: found in SOURCE)"
     )
@@ -259,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write miniature example collections in their real forms")
     s.add_argument("dest")
     s.add_argument(
-        "--collection", action="append", choices=COLLECTIONS, help="repeatable; default all three"
+        "--collection", action="append", type=_collection, help="repeatable; default all"
     )
     s.add_argument("--subjects", type=int, default=3)
     s.add_argument("--size", default="tiny", choices=("tiny", "small", "full"))
@@ -317,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vf.add_argument("url")
     vf.add_argument("--source", help="also compare voxel for voxel with this collection root")
-    vf.add_argument("--collection", choices=COLLECTIONS, help="collection of --source")
+    vf.add_argument("--collection", type=_collection, help="collection of --source")
     vf.add_argument("--clinical", help="clinical spreadsheet used at conversion (with --source)")
     vf.add_argument("--overrides", help="overrides CSV used at conversion (with --source)")
     vf.add_argument("--source-option", action="append", metavar="KEY=VALUE")

@@ -25,11 +25,12 @@ from livercube.errors import (
     UsageError,
 )
 from livercube.faults import fault_point
-from livercube.schema import COLLECTIONS, STORE_SCHEMA_VERSION
+from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.store import lease
 from livercube.store.catalog import stored_volumes, write_catalog
 from livercube.store.completion import CompletionRecord
-from livercube.store.layout import filesystem, is_remote, open_root, with_retries
+from livercube.store.layout import task_path
+from livercube.store.location import StoreLocation, is_remote, with_retries
 from livercube.store.writer import write_volume
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -117,12 +118,12 @@ REPORT_NAME = "livercube-report.json"
 REPORT_RESERVE = 64 * 1024
 
 
-def _existing_fingerprint(dest: str, storage_options: dict | None, path: str) -> str | None:
+def _existing_fingerprint(store: StoreLocation, path: str) -> str | None:
     """Fingerprint of a complete volume already at ``path`` (None: absent or partial)."""
     import zarr
 
     try:
-        group = open_root(dest, storage_options, mode="r", consolidated=False)[path]
+        group = store.open_root(mode="r", consolidated=False)[path]
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     meta = group.attrs.get("livercube", {}) if isinstance(group, zarr.Group) else {}
@@ -134,8 +135,7 @@ def _existing_fingerprint(dest: str, storage_options: dict | None, path: str) ->
 
 def _volume_task(
     task: Any,
-    dest: str,
-    storage_options: dict | None,
+    store: StoreLocation,
     source_options: dict | None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -146,19 +146,15 @@ def _volume_task(
     the client quarantines this input with its traceback while the rest completes.
     """
     fingerprint = task.fingerprint
-    if (
-        not overwrite
-        and _existing_fingerprint(dest, storage_options, task.store_path) == fingerprint
-    ):
-        return {"status": "unchanged", "input": task.key, "path": task.store_path}
+    path = task_path(task)
+    if not overwrite and _existing_fingerprint(store, path) == fingerprint:
+        return {"status": "unchanged", "input": task.key, "path": path}
     try:
         volume, skipped = task.read(source_options)
     except SourceError as exc:
         return {"status": "skipped", "input": exc.source, "reason": exc.reason}
     try:
-        record = write_volume(
-            dest, volume, storage_options=storage_options, fingerprint=fingerprint
-        )
+        record = write_volume(store, volume, fingerprint=fingerprint)
     except ForeignFilesError as exc:
         return {"status": "skipped", "input": task.key, "reason": str(exc)}
     fault_point("volume-written")
@@ -242,7 +238,7 @@ def run_tasks(
             fn,
             tasks,
             *[[a] * len(tasks) for a in args],
-            key=[f"livercube-{t.store_path}" for t in tasks],
+            key=[f"livercube-{task_path(t)}" for t in tasks],
             retries=TASK_RETRIES,
             pure=False,
         )
@@ -270,9 +266,9 @@ def run_tasks(
 
 
 def _prepare_root(
-    dest: str, storage_options: dict | None, collection: str, clinical_columns: dict[str, Any]
+    store: StoreLocation, collection: str, clinical_columns: dict[str, Any]
 ) -> None:
-    root = open_root(dest, storage_options, mode="a")
+    root = store.open_root(mode="a")
     meta = dict(root.attrs.get("livercube", {}))
     meta["schema_version"] = STORE_SCHEMA_VERSION
     columns = dict(meta.get("clinical_columns", {}))
@@ -281,18 +277,16 @@ def _prepare_root(
     root.attrs["livercube"] = meta
 
 
-def write_report(
-    dest: str, storage_options: dict | None, report: ConvertReport, *, reserve: bool = False
-) -> str:
+def write_report(store: StoreLocation, report: ConvertReport, *, reserve: bool = False) -> str:
     """Write ``livercube-report.json``; ``reserve``: the placeholder at the start of a run.
 
     On local disk the placeholder is padded to :data:`REPORT_RESERVE` bytes, and the final
     report goes beside it and is swapped in; if the disk is full by then, a compact report
     overwrites the placeholder in place (no new blocks needed), so the report survives.
     """
-    fs, path = filesystem(dest, storage_options)
+    fs, path = store.filesystem()
     target = f"{path.rstrip('/')}/{REPORT_NAME}"
-    if is_remote(dest):
+    if store.is_remote:
         with fs.open(target, "w") as f:
             f.write(report.to_json())
         return target
@@ -318,15 +312,16 @@ def write_report(
     return target
 
 
-def check_destination(dest: str, storage_options: dict | None) -> None:
+def check_destination(store: StoreLocation) -> None:
     """Refuse destinations livercube must not write into, before writing anything.
 
     A regular file, or a folder (prefix) that holds files but is not a livercube store, is a
     usage error: livercube never deletes or overwrites what it did not write.  An object
     store that cannot be reached is named in one line instead of a client traceback.
     """
-    if not is_remote(dest):
-        root = str(dest).removeprefix("file://")
+    dest = store.url
+    if not store.is_remote:
+        root = dest
         if os.path.exists(root) and not os.path.isdir(root):
             raise UsageError(f"destination {dest} is a file, not a store folder")
         if os.path.isdir(root):
@@ -335,13 +330,13 @@ def check_destination(dest: str, storage_options: dict | None) -> None:
             body = open(doc, "rb").read() if os.path.isfile(doc) else None  # noqa: SIM115
             _refuse_foreign(dest, entries, body)
         return
-    fs, path = filesystem(dest, _fail_fast(dest, storage_options))
+    fs, path = store.first_contact().filesystem()
     try:
         try:
             listed = fs.ls(path, detail=False, refresh=True)
         except FileNotFoundError:
             listed = []
-            if str(dest).startswith(("s3://", "s3a://")):
+            if store.is_s3:
                 bucket = path.split("/", 1)[0]
                 try:
                     fs.ls(bucket, detail=False, refresh=True)
@@ -355,20 +350,8 @@ def check_destination(dest: str, storage_options: dict | None) -> None:
     except (UsageError, PermissionError):
         raise
     except Exception as exc:  # connection refused, DNS, TLS, auth: one line, not botocore's
-        endpoint = (storage_options or {}).get("endpoint_url") or dest
-        raise StoreError(f"cannot reach the object store at {endpoint}: {exc}") from exc
+        raise StoreError(f"cannot reach the object store at {store.endpoint}: {exc}") from exc
     _refuse_foreign(dest, entries, body)
-
-
-def _fail_fast(dest: str, storage_options: dict | None) -> dict:
-    """Options for the first contact with a remote store: few retries, short timeouts."""
-    opts = with_retries(dest, storage_options)
-    if str(dest).startswith(("s3://", "s3a://")):
-        config = dict(opts.get("config_kwargs") or {})
-        config.update(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10)
-        opts["config_kwargs"] = config
-        opts["skip_instance_cache"] = True
-    return opts
 
 
 def _refuse_foreign(dest: str, entries: list[str], root_doc: bytes | None) -> None:
@@ -390,29 +373,28 @@ def _refuse_foreign(dest: str, entries: list[str], root_doc: bytes | None) -> No
 def _check_input_file(path: str | None, option: str, storage_options: dict | None) -> None:
     if not path:
         return
-    fs, p = filesystem(path, storage_options if is_remote(path) else None)
+    fs, p = StoreLocation.of(path, storage_options if is_remote(path) else None).filesystem()
     if not fs.isfile(p):
         raise UsageError(f"{option} {path}: no such file")
 
 
-def _hide_rewrites(
-    dest: str, storage_options: dict | None, tasks: list[Any], overwrite: bool
-) -> set[str]:
+def _hide_rewrites(store: StoreLocation, tasks: list[Any], overwrite: bool) -> set[str]:
     """Take volumes this run will replace out of the catalog before touching them.
 
     Replacing a volume deletes its group document first; a catalog that still listed it
     would send readers to a group without ``zarr.json`` until the run ends (or forever, if it
     is interrupted).  The catalog always lists complete volumes only.
     """
-    existing, has_catalog = stored_volumes(dest, storage_options)
+    existing, has_catalog = stored_volumes(store)
     current = {p: getattr(CompletionRecord.of(m), "fingerprint", None) for p, m in existing}
+    paths = {task_path(t): t for t in tasks}
     doomed = {
-        t.store_path
-        for t in tasks
-        if t.store_path in current and (overwrite or current[t.store_path] != t.fingerprint)
+        p
+        for p, t in paths.items()
+        if p in current and (overwrite or current[p] != t.fingerprint)
     }
     if doomed and has_catalog:
-        write_catalog(dest, storage_options, exclude=doomed)
+        write_catalog(store, exclude=doomed)
     return doomed
 
 
@@ -426,9 +408,9 @@ def _ran_out_of_space(rec: dict[str, Any]) -> bool:
 
 def check_collection(collection: str) -> None:
     """Reject an unknown collection name before any I/O, naming the valid ones."""
-    if collection not in COLLECTIONS:
+    if collection not in registry.ids():
         raise UsageError(
-            f"unknown collection {collection!r}; choose one of {', '.join(COLLECTIONS)}"
+            f"unknown collection {collection!r}; choose one of {', '.join(registry.ids())}"
         )
 
 
@@ -490,10 +472,10 @@ def convert(
     check_collection(collection)
     check_scheduler(scheduler)
     # retries for flaky object storage on both ends; local paths are unaffected
-    storage_options = with_retries(dest, storage_options) or None
+    store = StoreLocation.of(dest, storage_options)
     source_options = with_retries(source, source_options) or None
     report = ConvertReport(
-        collection, str(source), str(dest), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        collection, str(source), store.url, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
     plan = plan_collection(
         source,
@@ -508,7 +490,7 @@ def convert(
     report.deidentification = dict(getattr(plan, "deidentification", None) or {})
     report.skipped.extend(plan.skipped)
     report.warnings.extend(plan.warnings)
-    tasks, columns = plan.tasks, plan.clinical_columns
+    tasks = plan.tasks
     if only:
         wanted = set(only)
         unknown = wanted - {t.patient_id for t in tasks}
@@ -516,90 +498,76 @@ def convert(
             raise UsageError(f"--only: no such patient in {source}: {', '.join(sorted(unknown))}")
         tasks = [t for t in tasks if t.patient_id in wanted]
 
-    check_destination(dest, storage_options)
+    check_destination(store)
+    run = ConvertRun(
+        report=report,
+        tasks=tasks,
+        clinical_columns=plan.clinical_columns,
+        store=store,
+        source_options=source_options,
+        overwrite=overwrite,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+    )
     try:
-        return _convert_holding_lease(
-            report,
-            tasks,
-            columns,
-            dest,
-            storage_options,
-            source_options,
-            overwrite,
-            scheduler,
-            workers,
-            progress,
-        )
+        return _convert_holding_lease(run)
     except OSError as exc:  # the disk filled up before the report or catalog could say so
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise StoreFullError(f"no space left on the device of {dest}: {exc.strerror}") from exc
 
 
-def _convert_holding_lease(
-    report: ConvertReport,
-    tasks: list[Any],
-    columns: dict[str, Any],
-    dest: str,
-    storage_options: dict | None,
-    source_options: dict | None,
-    overwrite: bool,
-    scheduler: str,
-    workers: int | None,
-    progress: bool,
-) -> ConvertReport:
+@dataclass
+class ConvertRun:
+    """Everything one ``convert`` run writes with, decided before the lease is taken."""
+
+    report: ConvertReport
+    tasks: list[Any]
+    clinical_columns: dict[str, Any]
+    store: StoreLocation
+    source_options: dict | None
+    overwrite: bool
+    scheduler: str
+    workers: int | None
+    progress: bool
+
+
+def _convert_holding_lease(run: ConvertRun) -> ConvertReport:
     """Everything that writes: under the store's lease, report first, catalog last."""
-    collection = report.collection
-    with lease.held(dest, storage_options, purpose=f"livercube convert {collection}") as held:
-        _prepare_root(dest, storage_options, collection, columns)
-        write_report(dest, storage_options, report, reserve=True)
-        _hide_rewrites(dest, storage_options, tasks, overwrite)
-        _run(
-            report,
-            tasks,
-            dest,
-            storage_options,
-            source_options,
-            overwrite,
-            scheduler,
-            workers,
-            progress,
-        )
+    report, store = run.report, run.store
+    with lease.held(store, purpose=f"livercube convert {report.collection}") as held:
+        _prepare_root(store, report.collection, run.clinical_columns)
+        write_report(store, report, reserve=True)
+        _hide_rewrites(store, run.tasks, run.overwrite)
+        _run(run)
         held.check()  # never rebuild the catalog over a run that took the store over
         fault_point("before-catalog")
         full = [r for r in report.failed if _ran_out_of_space(r)]
         try:
-            write_catalog(dest, storage_options)
+            write_catalog(store)
         except StoreFullError as exc:
             report.fatal = str(exc)
         if full and not report.fatal:
             report.fatal = (
-                f"no space left on the device of {dest}: {len(full)} volume(s) could not be written"
+                f"no space left on the device of {store}: {len(full)} volume(s) could not be "
+                "written"
             )
         report.finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        write_report(dest, storage_options, report)
+        write_report(store, report)
     return report
 
 
-def _run(
-    report: ConvertReport,
-    tasks: list[Any],
-    dest: str,
-    storage_options: dict | None,
-    source_options: dict | None,
-    overwrite: bool,
-    scheduler: str,
-    workers: int | None,
-    progress: bool,
-) -> None:
+def _run(run: ConvertRun) -> None:
     """Run the volume tasks and sort their records into the report."""
+    report = run.report
     for _task, rec in run_tasks(
         _volume_task,
-        tasks,
-        (dest, storage_options, source_options, overwrite),
-        scheduler=scheduler,
-        workers=workers,
-        progress=progress,
+        run.tasks,
+        (run.store, run.source_options, run.overwrite),
+        scheduler=run.scheduler,
+        workers=run.workers,
+        progress=run.progress,
     ):
         descriptors = getattr(_task, "descriptors", None)  # DICOM: messages may quote them
         if descriptors is not None:

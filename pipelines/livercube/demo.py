@@ -16,7 +16,6 @@ import numpy as np
 from livercube import registry
 from livercube.convert import EXIT_OK, convert
 from livercube.errors import UsageError
-from livercube.schema import COLLECTIONS
 from livercube.store.layout import data_path
 from livercube.synth.collections import write_one
 
@@ -25,7 +24,7 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
     workdir = Path(workdir)
     examples, store_url = workdir / "examples", str(workdir / "livercube.zarr")
     status = EXIT_OK
-    for collection in COLLECTIONS:
+    for collection in (c.id for c in registry.BUILTIN):
         t0 = time.perf_counter()
         try:
             write_one(collection, examples, n=3, size=size, seed=0)

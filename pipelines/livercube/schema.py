@@ -13,9 +13,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# collection ids; their entries, with everything that differs between them, are the registry's
-from livercube.registry import COLLECTIONS as COLLECTIONS
-
 #: Version of the on-disk contract written into every store root and volume group.
 STORE_SCHEMA_VERSION = "2.0"
 

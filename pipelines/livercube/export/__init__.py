@@ -16,7 +16,7 @@ from typing import Any
 
 from livercube.errors import UsageError
 from livercube.schema import PHASES
-from livercube.store.layout import is_remote
+from livercube.store.location import StoreLocation, is_remote
 from livercube.store.publish import redact
 
 FORMATS = ("nifti", "nnunet")
@@ -52,7 +52,7 @@ def _prepare(dest: Path, overwrite: bool) -> None:
 
 
 def export(
-    url: str,
+    where_from: str | StoreLocation,
     dest: str | Path,
     format: str,
     *,
@@ -63,7 +63,7 @@ def export(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> ExportResult:
-    """Export the volumes ``where`` selects from the store at ``url`` into ``dest``."""
+    """Export the volumes ``where`` selects from the store ``where_from`` into ``dest``."""
     import livercube
     from livercube.export.selection import select
 
@@ -84,7 +84,8 @@ def export(
         )
     if phases and len(set(phases)) != len(phases):
         raise UsageError("--phases: each phase once")
-    store = livercube.open(url, **(storage_options or {}))
+    store = livercube.open(StoreLocation.of(where_from, storage_options))
+    url = store.url
     rows = select(store, where)
     dest = Path(dest)
     _prepare(dest, overwrite)

@@ -56,7 +56,7 @@ from livercube.sampling.fetch import fetch_ranges
 from livercube.sampling.plan import Box, ChunkId, ReadPlan, chunk_name, plan_boxes
 from livercube.sampling.ranges import ByteRange, Request, merge_ranges
 from livercube.sampling.shard_index import EMPTY, ShardIndex
-from livercube.store.layout import is_remote, with_retries
+from livercube.store.location import StoreLocation
 
 #: Concurrent decode tasks per read: Blosc releases the GIL, so one per core pays off.
 DECODE_TASKS = max(1, min(8, os.cpu_count() or 1))
@@ -97,14 +97,15 @@ class ShardReader:
     threads for local reads and for decoding.  ``cache_bytes``: LRU of compressed chunks kept
     in memory.  ``cache_dir``: compressed chunks kept on local disk.  ``storage_options``:
     fsspec's (``anon``, ``endpoint_url``, ``key``/``secret``, ``profile``…), with livercube's
-    S3 retry policy added.  ``engine="tensorstore"``: local stores only, reads through
+    S3 retry policy added (or pass a :class:`~livercube.store.location.StoreLocation` as
+    ``url``).  ``engine="tensorstore"``: local stores only, reads through
     TensorStore's ``zarr3`` driver with the same integrity guarantees (no caches or stats,
     and DataLoader workers must be spawned, not forked — see ``benchmarks/README.md``).
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | StoreLocation,
         storage_options: dict[str, Any] | None = None,
         *,
         coalesce_gap: int | None = None,
@@ -116,9 +117,10 @@ class ShardReader:
         fs: Any = None,
         engine: str = "livercube",
     ) -> None:
-        self.url = str(url)
-        self.storage_options = dict(storage_options or {})
-        self.remote = is_remote(self.url)
+        self.location = StoreLocation.of(url, storage_options)
+        self.url = self.location.url
+        self.storage_options = self.location.options  # retry policy included (S3)
+        self.remote = self.location.is_remote
         self.coalesce_gap = (
             (2**20 if self.remote else 2**16) if coalesce_gap is None else coalesce_gap
         )
@@ -150,9 +152,7 @@ class ShardReader:
         if self._user_fs is not None:
             self.fs, self.root = self._user_fs, fsspec.core.url_to_fs(self.url)[1]
         elif self.remote:
-            self.fs, self.root = fsspec.core.url_to_fs(
-                self.url, **with_retries(self.url, self.storage_options)
-            )
+            self.fs, self.root = self.location.filesystem()
         else:
             self.fs, self.root = None, os.path.abspath(self.url.removeprefix("file://"))
 

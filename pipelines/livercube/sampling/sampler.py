@@ -217,7 +217,8 @@ class PatchSampler:
         if missing_phase not in ("skip", "pad"):
             raise ValueError("missing_phase must be 'skip' or 'pad'")
         if not isinstance(store, Store):
-            store = Store(str(store), **(storage_options or {}))
+            store = Store(store, **(storage_options or {}))  # a URL or a StoreLocation
+        self.location = store.location
         self.url, self.storage_options = store.url, dict(store.storage_options)
         self.patch_size = tuple(int(s) for s in patch_size)
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -241,7 +242,7 @@ class PatchSampler:
         self.rank, self.world_size = int(rank), int(world_size)
         self.prefetch = max(1, int(prefetch))
         self.position = 0
-        self.reader = reader or ShardReader(self.url, self.storage_options, **reader_options)
+        self.reader = reader or ShardReader(self.location, **reader_options)
         self._locations: dict[int, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._select(store, where)

@@ -20,15 +20,13 @@ import fsspec
 
 from livercube import registry
 from livercube.errors import SourceError, UsageError
-from livercube.schema import STORE_SCHEMA_VERSION
 from livercube.sources import idc
 from livercube.sources.deid import DESCRIPTOR_ATTRIBUTES, Descriptors, clean_segment_item
 from livercube.sources.dicom_scan import Acquisition, SegInstance, scan
-from livercube.store.layout import sanitize, volume_path, with_retries
+from livercube.sources.plan import Plan, task_fingerprint
+from livercube.store.layout import sanitize
+from livercube.store.location import with_retries
 from livercube.volumes.volume import Volume
-
-#: File names of the clinical spreadsheets as released (found in SOURCE when --clinical is absent).
-CLINICAL_FILES = {c.id: c.clinical_files for c in registry.REGISTRY.values()}
 
 
 @dataclass
@@ -59,26 +57,18 @@ class DicomVolumeTask:
         return self.acquisition.patient_id
 
     @property
-    def store_path(self) -> str:
-        return volume_path(self.collection, self.patient_id, self.study, self.series)
-
-    @property
     def fingerprint(self) -> str:
         """Changes when any source file (SOP, path, size), the SEG, phase or covariates change."""
-        body = repr(
-            (
-                STORE_SCHEMA_VERSION,
-                self.acquisition,
-                self.seg,
-                self.phase,
-                self.phase_evidence,
-                sorted(self.clinical.items()),
-                self.age,
-                self.sex,
-                self.descriptors.mode,
-            )
+        return task_fingerprint(
+            self.acquisition,
+            self.seg,
+            self.phase,
+            self.phase_evidence,
+            sorted(self.clinical.items()),
+            self.age,
+            self.sex,
+            self.descriptors.mode,
         )
-        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
     def read(self, storage_options: dict | None = None) -> tuple[Volume, list[dict[str, str]]]:
         try:
@@ -86,16 +76,6 @@ class DicomVolumeTask:
         except SourceError as exc:  # its message may quote the raw SeriesDescription
             scrub = self.descriptors.scrub
             raise type(exc)(scrub(exc.source), scrub(exc.reason)) from None
-
-
-@dataclass
-class DicomPlan:
-    tasks: list[DicomVolumeTask]
-    skipped: list[dict[str, str]]
-    warnings: list[str]
-    clinical_columns: dict[str, dict[str, Any]]
-    #: The descriptor mode of the run, for the conversion report.
-    deidentification: dict[str, Any] = field(default_factory=dict)
 
 
 def _short(uid: str, n: int = 6) -> str:
@@ -148,7 +128,7 @@ def _find_clinical(source: str, collection: str, storage_options: dict | None) -
     """The released spreadsheet if it lies at the top of SOURCE (where TCIA users keep it)."""
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    for name in CLINICAL_FILES[collection]:
+    for name in registry.get(collection).clinical_files:
         path = f"{root.rstrip('/')}/{name}"
         if fs.exists(path):
             return path if proto in ("file", "local") else f"{proto}://{path}"
@@ -165,7 +145,7 @@ def plan(
     where: str | None = None,
     keep_descriptions: bool = False,
     clinical_columns: list[str] | tuple[str, ...] = (),
-) -> DicomPlan:
+) -> Plan:
     """Scan headers and decide every volume of a DICOM collection.
 
     ``source`` is a directory or URL, or ``idc://<collection>`` for the IDC bucket (then
@@ -308,7 +288,7 @@ def plan(
         task.seg_target = next(t for t in targets if t.key == match.target_key)
         task.seg_notes = [*match.notes, f"matched: {match.reason}"]
     columns = dict(table.columns) if table else {}
-    return DicomPlan(
+    return Plan(
         sorted(tasks.values(), key=lambda t: t.key),
         [descriptors.scrub_record(s) for s in skipped],
         [descriptors.scrub(w) for w in warnings],

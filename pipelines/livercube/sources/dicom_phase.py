@@ -73,10 +73,10 @@ from livercube.sources.dicom_scan import Acquisition
 
 _ORDER = {p: i for i, p in enumerate(PHASES)}
 
-#: Collections documented as one portal-venous CT per patient (their registry entries say so).
-PORTAL_VENOUS_COLLECTIONS = frozenset(
-    c.id for c in registry.REGISTRY.values() if c.single_portal_venous
-)
+def _portal_venous_only(collection: str) -> bool:
+    """Whether the collection is documented as one portal-venous CT per patient (registry)."""
+    cid = registry.canonical(collection)
+    return cid is not None and registry.get(cid).single_portal_venous
 
 #: Words of a description that name each phase (the de-identification vocabulary keeps them).
 PHASE_KEYWORDS: dict[str, tuple[str, ...]] = {
@@ -355,7 +355,7 @@ def _classify_one_study(
             if facts.multiphase:
                 calls.update(_order_series(members, "multiphase protocol name"))
                 continue
-            if collection not in PORTAL_VENOUS_COLLECTIONS and _overlapping(members):
+            if not _portal_venous_only(collection) and _overlapping(members):
                 calls.update(
                     _order_series(members, "no phase word; acquisitions repeat the same z range")
                 )
@@ -387,7 +387,7 @@ def _single(
             f"{desc}; no ContrastBolusAgent while other acquisitions of the study have one",
         )
     # rule 5: collection default
-    if collection in PORTAL_VENOUS_COLLECTIONS:
+    if _portal_venous_only(collection):
         return PhaseCall(
             "portal_venous",
             "collection-default",

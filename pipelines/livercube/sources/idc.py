@@ -18,12 +18,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from livercube import registry
 from livercube.errors import UsageError
 
 SCHEME = "idc://"
-
-#: livercube collection → IDC ``collection_id`` (either name is accepted after ``idc://``).
-IDC_COLLECTIONS = {"hcc-tace-seg": "hcc_tace_seg", "crlm": "colorectal_liver_metastases"}
 
 #: Overrides the index file (an index subset in the same schema; tests, pinned mirrors).
 INDEX_ENV = "LIVERCUBE_IDC_INDEX"
@@ -70,13 +68,17 @@ def is_idc(source: str) -> bool:
 
 
 def idc_collection_id(source: str) -> str:
-    """The IDC ``collection_id`` named by an ``idc://`` URL (livercube or IDC spelling)."""
+    """The IDC ``collection_id`` named by an ``idc://`` URL (livercube or IDC spelling).
+
+    The mapping is each registry entry's ``idc_collection``.
+    """
     name = str(source)[len(SCHEME) :].strip("/").lower()
-    if name in IDC_COLLECTIONS:
-        return IDC_COLLECTIONS[name]
-    if name in IDC_COLLECTIONS.values():
+    ids = {c.id: c.idc_collection for c in registry.entries().values() if c.idc_collection}
+    if name in ids:
+        return ids[name]
+    if name in ids.values():
         return name
-    known = ", ".join(f"idc://{k}" for k in IDC_COLLECTIONS)
+    known = ", ".join(f"idc://{k}" for k in ids)
     raise UsageError(f"{source}: not an IDC collection livercube reads (use {known})")
 
 

@@ -18,13 +18,12 @@ The release's headers are wrong in known ways (``collections.md``), and we handl
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 import numpy as np
@@ -36,10 +35,10 @@ from livercube.errors import (
     UnreadableFileError,
     UsageError,
 )
-from livercube.schema import STORE_SCHEMA_VERSION, map_segment_label
+from livercube.schema import map_segment_label
 from livercube.sources import slice_order as so
 from livercube.sources.nifti import load_nifti, max_nifti_bytes, shear_deg, to_scalar_volume
-from livercube.store.layout import volume_path
+from livercube.sources.plan import Plan, task_fingerprint
 from livercube.volumes.geometry import canonical_reorientation, decompose_affine, ras_to_lps_affine
 from livercube.volumes.volume import SegmentField, Volume
 
@@ -101,30 +100,30 @@ class PlcVolumeTask:
     slice_order_source: str = "default (release stores superior-first)"
     max_bytes: int | None = None  # decompressed NIfTI size limit, fixed at planning
 
+    collection: ClassVar[str] = COLLECTION
+    #: A subject's phases form one study (the release has no study level).
+    study: ClassVar[str] = STUDY
+
     @property
     def key(self) -> str:
         return f"{self.patient_id}_{self.code}"
 
     @property
-    def store_path(self) -> str:
-        return volume_path(COLLECTION, self.patient_id, STUDY, self.code)
+    def series(self) -> str:
+        return self.code
 
     @property
     def fingerprint(self) -> str:
         """Changes when a source file or any conversion parameter changes (resume key)."""
-        body = repr(
-            (
-                STORE_SCHEMA_VERSION,
-                self.patient_id,
-                self.code,
-                self.lesion_expected,
-                sorted(self.clinical.items()),
-                self.slice_order,
-                self.spacing_zyx,
-                self.source_stamp,
-            )
+        return task_fingerprint(
+            self.patient_id,
+            self.code,
+            self.lesion_expected,
+            sorted(self.clinical.items()),
+            self.slice_order,
+            self.spacing_zyx,
+            self.source_stamp,
         )
-        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
     def read(self, storage_options: dict | None = None) -> tuple[Volume, list[dict]]:
         return read_volume(self, storage_options)
@@ -307,14 +306,6 @@ def read_overrides(text: str, source: str = "overrides") -> dict[tuple[str, str]
     return out
 
 
-@dataclass
-class PlcPlan:
-    tasks: list[PlcVolumeTask]
-    skipped: list[dict[str, str]]  # {"input":…, "reason":…}
-    warnings: list[str]
-    clinical_columns: dict[str, dict[str, Any]]
-
-
 def _stamp(fs, url: str, prefix: str) -> tuple:
     """(name, size, modification stamp) of a source file: its identity for resume."""
     info = fs.info(url.removeprefix(prefix))
@@ -332,7 +323,7 @@ def plan(
     where: str | None = None,
     keep_descriptions: bool = False,
     clinical_columns: tuple[str, ...] = (),
-) -> PlcPlan:
+) -> Plan:
     """List the volumes of a PLC-CECT release from file names and ``patient_data.csv``.
 
     ``collection``, ``where``, ``keep_descriptions`` and ``clinical_columns`` complete the
@@ -474,7 +465,7 @@ def plan(
         detect_slice_orders(tasks, storage_options, fixed={k for k in ov if "slice_order" in ov[k]})
     )
     columns = {k: v for k, v in CLINICAL_COLUMNS.items() if any(k in t.clinical for t in tasks)}
-    return PlcPlan(tasks, skipped, warnings, columns)
+    return Plan(tasks, skipped, warnings, columns)
 
 
 def _deduplicate(

@@ -27,21 +27,44 @@ from zarr.storage import MemoryStore
 
 from livercube import registry
 from livercube.errors import StoreError, StoreFullError
-from livercube.schema import CATALOG_GROUP, COLLECTIONS, STORE_SCHEMA_VERSION
+from livercube.schema import CATALOG_GROUP, STORE_SCHEMA_VERSION
 from livercube.store.completion import is_complete
-from livercube.store.layout import is_remote, open_zarr_store
+from livercube.store.layout import in_collection_tree
+from livercube.store.location import StoreLocation
 
 #: Prefix of clinical variables per collection (columns keep their names in ``source_column``).
-CLINICAL_PREFIX = {c.id: c.catalog_prefix for c in registry.REGISTRY.values()}
+
+
+def _collection_groups(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    """The top-level collection groups, without tripping over the store's other objects.
+
+    With consolidated metadata zarr answers from memory (no listing: plain HTTP has none);
+    otherwise the top level is listed and only names that are groups are opened, so the
+    report, README and parquet beside them are not "unrecognized components".
+    """
+    if root.metadata.consolidated_metadata is not None:
+        return [(k, g) for k, g in root.groups() if in_collection_tree(f"{k}/")]
+
+    async def names() -> list[str]:
+        return [k async for k in root.store.list_dir(root.path)]
+
+    out = []
+    for name in sorted(sync(names())):
+        if in_collection_tree(f"{name}/"):
+            try:
+                node = root[name]
+            except KeyError:
+                continue
+            if isinstance(node, zarr.Group):
+                out.append((name, node))
+    return out
 
 
 def complete_volumes(root: zarr.Group) -> list[tuple[str, dict[str, Any]]]:
     """(path, livercube attrs) of every complete volume group, sorted by path."""
     found = []
-    for collection in COLLECTIONS:
-        if collection not in root:
-            continue
-        for path, node in root[collection].members(max_depth=None):
+    for collection, group in _collection_groups(root):
+        for path, node in group.members(max_depth=None):
             if not isinstance(node, zarr.Group):
                 continue
             meta = node.attrs.get("livercube")
@@ -64,7 +87,8 @@ def _clinical_variables(
     out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
     n = len(metas)
     for collection, cols in columns.items():
-        prefix = CLINICAL_PREFIX.get(collection, _snake(collection) + "_")
+        known = registry.canonical(collection)
+        prefix = registry.get(known).catalog_prefix if known else _snake(collection) + "_"
         for col, spec in cols.items():
             name = prefix + _snake(col)
             kind = spec.get("dtype", "str")
@@ -206,7 +230,7 @@ def volumes_from_documents(docs: dict[str, Any]) -> list[tuple[str, dict[str, An
     found = []
     for key, buf in docs.items():
         path = key.removesuffix("zarr.json").rstrip("/")
-        if path.split("/", 1)[0] not in COLLECTIONS:
+        if not in_collection_tree(key):
             continue
         doc = json.loads(buf.to_bytes())
         meta = (
@@ -218,10 +242,10 @@ def volumes_from_documents(docs: dict[str, Any]) -> list[tuple[str, dict[str, An
 
 
 def stored_volumes(
-    url: str, storage_options: dict[str, Any] | None = None
+    where: str | StoreLocation, storage_options: dict[str, Any] | None = None
 ) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
     """Complete volumes now in the store (path, livercube attrs), and whether it has a catalog."""
-    docs = sync(_metadata_documents(open_zarr_store(url, storage_options)))
+    docs = sync(_metadata_documents(StoreLocation.of(where, storage_options).zarr_store()))
     return volumes_from_documents(docs), f"{CATALOG_GROUP}/zarr.json" in docs
 
 
@@ -290,12 +314,11 @@ def _swap_local_catalog(root: Path, objects: dict[str, Any], root_doc) -> None:
 
 def _is_store_document(key: str) -> bool:
     """Metadata that belongs in the consolidated root: root, catalog, collections (no debris)."""
-    head = key.split("/", 1)[0]
-    return key == "zarr.json" or head == CATALOG_GROUP or head in COLLECTIONS
+    return key == "zarr.json" or key.startswith(f"{CATALOG_GROUP}/") or in_collection_tree(key)
 
 
 def write_catalog(
-    url: str,
+    where: str | StoreLocation,
     storage_options: dict[str, Any] | None = None,
     *,
     exclude: frozenset[str] | set[str] = frozenset(),
@@ -310,10 +333,11 @@ def write_catalog(
     catalog object and one for the root.  Consolidation runs on an in-memory mirror of the
     metadata documents (public zarr API), so it needs no second walk of the bucket.
     """
-    store = open_zarr_store(url, storage_options)
+    loc = StoreLocation.of(where, storage_options)
+    store = loc.zarr_store()
     docs = sync(_metadata_documents(store))
     if "zarr.json" not in docs:
-        raise StoreError(f"{url}: no zarr root group (nothing converted yet?)")
+        raise StoreError(f"{loc}: no zarr root group (nothing converted yet?)")
     root_attrs = json.loads(docs["zarr.json"].to_bytes()).get("attributes", {})
     hidden = tuple(f"{p}/" for p in exclude)
     docs = {k: v for k, v in docs.items() if _is_store_document(k) and not k.startswith(hidden)}
@@ -328,10 +352,8 @@ def write_catalog(
             if k == "zarr.json" or k.endswith("/zarr.json"):
                 mirror[f"{CATALOG_GROUP}/{k}"] = v
         zarr.consolidate_metadata(MemoryStore(mirror), zarr_format=3)
-    if not is_remote(url):
-        _swap_local_catalog(
-            Path(str(url).removeprefix("file://")), catalog_objects, mirror["zarr.json"]
-        )
+    if not loc.is_remote:
+        _swap_local_catalog(Path(loc.url), catalog_objects, mirror["zarr.json"])
     else:
         old = sync(_catalog_keys(store))
         sync(_replace_catalog_remote(store, catalog_objects, mirror["zarr.json"], old))

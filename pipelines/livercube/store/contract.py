@@ -16,7 +16,8 @@ import zarr
 
 from livercube.schema import schemas_dir
 from livercube.store.catalog import complete_volumes
-from livercube.store.layout import FULL_RES, open_root, volume_path
+from livercube.store.layout import FULL_RES, volume_path
+from livercube.store.location import StoreLocation
 from livercube.store.pyramid import image_level_path
 
 
@@ -112,16 +113,14 @@ def dimension_conflicts(group: zarr.Group, inherited: dict[str, int] | None = No
     return problems
 
 
-def check_catalog(root: zarr.Group, n_volumes: int, url: str, storage_options=None) -> list[str]:
+def check_catalog(root: zarr.Group, n_volumes: int, loc: StoreLocation) -> list[str]:
     import xarray as xr
-
-    from livercube.store.layout import open_zarr_store
 
     spec = _catalog_spec()
     if spec["group"] not in root:
         return ["catalog group missing"]
     cat = xr.open_zarr(
-        open_zarr_store(url, storage_options, read_only=True),
+        loc.zarr_store(read_only=True),
         group=spec["group"],
         zarr_format=3,
         consolidated=False,
@@ -141,12 +140,15 @@ def check_catalog(root: zarr.Group, n_volumes: int, url: str, storage_options=No
     return problems
 
 
-def check_store(url: str, storage_options: dict | None = None) -> list[str]:
-    """Every contract problem of the store at ``url`` (empty list: the store conforms)."""
-    root = open_root(url, storage_options, mode="r", consolidated=False)
+def check_store(
+    where: str | StoreLocation, storage_options: dict | None = None
+) -> list[str]:
+    """Every contract problem of the store at ``where`` (empty list: the store conforms)."""
+    loc = StoreLocation.of(where, storage_options)
+    root = loc.open_root(mode="r", consolidated=False)
     vols = complete_volumes(root)
     problems: list[str] = []
     for path, _ in vols:
         problems += check_volume_group(path, root[path])
-    problems += check_catalog(root, len(vols), url, storage_options)
+    problems += check_catalog(root, len(vols), loc)
     return problems

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livercube.errors import StoreBusyError
-from livercube.store.layout import filesystem, is_remote
+from livercube.store.location import StoreLocation
 
 #: Object name of the lease at the store root.
 LEASE_NAME = "livercube-lease.json"
@@ -246,12 +246,11 @@ class _FsspecBackend(_Backend):
             self.fs.rm_file(self.path)
 
 
-def _backend(url: str, storage_options: dict[str, Any] | None) -> _Backend:
-    if not is_remote(url):
-        root = str(url).removeprefix("file://")
-        os.makedirs(root, exist_ok=True)
-        return _LocalBackend(root)
-    fs, path = filesystem(url, storage_options)
+def _backend(loc: StoreLocation) -> _Backend:
+    if not loc.is_remote:
+        os.makedirs(loc.url, exist_ok=True)
+        return _LocalBackend(loc.url)
+    fs, path = loc.filesystem()
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("s3", "s3a"):
         return _S3Backend(fs, path)
@@ -313,14 +312,16 @@ class Lease:
 
 
 def acquire(
-    url: str,
+    where: str | StoreLocation,
     storage_options: dict[str, Any] | None = None,
     *,
     purpose: str = "livercube convert",
     ttl: float = LEASE_TTL_S,
 ) -> Lease:
     """Take the store's lease or raise :class:`StoreBusyError` naming the live holder."""
-    backend = _backend(url, storage_options)
+    loc = StoreLocation.of(where, storage_options)
+    url = loc.url
+    backend = _backend(loc)
     now = _now()
     body = {
         "owner": getpass.getuser(),
@@ -358,14 +359,14 @@ def acquire(
 
 @contextlib.contextmanager
 def held(
-    url: str,
+    where: str | StoreLocation,
     storage_options: dict[str, Any] | None = None,
     *,
     purpose: str = "livercube convert",
     ttl: float = LEASE_TTL_S,
 ) -> Iterator[Lease]:
     """``with held(url): ...`` — the store's lease for the duration of the block."""
-    lease = acquire(url, storage_options, purpose=purpose, ttl=ttl)
+    lease = acquire(where, storage_options, purpose=purpose, ttl=ttl)
     try:
         yield lease
     finally:

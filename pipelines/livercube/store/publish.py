@@ -30,7 +30,6 @@ import xarray as xr
 
 from livercube import registry
 from livercube.schema import (
-    COLLECTIONS,
     PHASES,
     STORE_SCHEMA_VERSION,
     label_precedence,
@@ -38,13 +37,13 @@ from livercube.schema import (
     unified_labels,
 )
 from livercube.store.completion import CompletionRecord
-from livercube.store.layout import filesystem, with_retries
+from livercube.store.location import StoreLocation
 from livercube.store.query import catalog_frame
 
-#: Public facts about each collection (``shared/reference/collections.md``).
-COLLECTION_INFO: dict[str, dict[str, str]] = {
-    c.id: dict(c.provenance) for c in registry.REGISTRY.values()
-}
+
+def collection_info(collection: str) -> dict[str, str]:
+    """Public facts about a collection for the dataset card (its registry entry's provenance)."""
+    return dict(registry.get(collection).provenance)
 
 REPORT_NAME = "livercube-report.json"
 PARQUET_NAME = "catalog.parquet"
@@ -131,9 +130,9 @@ def dataset_card(
 ) -> str:
     """The Markdown dataset card of a store (pure: everything it says is passed in)."""
     frame = catalog_frame(catalog) if catalog.sizes.get("volume", 0) else pd.DataFrame()
-    present = [c for c in COLLECTIONS if len(frame) and (frame["collection"] == c).any()]
+    present = [c for c in registry.ids() if len(frame) and (frame["collection"] == c).any()]
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    title_list = ", ".join(COLLECTION_INFO[c]["title"] for c in present) or "no collections"
+    title_list = ", ".join(collection_info(c)["title"] for c in present) or "no collections"
     lines = [
         "# livercube store: " + title_list,
         "",
@@ -166,7 +165,7 @@ def dataset_card(
         sub = frame[frame["collection"] == c]
         rows.append(
             [
-                COLLECTION_INFO[c]["title"],
+                collection_info(c)["title"],
                 sub["patient_id"].nunique(),
                 len(sub),
                 int(sub["annotated"].sum()),
@@ -182,7 +181,7 @@ def dataset_card(
             for m in volume_meta.values()
             if m.get("collection") == c
         ]
-        prov.append([COLLECTION_INFO[c]["title"], COLLECTION_INFO[c]["publisher"]])
+        prov.append([collection_info(c)["title"], collection_info(c)["publisher"]])
         prov[-1].append(_date_range(written))
     lines += _table(["collection", "source", "volumes written (UTC)"], prov)
     lines += [
@@ -222,9 +221,9 @@ def dataset_card(
         ["collection", "licence", "DOI"],
         [
             [
-                COLLECTION_INFO[c]["title"],
-                f"[{COLLECTION_INFO[c]['licence']}]({COLLECTION_INFO[c]['licence_url']})",
-                f"[{COLLECTION_INFO[c]['doi']}](https://doi.org/{COLLECTION_INFO[c]['doi']})",
+                collection_info(c)["title"],
+                f"[{collection_info(c)['licence']}]({collection_info(c)['licence_url']})",
+                f"[{collection_info(c)['doi']}](https://doi.org/{collection_info(c)['doi']})",
             ]
             for c in present
         ],
@@ -249,7 +248,7 @@ def dataset_card(
         mapped = ", ".join(
             f"`{r['pattern']}` → {names.get(r['label']) or 'none'}" for r in rules.get(c, [])
         )
-        lines.append(f"* {COLLECTION_INFO[c]['title']}: {mapped}")
+        lines.append(f"* {collection_info(c)['title']}: {mapped}")
     lines += [
         "",
         "## Phase vocabulary",
@@ -262,7 +261,7 @@ def dataset_card(
         "",
     ]
     for c in present:
-        info = COLLECTION_INFO[c]
+        info = collection_info(c)
         lines.append(
             f"* {info['title']}: <authors>, <title>, {info['publisher']}, <year>. "
             f"https://doi.org/{info['doi']}"
@@ -293,7 +292,9 @@ class PublishResult:
         )
 
 
-def publish(url: str, storage_options: dict[str, Any] | None = None) -> PublishResult:
+def publish(
+    where: str | StoreLocation, storage_options: dict[str, Any] | None = None
+) -> PublishResult:
     """Consolidate, export ``catalog.parquet`` and write ``README.md`` in the store at ``url``.
 
     Needs write access (credentials) to the store; the result reads anonymously.
@@ -302,12 +303,13 @@ def publish(url: str, storage_options: dict[str, Any] | None = None) -> PublishR
     from livercube.store.catalog import complete_volumes, write_catalog
     from livercube.store.reader import Store
 
-    storage_options = with_retries(url, storage_options) or None
-    write_catalog(url, storage_options)  # catalog from the volumes, root consolidated
-    store = Store(url, **(storage_options or {}))
+    loc = StoreLocation.of(where, storage_options)
+    url = loc.url
+    write_catalog(loc)  # catalog from the volumes, root consolidated
+    store = Store(loc)
     catalog = store.catalog
     volume_meta = dict(complete_volumes(store.root))  # from the consolidated metadata
-    fs, root = filesystem(url, storage_options)
+    fs, root = loc.filesystem()
     root = root.rstrip("/")
     parquet = f"{root}/{PARQUET_NAME}"
     size = write_parquet(catalog, fs, parquet)
@@ -325,7 +327,7 @@ def publish(url: str, storage_options: dict[str, Any] | None = None) -> PublishR
     return PublishResult(
         url=str(url),
         n_volumes=int(catalog.sizes.get("volume", 0)),
-        collections={c: counts[c] for c in COLLECTIONS if counts.get(c)},
+        collections={c: counts[c] for c in registry.ids() if counts.get(c)},
         parquet=parquet,
         parquet_bytes=size,
         card=target,

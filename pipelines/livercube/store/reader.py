@@ -12,21 +12,31 @@ import zarr
 
 from livercube.errors import StoreError, VolumeNotFoundError
 from livercube.schema import CATALOG_GROUP
-from livercube.store.layout import data_path, open_root, open_zarr_store
+from livercube.store.layout import data_path
+from livercube.store.location import StoreLocation
 from livercube.volumes.volume import segment_mask, unique_segment_names
 
 
 class Store:
-    """A livercube store at a local path or fsspec URL (opened read-only)."""
+    """A livercube store at a local path or fsspec URL (opened read-only).
 
-    def __init__(self, url: str, **storage_options: Any) -> None:
-        self.url = str(url)
-        self.storage_options = storage_options
-        self._zstore = open_zarr_store(self.url, storage_options, read_only=True)
+    ``Store(url, **storage_options)`` or ``Store(location)``; the zarr store is opened once and
+    the root group (consolidated when it can be) is read from it.
+    """
+
+    def __init__(self, where: str | StoreLocation, **storage_options: Any) -> None:
+        self.location = StoreLocation.of(where, storage_options)
+        self.url = self.location.url
+        self._zstore = self.location.zarr_store(read_only=True)
         try:
-            self.root = open_root(self.url, storage_options, mode="r")
+            self.root = self.location.open_root(mode="r", store=self._zstore)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(f"no livercube store at {self.url}: {exc}") from exc
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The options this store was opened with (livercube's retry policy included)."""
+        return self.location.options
 
     def __repr__(self) -> str:
         return f"<livercube.Store {self.url} ({self.catalog.sizes.get('volume', 0)} volumes)>"
@@ -108,6 +118,6 @@ class Store:
         }
 
 
-def open(url: str, **storage_options: Any) -> Store:
+def open(where: str | StoreLocation, **storage_options: Any) -> Store:
     """Open a livercube store: ``livercube.open("s3://bucket/prefix", anon=True)``."""
-    return Store(url, **storage_options)
+    return Store(where, **storage_options)

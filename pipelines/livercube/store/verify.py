@@ -42,10 +42,11 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from livercube.errors import SourceError, StoreError, UsageError
-from livercube.schema import CATALOG_GROUP, COLLECTIONS
+from livercube.schema import CATALOG_GROUP
 from livercube.store.completion import CompletionRecord, is_complete
 from livercube.store.contract import check_volume_group
-from livercube.store.layout import FULL_RES, open_root, open_zarr_store, with_retries
+from livercube.store.layout import FULL_RES, in_collection_tree, task_path
+from livercube.store.location import StoreLocation, with_retries
 from livercube.volumes.volume import content_checksum, segment_mask
 
 #: Exit status of ``livercube verify`` when any damage or mismatch is found.
@@ -160,7 +161,7 @@ def _volume_groups(
     found: dict[str, dict[str, Any]] = {}
     for key, raw in sorted(docs.items()):
         path = key.removesuffix("zarr.json").rstrip("/")
-        if path.split("/", 1)[0] not in COLLECTIONS:
+        if not in_collection_tree(key):
             continue
         try:
             doc = json.loads(raw)
@@ -189,7 +190,7 @@ def _consolidated_volumes(root: zarr.Group) -> dict[str, dict[str, Any]]:
             getattr(node, "node_type", "") == "group"
             and isinstance(meta, dict)
             and is_complete(meta)
-            and path.split("/", 1)[0] in COLLECTIONS
+            and in_collection_tree(f"{path}/")
         ):
             out[path] = meta
     return out
@@ -366,7 +367,7 @@ def source_tasks(
     plan = plan_collection(
         source, collection, clinical=clinical, overrides=overrides, source_options=source_options
     )
-    return {t.store_path: t for t in plan.tasks}
+    return {task_path(t): t for t in plan.tasks}
 
 
 def decoded_arrays(task: Any, source_options: dict | None) -> dict[str, np.ndarray]:
@@ -456,7 +457,7 @@ def _catalog_checksums(root: zarr.Group, report: VerifyReport) -> dict[str, str]
 
 
 def verify(
-    url: str,
+    where: str | StoreLocation,
     storage_options: dict[str, Any] | None = None,
     *,
     source: str | None = None,
@@ -471,11 +472,13 @@ def verify(
     Read-only: works with anonymous access.  On stores that cannot be listed (plain HTTP),
     volumes come from the consolidated metadata and shard presence is judged by decoding.
     """
-    storage_options = with_retries(url, storage_options) or None
-    report = VerifyReport(str(url), source=source)
+    loc = StoreLocation.of(where, storage_options)
+    url = loc.url
+    source_options = with_retries(source, source_options) if source else source_options
+    report = VerifyReport(url, source=source)
     if source is not None and collection is None:
         raise UsageError("--source needs --collection")
-    store = open_zarr_store(url, storage_options, read_only=True)
+    store = loc.zarr_store(read_only=True)
     keys: set[str] | None
     try:
         keys, docs = sync(_inventory(store))
@@ -484,7 +487,7 @@ def verify(
     if keys is not None and "zarr.json" not in keys:
         keys = None  # a listing that sees nothing (HTTP without index pages): not a listing
     try:
-        consolidated_root = open_root(url, storage_options, mode="r")
+        consolidated_root = loc.open_root(mode="r", store=store)
     except Exception as exc:
         raise StoreError(f"no livercube store at {url}: {exc}") from exc
 
@@ -498,7 +501,7 @@ def verify(
         root = consolidated_root
     else:
         vols = _volume_groups(docs, report.problems, report.notes)
-        root = open_root(url, storage_options, mode="r", consolidated=False)
+        root = loc.open_root(mode="r", consolidated=False, store=store)
         if consolidated_root.metadata.consolidated_metadata is None:
             report.problems.append(
                 "root metadata is not consolidated (livercube publish / catalog fixes it)"

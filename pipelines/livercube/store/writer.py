@@ -24,7 +24,8 @@ from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION, unified_labels
 from livercube.store.chunking import chunk_and_shard, fill_shards
 from livercube.store.completion import CompletionRecord
-from livercube.store.layout import FULL_RES, open_zarr_store, volume_path
+from livercube.store.layout import FULL_RES, volume_path
+from livercube.store.location import StoreLocation
 from livercube.store.pyramid import (
     image_level_path,
     level_group,
@@ -327,7 +328,7 @@ async def _upload(store: zarr.abc.store.Store, path: str, objects: dict) -> None
 
 
 def write_volume(
-    url: str,
+    url: str | StoreLocation,
     volume: Volume,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -349,7 +350,7 @@ def write_volume(
     meta = volume_attrs(volume, checksum=checksum, label_present=label is not None)
     CompletionRecord.new(checksum, fingerprint).stamp(meta)
     objects = encode_volume(volume, {"ome": ome_multiscales(volume), "livercube": meta}, arrays)
-    store = open_zarr_store(url, storage_options)
+    store = StoreLocation.of(url, storage_options).zarr_store()
     sync(_upload(store, path, objects))
     return {
         "path": path,

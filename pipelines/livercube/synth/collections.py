@@ -27,7 +27,7 @@ def write_examples(
 ) -> dict[str, Path]:
     """Write the requested collections (default all); returns id → root folder."""
     out = {}
-    for c in collections or list(registry.COLLECTIONS):
+    for c in collections or list(registry.ids()):
         write_one(c, dest, n=n, size=size, seed=seed)
         out[c] = Path(dest) / registry.get(c).example_folder
     return out

@@ -11,7 +11,8 @@ Quirks of the real SEGs reproduced here (one line each):
   with the standard orientation (1,0,0,0,1,0), so its own geometry is right but its pixel
   array order is the reverse of the CT's.
 * Optional removal of ``ReferencedSeriesSequence`` (HCC_048).
-* SCT-coded categories and types; readers should map by ``SegmentLabel``, not by code.
+* SCT-coded categories and types (given per segment by the collection description in
+  :mod:`~livercube.synth.dicom_plans`); readers should map by ``SegmentLabel``, not by code.
 * Dates, times and UIDs are fixed, so the same inputs give byte-identical files.
 """
 
@@ -27,19 +28,6 @@ from pydicom.sr.codedict import codes
 from livercube.synth.dicom_ct import IOP_FLIPPED, IOP_STANDARD, _ds, slice_position
 from livercube.volumes.geometry import Grid
 
-_ANATOMY = hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure")
-_MORPH = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
-_TYPES = {
-    "Liver": (_ANATOMY, ("10200004", "Liver")),
-    "Liver Remnant": (_ANATOMY, ("10200004", "Liver")),
-    "Mass": (_MORPH, ("4147007", "Mass")),
-    "Necrosis": (_MORPH, ("6574001", "Necrosis")),
-    "Portal vein": (_ANATOMY, ("32764006", "Portal vein")),
-    "Portal": (_ANATOMY, ("32764006", "Portal vein")),
-    "Hepatic": (_ANATOMY, ("8993003", "Hepatic vein")),
-    "Abdominal aorta": (_ANATOMY, ("7832008", "Abdominal aorta")),
-}
-_TUMOUR = (_MORPH, ("108369006", "Neoplasm"))
 #: CIELab display colours (L*, a*, b*) cycled over segments, like Slicer's defaults.
 _COLOURS = (
     (61.0, -18.0, 12.0),
@@ -55,16 +43,18 @@ _COLOURS = (
 SEG_CREATION = ("20210315", "120000")
 
 
-def segment_codes(label: str) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
-    """(category, type) of a segment label as the generator codes it."""
-    cat, (value, meaning) = _TYPES.get(label, _TUMOUR)
-    return cat, hd.sr.CodedConcept(value, "SCT", meaning)
+#: (label, SCT category (value, meaning), SCT type (value, meaning)) of one segment.
+SegmentCode = tuple[str, tuple[str, str], tuple[str, str]]
 
 
-def _descriptions(labels: list[str], ai: bool) -> list[hd.seg.SegmentDescription]:
+def _concept(code: tuple[str, str]) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code[0], "SCT", code[1])
+
+
+def _descriptions(segments: list[SegmentCode], ai: bool) -> list[hd.seg.SegmentDescription]:
     out = []
-    for n, label in enumerate(labels, start=1):
-        cat, typ = segment_codes(label)
+    for n, (label, category, type_) in enumerate(segments, start=1):
+        cat, typ = _concept(category), _concept(type_)
         if ai:
             algo = hd.AlgorithmIdentificationSequence(
                 name="AIMI liver-tumor",
@@ -103,7 +93,7 @@ def build_seg(
     *,
     source_by_z: list[Dataset | None],
     grid: Grid,
-    labels: list[str],
+    segments: list[SegmentCode],
     masks: list[np.ndarray],
     series_uid: str,
     sop_uid: str,
@@ -116,7 +106,7 @@ def build_seg(
     referenced_series: bool = True,
     labelmap: bool = False,
 ) -> Dataset:
-    """A BINARY Segmentation of canonical ``masks`` (one (z, y, x) bool array per label).
+    """A BINARY Segmentation of canonical ``masks`` (one (z, y, x) bool array per segment).
 
     With ``labelmap`` it is a LABELMAP written as Label Map Segmentation Storage (what dcmqi
     and highdicom write for label maps); the masks must not overlap then.
@@ -149,7 +139,7 @@ def build_seg(
             if labelmap
             else hd.seg.SegmentationTypeValues.BINARY
         ),
-        segment_descriptions=_descriptions(labels, ai),
+        segment_descriptions=_descriptions(segments, ai),
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,
