@@ -178,6 +178,10 @@ class PatchSampler:
     ``rank``/``world_size``: distributed split (default: torch.distributed if initialised).
     ``prefetch``: patches read concurrently by the iterators.
 
+    Start-up reads the catalog only (its cost does not grow with the number of volumes); a
+    volume's metadata and completion record are read when a patch first needs it, so a
+    volume whose write never finished raises :class:`VolumeIncompleteError` then.
+
     Samples are dicts of NumPy arrays: ``image`` (C, z, y, x) — int16 HU when no
     interpolation is involved, float32 otherwise — ``label`` (1, z, y, x) uint8, and
     ``index``, ``position``, ``volume`` (path), ``start``, ``cls``, ``anchor``.
