@@ -1,6 +1,6 @@
 """Patches/s of a 2-worker torch DataLoader: livercube vs MONAI vs TorchIO on the same volumes.
 
-    python benchmarks/bench_loaders.py [--volumes 4] [--size 128x256x256] [--n 48]
+    python benchmarks/bench_loaders.py [--volumes 4] [--size 100x512x512] [--n 48]
 
 Why: does streaming patches from a sharded Zarr store beat the usual way of training on
 ``.nii.gz`` files (goal: ≥ 20× MONAI's patches/s)?  The three pipelines read the
@@ -107,8 +107,9 @@ def build_store(tmp: Path, n_volumes: int, size: tuple[int, int, int]) -> tuple[
     """Write example CRLM DICOM at ``size`` and convert it with livercube's own converter.
 
     The generator only knows its named sizes; a benchmark-local entry is added to its size
-    table (same field of view as "full") so volumes are big enough for 96³ patches without
-    the 512²-pixel "full" size, whose export and loading would blow the 5-minute budget.
+    table (same field of view as "full"), so ``--size`` changes the resolution, not the anatomy
+    covered.  The default is full-size 512² planes, what users train on (MONAI's and TorchIO's
+    cost per patch grows with the volume, livercube's does not).
     One generator plan (CRLM-CT-1003) has twice the slices, as in the real collection.
     """
     from livercube.convert import convert
@@ -403,7 +404,7 @@ def main() -> None:
     ap.add_argument(
         "--size",
         type=parse_size,
-        default=parse_size("128x256x256"),
+        default=parse_size("100x512x512"),  # full-size CT planes: what users train on
         help="nominal volume grid ZxNxN (CRLM-CT-1003 gets twice the slices)",
     )
     ap.add_argument("--n", type=int, default=48, help="timed patches per pipeline")

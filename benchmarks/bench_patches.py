@@ -107,9 +107,7 @@ def build_store(tmp: Path, slices: list[int]) -> tuple[str, list[str], dict[str,
     url = str(tmp / "bench.zarr")
     marker = Path(url, ".bench-volumes")
     if marker.exists() and marker.read_text() == repr(slices):
-        paths = sorted(
-            str(p.parent.relative_to(url)) for p in Path(url).glob("crlm/*/*/*/0/image")
-        )
+        paths = sorted(str(p.parent.relative_to(url)) for p in Path(url).glob("crlm/*/*/*/0/image"))
     else:
         zarr.open_group(url, mode="w", zarr_format=3)
         paths = []
@@ -154,7 +152,7 @@ def _median_ms(times: list[float]) -> float:
 def engines_local(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
     """name → ``read(path, start)`` returning (image, label) patches, for every local engine."""
     from livercube.sampling import ArrayInfo, Box, PatchSampler, PatchSpec, ShardReader
-    from livercube.sampling import reader as reader_mod
+    from livercube.sampling import arrays as reader_mod  # where chunk checksums are checked
 
     arrays = {
         p: {k: zarr.open_array(url, path=f"{p}/{k}", mode="r") for k in ("image", "label")}
@@ -288,6 +286,81 @@ def blosc2_engines(url: str, paths: list[str], tmp: Path) -> dict[str, Any]:
         read.layout = f"chunks {chunks}, blocks {blocks}"  # type: ignore[attr-defined]
         engines[form] = read
     return engines
+
+
+# -- alternative layouts (a recommendation for the writer, measured here, not applied) ---------
+#: (inner chunk, shard) shapes tried on one volume; the first is the store's own layout
+LAYOUTS = [
+    ((32, 64, 64), (64, 512, 512)),
+    ((32, 32, 32), (64, 512, 512)),
+    ((16, 64, 64), (64, 512, 512)),
+    ((64, 32, 32), (64, 512, 512)),
+    ((32, 64, 64), (128, 512, 512)),
+]
+
+
+def bench_layouts(url: str, path: str, tmp: Path, n: int) -> list[dict[str, Any]]:
+    """The same volume rewritten with other inner-chunk / shard shapes (zarr-python, the
+    writer's own codecs and checksum), read by ShardReader and TensorStore, interleaved."""
+    import tensorstore as ts
+
+    from livercube.sampling import ArrayInfo, Box, ShardReader
+    from livercube.store.writer import CHECKSUM, COMPRESSOR, LABEL_COMPRESSOR
+
+    data = {k: zarr.open_array(url, path=f"{path}/{k}", mode="r")[...] for k in ("image", "label")}
+    rows: list[dict[str, Any]] = []
+    readers = []
+    ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    for inner, shard in LAYOUTS:
+        name = "x".join(map(str, inner)) + "_" + "x".join(map(str, shard))
+        dest = tmp / "layouts" / name
+        infos, handles, stored = [], [], 0
+        for k, arr in data.items():
+            comp = COMPRESSOR if k == "image" else LABEL_COMPRESSOR
+            z = zarr.create_array(
+                str(dest / k),
+                shape=arr.shape,
+                dtype=arr.dtype,
+                chunks=tuple(min(c, s) for c, s in zip(inner, arr.shape, strict=True)),
+                shards=tuple(min(c, s) for c, s in zip(shard, arr.shape, strict=True)),
+                compressors=[comp, CHECKSUM],
+                fill_value=0,
+                overwrite=True,
+            )
+            z[...] = arr
+            stored += sum(f.stat().st_size for f in (dest / k).rglob("*") if f.is_file())
+            infos.append(ArrayInfo.from_metadata(k, z.metadata.to_dict()))
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{dest / k}/"}}
+            handles.append(ts.open(spec, context=ctx, open=True, read=True).result())
+        reader = ShardReader(str(dest))
+        readers.append((reader, infos, handles))
+        rows.append({"inner": inner, "shard": shard, "mb": stored / 1e6, "ms": [], "ts_ms": []})
+    starts = random_starts(data["image"].shape, n, seed=11)
+    for reader, infos, _ in readers:  # warm the shard indexes
+        for s in starts:
+            reader.read_boxes([Box(i, s, PATCH) for i in infos])
+    shuffle = np.random.default_rng(3)
+    for s in starts:
+        for j in shuffle.permutation(2 * len(readers)):
+            reader, infos, handles = readers[j // 2]
+            t = time.perf_counter()
+            if j % 2 == 0:
+                reader.read_boxes([Box(i, s, PATCH) for i in infos])
+            else:
+                [f.result() for f in [h[box(s)].read() for h in handles]]
+            rows[j // 2]["ts_ms" if j % 2 else "ms"].append(time.perf_counter() - t)
+    for row, (reader, infos, _) in zip(rows, readers, strict=True):
+        reader.stats.reset()
+        for s in starts:
+            got = reader.read_boxes([Box(i, s, PATCH) for i in infos])
+        want = [data[k][box(starts[-1])] for k in ("image", "label")]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+        st = reader.stats
+        row["chunks"] = st.chunks / n
+        row["requests"] = st.requests / n
+        row["chunk_mb"] = st.chunk_bytes / n / 1e6
+        row["ms"], row["ts_ms"] = _median_ms(row["ms"]), _median_ms(row["ts_ms"])
+    return rows
 
 
 def bench_local(url: str, paths: list[str], tmp: Path, n: int) -> dict[str, Any]:
@@ -518,6 +591,9 @@ def main() -> None:
     ap.add_argument("--slices", default="100,160,130", help="slices of each 512² volume")
     ap.add_argument("--keep", help="build (or reuse) the volumes in this directory")
     ap.add_argument("--no-s3", action="store_true", help="local measurements only")
+    ap.add_argument(
+        "--layouts", action="store_true", help="also time other inner-chunk/shard shapes"
+    )
     args = ap.parse_args()
     slices = [int(v) for v in args.slices.split(",")]
     with tempfile.TemporaryDirectory() as d:
@@ -568,6 +644,20 @@ def main() -> None:
             f"{loc['chunk_mb']:.2f} MB of compressed chunks: {loc['crc_only_ms']:.2f} ms "
             f"({loc['crc_only_ms'] / loc['fast_ms']:.1%} of the read)"
         )
+        if args.layouts:
+            rows = bench_layouts(url, paths[1], tmp, args.n)
+            base = rows[0]["ms"]
+            print(
+                f"\nlayouts (volume {paths[1]}; load {os.getloadavg()[0]:.1f}): inner chunk, "
+                "shard -> ShardReader ms, TensorStore ms, base / this, chunks decoded, "
+                "local requests and compressed MB per patch, MB stored"
+            )
+            for r in rows:
+                print(
+                    f"  {r['inner']!s:14s} {r['shard']!s:16s} {r['ms']:6.2f} "
+                    f"{r['ts_ms']:6.2f}  {base / r['ms']:5.2f}x  {r['chunks']:5.1f} "
+                    f"{r['requests']:5.1f} {r['chunk_mb']:5.2f}  {r['mb']:6.1f}"
+                )
         if args.no_s3:
             return
         s3 = bench_s3(url, paths[0], args.n, args.latency_ms)

@@ -202,12 +202,18 @@ def test_catalog_listing_a_group_without_completion_record_is_refused(store):
     path = livercube.open(str(store)).paths()[1]
 
     def unfinished(meta):
-        meta[path]["attributes"]["livercube"]["status"] = "writing"
-        del meta[path]["attributes"]["livercube"]["complete"]
+        meta["attributes"]["livercube"]["status"] = "writing"
+        del meta["attributes"]["livercube"]["complete"]
 
-    _edit_consolidated(store, unfinished)
+    group = store / path / "zarr.json"
+    doc = json.loads(group.read_text())
+    unfinished(doc)
+    group.write_text(json.dumps(doc))
+    _edit_consolidated(store, lambda meta: unfinished(meta[path]))
+    # volume metadata is read when a patch first needs the volume, not at start-up
+    sampler = PatchSampler(str(store), seed=0, where=f"path == '{path}'")
     with pytest.raises(VolumeIncompleteError, match=re.escape(path)):
-        PatchSampler(str(store), seed=0)
+        sampler.patch(0)
 
 
 def test_catalog_listing_a_vanished_group_is_refused(store):
@@ -217,9 +223,11 @@ def test_catalog_listing_a_vanished_group_is_refused(store):
         for k in [k for k in meta if k == path or k.startswith(path + "/")]:
             del meta[k]
 
+    shutil.rmtree(store / path)
     _edit_consolidated(store, vanished)
+    sampler = PatchSampler(str(store), seed=0, where=f"path == '{path}'")
     with pytest.raises(VolumeIncompleteError, match="rebuild the catalog"):
-        PatchSampler(str(store), seed=0)
+        sampler.patch(0)
 
 
 @pytest.mark.slow

@@ -91,24 +91,35 @@ def test_reader_on_s3_equals_zarr_and_counts_requests(local_store, s3_bucket):
     )
     for p in range(20):  # warm: every shard index read once
         sampler.patch(p)
-    before, idx_before = counter.gets, reader.stats.index_requests
-    n = 30
-    shards_touched = 0
-    for p in range(1000, 1000 + n):
-        spec = sampler.spec(p)
-        vol = sampler.volumes[spec.volume]
-        z0, z1 = max(0, spec.start[0]), min(vol.shape[0], spec.start[0] + PATCH[0])
-        per_array = (z1 - 1) // vol.image.object_shape[0] - z0 // vol.image.object_shape[0] + 1
-        shards_touched += 2 * per_array  # image + label
-        sample = sampler.read(spec)
-        assert sample["image"].shape == (1, *PATCH)
-    per_patch = (counter.gets - before) / n
-    assert reader.stats.index_requests == idx_before  # no index re-read
-    # one coalesced ranged GET per (array, shard) the patch touches: image + label -> 2
-    # when the patch lies within one shard (8 slices here; 64 in real stores)
-    assert counter.gets - before == shards_touched
+
+    def run(first: int, n: int = 30) -> tuple[int, int]:
+        """(GETs, shard objects touched) of ``n`` patches from position ``first``."""
+        before, touched = counter.gets, 0
+        for p in range(first, first + n):
+            spec = sampler.spec(p)
+            vol = sampler.volumes[spec.volume]
+            z0, z1 = max(0, spec.start[0]), min(vol.shape[0], spec.start[0] + PATCH[0])
+            per_array = (z1 - 1) // vol.image.object_shape[0] - z0 // vol.image.object_shape[0] + 1
+            touched += 2 * per_array  # image + label
+            sample = sampler.read(spec)
+            assert sample["image"].shape == (1, *PATCH)
+        return counter.gets - before, touched
+
+    # default rule: a request may carry at most `overfetch` x its wanted bytes unwanted
+    reader.stats.reset()
+    gets, shards_touched = run(1000)
+    st = reader.stats
+    assert gets == st.requests >= shards_touched  # at least one GET per (array, shard) object
+    assert st.bytes_fetched <= (1 + reader.overfetch) * st.chunk_bytes
+    # unlimited over-fetch: one coalesced ranged GET per (array, shard) the patch touches —
+    # image + label -> 2 when the patch lies within one shard (8 slices here; 64 in real stores)
+    reader.overfetch = float("inf")
+    gets, shards_touched = run(2000)
+    assert reader.stats.index_requests == 0  # warm: no index re-read
+    assert gets == shards_touched
+    per_patch = gets / 30
     assert per_patch <= 4
-    print(f"S3: {per_patch:.2f} GETs per patch ({shards_touched / n:.2f} shard objects)")
+    print(f"S3: {per_patch:.2f} GETs per patch ({shards_touched / 30:.2f} shard objects)")
 
 
 def test_dataloader_workers_disjoint_reproducible_resumable(local_store):

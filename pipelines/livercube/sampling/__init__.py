@@ -9,7 +9,9 @@
   these names are used).
 """
 
-from livercube.sampling.reader import ArrayInfo, Box, ShardReader
+from livercube.sampling.arrays import ArrayInfo
+from livercube.sampling.plan import Box
+from livercube.sampling.reader import ShardReader
 from livercube.sampling.sampler import PAD_VALUE, PatchSampler, PatchSpec, catalog_frame, collate
 
 __all__ = [

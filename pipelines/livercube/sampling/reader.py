@@ -5,13 +5,19 @@ reads the shard index again on every access.  :class:`ShardReader` instead
 
 * reads each shard's index once (one ranged GET, a suffix range for ``index_location=end``)
   and caches it for the life of the process;
-* plans a whole batch of boxes at once (image + label + other phases of one patch), looks up
-  every inner chunk's ``(offset, nbytes)``, merges byte ranges of the same shard object that
-  are adjacent or closer than ``coalesce_gap`` and fetches all of them concurrently
-  (``fs.cat_ranges`` on async fsspec filesystems such as s3fs, ``os.pread`` in threads on
-  local disk) — so after the index is cached a patch costs one round trip;
-* decodes inner chunks in a thread pool (Blosc/Zstd release the GIL) straight into the
-  output array, with the padding value outside the array;
+* plans a whole batch of boxes at once (image + label + other phases of one patch:
+  :mod:`~livercube.sampling.plan`), looks up every inner chunk's byte range
+  (:mod:`~livercube.sampling.shard_index`), merges ranges of one object only while the
+  unwanted bytes between them stay a small fraction of the wanted ones
+  (:mod:`~livercube.sampling.ranges`) and fetches all of them in one concurrent round
+  (:mod:`~livercube.sampling.fetch`: ``fs.cat_ranges`` on async fsspec filesystems such as
+  s3fs and HTTP, ``os.pread`` on local disk) — after the index is cached a patch costs one
+  round trip;
+* shares in-flight chunk fetches between concurrent reads (patches in flight overlap), so a
+  chunk several prefetched patches need is fetched once;
+* decodes inner chunks in a thread pool (Blosc/Zstd release the GIL) with a decode plan built
+  once per array (:mod:`~livercube.sampling.arrays`), straight into a reused buffer and from
+  there into the output, with the padding value outside the array;
 * optionally keeps compressed chunks in a bounded in-memory LRU (``cache_bytes``) and/or a
   local directory (``cache_dir``) so later epochs do not go back to the bucket.
 
@@ -32,183 +38,28 @@ whole-chunk per object.  The reader holds no open sockets or threads across ``pi
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import fsspec
-import google_crc32c
-import numcodecs
 import numpy as np
 
 from livercube.errors import ChecksumMismatchError, MissingShardError, StoreIntegrityError
-from livercube.store.location import is_remote
+from livercube.sampling.arrays import ArrayInfo, crc32c_ok, decode_chunk
+from livercube.sampling.fetch import fetch_ranges
+from livercube.sampling.plan import Box, ChunkId, ReadPlan, chunk_name, plan_boxes
+from livercube.sampling.ranges import ByteRange, Request, merge_ranges
+from livercube.sampling.shard_index import EMPTY, ShardIndex
+from livercube.store.location import StoreLocation
 
-EMPTY = 2**64 - 1
-_BYTES_TO_BYTES = {"blosc", "zstd", "gzip", "crc32c"}
-
-
-@dataclass(frozen=True, eq=False)
-class ArrayInfo:
-    """What the reader needs to know about one stored array (from its ``zarr.json``)."""
-
-    path: str  # array path relative to the store root
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fill_value: Any
-    object_shape: tuple[int, ...]  # shard shape (sharded) or chunk shape (not sharded)
-    inner_shape: tuple[int, ...]  # inner chunk shape (== object_shape when not sharded)
-    codecs: tuple[dict, ...]  # inner chunk codecs
-    sharded: bool
-    index_location: str = "end"
-    index_crc32c: bool = True
-    key_prefix: str = "c"
-    key_separator: str = "/"
-    #: shard (or chunk, not sharded) grid coordinates recorded as all fill and never written;
-    #: ``None`` when the writer recorded nothing (stores before schema 2.0): then a missing
-    #: object cannot be told from a lost one and reads as fill, as zarr-python reads it.
-    fill_shards: frozenset[tuple[int, ...]] | None = None
-
-    @classmethod
-    def from_metadata(cls, path: str, meta: dict[str, Any]) -> ArrayInfo:
-        """Build from ``zarr.Array.metadata.to_dict()`` of a Zarr v3 array."""
-        if meta.get("zarr_format") != 3:
-            raise NotImplementedError("ShardReader reads Zarr v3 arrays only")
-        grid = meta["chunk_grid"]
-        if grid["name"] != "regular":
-            raise NotImplementedError(f"chunk grid {grid['name']!r}")
-        object_shape = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
-        enc = meta["chunk_key_encoding"]
-        sep = enc.get("configuration", {}).get(
-            "separator", "/" if enc["name"] == "default" else "."
-        )
-        prefix = "c" if enc["name"] == "default" else ""
-        record = ((meta.get("attributes") or {}).get("livercube") or {}).get("fill_shards")
-        codecs = [dict(c) for c in meta["codecs"]]
-        sharded = len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
-        common = {
-            "path": path.strip("/"),
-            "shape": tuple(int(s) for s in meta["shape"]),
-            "dtype": np.dtype(meta["data_type"]),
-            "fill_value": meta.get("fill_value", 0),
-            "object_shape": object_shape,
-            "key_prefix": prefix,
-            "key_separator": sep,
-            "fill_shards": None
-            if record is None
-            else frozenset(tuple(int(c) for c in coords) for coords in record),
-        }
-        if sharded:
-            conf = codecs[0]["configuration"]
-            index_codecs = [c["name"] for c in conf.get("index_codecs", [])]
-            if not set(index_codecs) <= {"bytes", "crc32c"}:
-                raise NotImplementedError(f"shard index codecs {index_codecs}")
-            info = cls(
-                **common,
-                inner_shape=tuple(int(c) for c in conf["chunk_shape"]),
-                codecs=tuple(dict(c) for c in conf["codecs"]),
-                sharded=True,
-                index_location=conf.get("index_location", "end"),
-                index_crc32c="crc32c" in index_codecs,
-            )
-        else:
-            info = cls(**common, inner_shape=object_shape, codecs=tuple(codecs), sharded=False)
-        _check_codecs(info.codecs)
-        return info
-
-    @cached_property
-    def grid(self) -> tuple[int, ...]:
-        """Inner chunks per shard, per axis (cached: asked for every chunk of every patch)."""
-        return tuple(o // i for o, i in zip(self.object_shape, self.inner_shape, strict=True))
-
-    @property
-    def index_nbytes(self) -> int:
-        return math.prod(self.grid) * 16 + (4 if self.index_crc32c else 0)
-
-    @cached_property
-    def chunk_crc32c(self) -> bool:
-        """Whether every stored chunk ends with a CRC-32C of its bytes."""
-        return any(c["name"] == "crc32c" for c in self.codecs)
-
-    def missing_is_fill(self, coords: Sequence[int]) -> bool:
-        """Whether an absent object at ``coords`` legitimately means "all fill value"."""
-        return self.fill_shards is None or tuple(coords) in self.fill_shards
-
-    def object_key(self, coords: Sequence[int]) -> str:
-        parts = [str(int(c)) for c in coords]
-        if self.key_prefix:
-            parts.insert(0, self.key_prefix)
-        return f"{self.path}/{self.key_separator.join(parts)}"
-
-
-def _check_codecs(codecs: Sequence[dict]) -> None:
-    for c in codecs:
-        name = c["name"]
-        if name not in _BYTES_TO_BYTES | {"bytes", "transpose"}:
-            raise NotImplementedError(f"codec {name!r} is not supported by ShardReader")
-
-
-def crc32c_ok(data: Any) -> bool:
-    """Whether ``data`` ends with the little-endian CRC-32C of the bytes before it (zarr v3)."""
-    view = np.frombuffer(data, dtype=np.uint8)  # zero-copy; google_crc32c refuses memoryviews
-    if view.size < 4:
-        return False
-    return google_crc32c.value(view[:-4]) == int.from_bytes(view[-4:].tobytes(), "little")
-
-
-def decode_chunk(data: bytes, info: ArrayInfo, *, url: str = "", where: str = "") -> np.ndarray:
-    """Decode one stored (inner) chunk with the array's codec chain; returns inner_shape.
-
-    ``url``/``where`` (store and object key, byte range) only name the chunk in errors:
-    :class:`ChecksumMismatchError` when a ``crc32c`` checksum fails, and
-    :class:`StoreIntegrityError` when the bytes do not decode to a whole chunk.
-    """
-    where = where or info.path
-    codecs = list(info.codecs)
-    ab = next(i for i, c in enumerate(codecs) if c["name"] == "bytes")
-    buf: Any = data
-    try:
-        for c in reversed(codecs[ab + 1 :]):
-            name = c["name"]
-            if name == "crc32c":
-                if not crc32c_ok(buf):
-                    raise ChecksumMismatchError(
-                        url, where, "chunk checksum (CRC-32C) mismatch: stored bytes are corrupt"
-                    )
-                buf = memoryview(buf)[:-4]
-            elif name == "blosc":
-                buf = numcodecs.Blosc().decode(buf)
-            elif name == "zstd":
-                buf = numcodecs.Zstd().decode(buf)
-            elif name == "gzip":
-                buf = numcodecs.GZip().decode(buf)
-    except StoreIntegrityError:
-        raise
-    except Exception as exc:  # a codec's own error on damaged bytes (stores without checksums)
-        raise StoreIntegrityError(url, where, f"chunk does not decode ({exc})") from exc
-    endian = codecs[ab].get("configuration", {}).get("endian", "little")
-    dt = info.dtype.newbyteorder("<" if endian == "little" else ">")
-    order = list(range(len(info.inner_shape)))
-    shape = tuple(info.inner_shape)
-    for c in codecs[:ab]:  # transpose codecs: stored shape is the permuted shape
-        perm = list(c["configuration"]["order"])
-        order = [order[p] for p in perm]
-    stored_shape = tuple(shape[o] for o in order)
-    if memoryview(buf).nbytes != math.prod(stored_shape) * dt.itemsize:
-        raise StoreIntegrityError(url, where, "chunk decodes to the wrong number of voxels")
-    arr = np.frombuffer(buf, dtype=dt).reshape(stored_shape)
-    if order != sorted(order):
-        arr = arr.transpose(np.argsort(order))
-    if dt != info.dtype:
-        arr = arr.astype(info.dtype)
-    return arr
+#: Concurrent decode tasks per read: Blosc releases the GIL, so one per core pays off.
+DECODE_TASKS = max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass
@@ -235,34 +86,30 @@ class ReaderStats:
                 setattr(self, k, 0)
 
 
-@dataclass(frozen=True, eq=False)
-class Box:
-    """A read request: ``size`` voxels from ``start`` (may lie partly or wholly outside)."""
-
-    array: ArrayInfo
-    start: tuple[int, ...]
-    size: tuple[int, ...]
-    fill: Any = None  # value outside the array; None → the array's fill_value
-
-
 class ShardReader:
     """Concurrent, index-caching box reader for one store (local path or fsspec URL).
 
-    ``coalesce_gap``: byte ranges of one object closer than this are fetched as one request
-    (default 1 MiB remote — a 50 ms round trip costs more than 1 MiB of transfer — and 64 KiB
-    local).  ``workers``: threads for local reads and for decoding.  ``cache_bytes``: LRU of
-    compressed chunks kept in memory.  ``cache_dir``: compressed chunks kept on local disk.
-    ``engine="tensorstore"``: local stores only, reads through TensorStore's ``zarr3`` driver
-    with the same integrity guarantees (measured faster here; no caches or stats, and
-    DataLoader workers must be spawned, not forked — see ``benchmarks/README.md``).
+    Coalescing (see :func:`~livercube.sampling.ranges.merge_ranges`): byte ranges of one
+    object are fetched as one request when the gap between them is ≤ ``coalesce_gap`` and the
+    request's unwanted bytes stay ≤ ``overfetch`` × its wanted bytes (defaults: remote 1 MiB
+    and 0.25 — a round trip costs more than a little extra transfer, but a patch must not
+    cost several times its chunks; local 64 KiB and 1.0 — fewer syscalls).  ``workers``:
+    threads for local reads and for decoding.  ``cache_bytes``: LRU of compressed chunks kept
+    in memory.  ``cache_dir``: compressed chunks kept on local disk.  ``storage_options``:
+    fsspec's (``anon``, ``endpoint_url``, ``key``/``secret``, ``profile``…), with livercube's
+    S3 retry policy added (or pass a :class:`~livercube.store.location.StoreLocation` as
+    ``url``).  ``engine="tensorstore"``: local stores only, reads through
+    TensorStore's ``zarr3`` driver with the same integrity guarantees (no caches or stats,
+    and DataLoader workers must be spawned, not forked — see ``benchmarks/README.md``).
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | StoreLocation,
         storage_options: dict[str, Any] | None = None,
         *,
         coalesce_gap: int | None = None,
+        overfetch: float | None = None,
         max_request: int = 64 * 2**20,
         workers: int = 8,
         cache_bytes: int = 0,
@@ -270,18 +117,20 @@ class ShardReader:
         fs: Any = None,
         engine: str = "livercube",
     ) -> None:
-        self.url = str(url)
-        self.storage_options = dict(storage_options or {})
-        self.remote = is_remote(self.url)
+        self.location = StoreLocation.of(url, storage_options)
+        self.url = self.location.url
+        self.storage_options = self.location.options  # retry policy included (S3)
+        self.remote = self.location.is_remote
         self.coalesce_gap = (
             (2**20 if self.remote else 2**16) if coalesce_gap is None else coalesce_gap
         )
+        self.overfetch = (0.25 if self.remote else 1.0) if overfetch is None else overfetch
         self.max_request = max_request
         self.workers = workers
         self.cache_bytes = cache_bytes
         self.cache_dir = cache_dir
         self.stats = ReaderStats()
-        self._index: dict[tuple[str, tuple[int, ...]], np.ndarray | None] = {}
+        self._index: dict[tuple[str, tuple[int, ...]], ShardIndex | None] = {}
         self._user_fs = fs
         if engine not in ("livercube", "tensorstore"):
             raise ValueError(f"engine must be 'livercube' or 'tensorstore', not {engine!r}")
@@ -298,11 +147,12 @@ class ShardReader:
         self._lru: OrderedDict[tuple, bytes] = OrderedDict()
         self._lru_size = 0
         self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, tuple[int, ...]], Future] = {}
         self._ts: _TensorStoreEngine | None = None
         if self._user_fs is not None:
             self.fs, self.root = self._user_fs, fsspec.core.url_to_fs(self.url)[1]
         elif self.remote:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self.fs, self.root = self.location.filesystem()
         else:
             self.fs, self.root = None, os.path.abspath(self.url.removeprefix("file://"))
 
@@ -310,7 +160,7 @@ class ShardReader:
         state = {
             k: v
             for k, v in self.__dict__.items()
-            if k not in {"_pool", "_lru", "_lru_size", "_lock", "fs", "stats", "_ts"}
+            if k not in {"_pool", "_lru", "_lru_size", "_lock", "_inflight", "fs", "stats", "_ts"}
         }
         state["_index"] = dict(self._index)
         return state
@@ -339,55 +189,14 @@ class ShardReader:
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    # -- raw byte access ------------------------------------------------------------------------
-    def _fetch(self, ranges: list[tuple[str, int | None, int | None]]) -> list[bytes | None]:
-        """Fetch ``(key, start, end)`` ranges concurrently; ``None`` for a missing object.
-
-        ``start < 0`` with ``end=None`` is a suffix range.  ``start=end=None``: whole object.
-        """
-        if not ranges:
-            return []
+    def _fetch(self, ranges: Sequence[ByteRange]) -> list[bytes | None]:
         self._check_pid()
-        if self.fs is None:
-            return list(self.pool.map(self._read_local, ranges))
-        paths = [f"{self.root}/{k}" for k, _, _ in ranges]
-        starts = [s for _, s, _ in ranges]
-        ends = [e for _, _, e in ranges]
-        if getattr(self.fs, "async_impl", False):
-            out = self.fs.cat_ranges(paths, starts, ends, on_error="return")
-        else:
-            out = list(
-                self.pool.map(
-                    lambda a: _try(lambda: self.fs.cat_file(a[0], start=a[1], end=a[2])),
-                    zip(paths, starts, ends, strict=True),
-                )
-            )
-        res: list[bytes | None] = []
-        for o in out:
-            if isinstance(o, FileNotFoundError):
-                res.append(None)
-            elif isinstance(o, BaseException):
-                raise o
-            else:
-                res.append(o)
-        return res
+        return fetch_ranges(ranges, root=self.root, fs=self.fs, pool=self.pool)
 
-    def _read_local(self, rng: tuple[str, int | None, int | None]) -> bytes | None:
-        key, start, end = rng
-        try:
-            fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            if start is None:
-                start, end = 0, size
-            elif start < 0:
-                start, end = max(0, size + start), size
-            end = size if end is None else min(end, size)
-            return os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
+    def fetch_objects(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Whole small objects (metadata documents) under the store root, concurrently;
+        ``None`` for each one that does not exist."""
+        return [None if b is None else bytes(b) for b in self._fetch([ByteRange(k) for k in keys])]
 
     # -- shard index ----------------------------------------------------------------------------
     def _load_indexes(self, wanted: dict[tuple[str, tuple[int, ...]], ArrayInfo]) -> None:
@@ -398,9 +207,9 @@ class ShardReader:
         for a, s in missing:
             n = a.index_nbytes
             if a.index_location == "end":
-                ranges.append((a.object_key(s), -n, None))
+                ranges.append(ByteRange(a.object_key(s), -n, None))
             else:
-                ranges.append((a.object_key(s), 0, n))
+                ranges.append(ByteRange(a.object_key(s), 0, n))
         data = self._fetch(ranges)
         self.stats.add(index_requests=len(ranges), bytes_fetched=sum(len(d or b"") for d in data))
         for (a, s), d in zip(missing, data, strict=True):
@@ -415,19 +224,13 @@ class ShardReader:
                     )
                 self._index[(a.path, s)] = None  # shard never written: all fill value
                 continue
-            if len(d) != a.index_nbytes:
-                raise StoreIntegrityError(self.url, key, "shard is shorter than its index")
-            if a.index_crc32c and not crc32c_ok(d):
-                raise ChecksumMismatchError(
-                    self.url, key, "shard index checksum (CRC-32C) mismatch: the shard is corrupt"
-                )
-            raw = d[:-4] if a.index_crc32c else d
-            self._index[(a.path, s)] = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+            self._index[(a.path, s)] = ShardIndex.parse(d, a, url=self.url, key=key)
 
     def shard_index(self, array: ArrayInfo, shard: tuple[int, ...]) -> np.ndarray | None:
         """The cached ``(n_inner, 2)`` uint64 (offset, nbytes) index of one shard."""
         self._load_indexes({(array.path, tuple(shard)): array})
-        return self._index[(array.path, tuple(shard))]
+        idx = self._index[(array.path, tuple(shard))]
+        return None if idx is None else np.array(idx.entries, dtype=np.uint64)
 
     # -- chunk cache ----------------------------------------------------------------------------
     def _cache_path(self, key: tuple) -> str:
@@ -474,162 +277,175 @@ class ShardReader:
         return self.read_boxes([Box(array, tuple(start), tuple(size), fill)])[0]
 
     def read_boxes(self, boxes: Sequence[Box]) -> list[np.ndarray]:
-        """Read several boxes in one concurrent round; voxels outside an array get ``fill``."""
+        """Read several boxes in one concurrent round; voxels outside an array get ``fill``.
+
+        Plan (which chunks, where they go) → locate (shard indexes, cached) → fetch (merged
+        ranges, one concurrent round) → decode into the outputs (threads).
+        """
         if self.engine == "tensorstore":
             self._check_pid()
             if self._ts is None:
                 self._ts = _TensorStoreEngine(self.url, self.root)
             return self._ts.read_boxes(boxes)
-        outs: list[np.ndarray] = []
-        # chunk id -> list of (out array, dst slices, src slices)
-        uses: dict[tuple, list[tuple[np.ndarray, tuple, tuple]]] = {}
-        arrays: dict[tuple, ArrayInfo] = {}
-        for box in boxes:
-            a = box.array
-            fill = a.fill_value if box.fill is None else box.fill
-            lo = [max(0, s) for s in box.start]
-            hi = [min(n, s + k) for s, k, n in zip(box.start, box.size, a.shape, strict=True)]
-            inside = all(
-                q == s and h == s + k
-                for q, h, s, k in zip(lo, hi, box.start, box.size, strict=True)
-            )
-            # inside the array every voxel is written by its chunk's decode (fill included)
-            out = np.empty(box.size, a.dtype) if inside else np.full(box.size, fill, a.dtype)
-            outs.append(out)
-            if any(h <= q for q, h in zip(lo, hi, strict=True)):
-                continue
-            c0 = [q // c for q, c in zip(lo, a.inner_shape, strict=True)]
-            c1 = [(h - 1) // c + 1 for h, c in zip(hi, a.inner_shape, strict=True)]
-            for cidx in np.ndindex(*[b - e for e, b in zip(c0, c1, strict=True)]):
-                chunk = tuple(e + i for e, i in zip(c0, cidx, strict=True))
-                clo = [c * n for c, n in zip(chunk, a.inner_shape, strict=True)]
-                dst, src = [], []
-                for d in range(len(chunk)):
-                    g0 = max(lo[d], clo[d])
-                    g1 = min(hi[d], clo[d] + a.inner_shape[d])
-                    dst.append(slice(g0 - box.start[d], g1 - box.start[d]))
-                    src.append(slice(g0 - clo[d], g1 - clo[d]))
-                cid = (a.path, chunk)
-                arrays[cid] = a
-                uses.setdefault(cid, []).append((out, tuple(dst), tuple(src)))
-        if not uses:
-            return outs
+        plan = plan_boxes(boxes)
+        if plan.uses:
+            data = self._chunk_bytes(plan)
+            self._decode(plan, data)
+        return plan.outputs
 
-        # shard indexes (one request per not-yet-seen shard, all concurrent)
-        def shard_of(a: ArrayInfo, chunk: tuple[int, ...]) -> tuple[int, ...]:
-            return tuple(c // g for c, g in zip(chunk, a.grid, strict=True))
-
-        sharded = {(c[0], shard_of(arrays[c], c[1])): arrays[c] for c in uses if arrays[c].sharded}
+    def _locate(self, plan: ReadPlan) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, None]]:
+        """Byte range of every chunk the plan needs; chunks known to be all fill apart."""
+        sharded = {
+            (cid.path, cid.shard): plan.arrays[cid.path]
+            for cid in plan.uses
+            if plan.arrays[cid.path].sharded
+        }
         self._load_indexes(sharded)
-
-        # where every chunk's bytes are
-        located: dict[tuple, tuple[str, int | None, int | None]] = {}
-        data: dict[tuple, bytes | None] = {}
-        for cid in uses:
-            a, chunk = arrays[cid], cid[1]
+        located: dict[ChunkId, ByteRange] = {}
+        fill: dict[ChunkId, None] = {}
+        for cid in plan.uses:
+            a = plan.arrays[cid.path]
             if not a.sharded:
-                located[cid] = (a.object_key(chunk), None, None)
+                located[cid] = ByteRange(a.object_key(cid.chunk))
                 continue
-            shard = shard_of(a, chunk)
-            idx = self._index[(a.path, shard)]
-            if idx is None:
-                data[cid] = None
-                continue
-            local = tuple(c % g for c, g in zip(chunk, a.grid, strict=True))
-            off, nb = (int(v) for v in idx[np.ravel_multi_index(local, a.grid)])
-            if off == EMPTY and nb == EMPTY:
-                data[cid] = None
-                continue
-            located[cid] = (a.object_key(shard), off, off + nb)
+            idx = self._index[(cid.path, cid.shard)]
+            span = None if idx is None else idx.locate(cid.flat)
+            if span is None:
+                fill[cid] = None
+            else:
+                located[cid] = ByteRange(a.object_key(cid.shard), *span)
+        return located, fill
+
+    def _chunk_bytes(self, plan: ReadPlan) -> dict[ChunkId, Any]:
+        """Stored bytes of every chunk of the plan (``None``: all fill value)."""
+        located, data = self._locate(plan)
         caching = bool(self.cache_bytes or self.cache_dir)
         if caching:
             for cid, loc in list(located.items()):
-                hit = self._cache_get((cid, loc[1], loc[2]))
+                hit = self._cache_get((tuple(cid[:2]), loc.start, loc.end))
                 if hit is not None:
                     data[cid] = hit
                     del located[cid]
                     self.stats.add(cache_hits=1)
         self.stats.add(
-            chunks=len(uses),
-            chunk_bytes=sum(e - s for _, s, e in located.values() if s is not None),
+            chunks=len(plan.uses), chunk_bytes=sum(r.nbytes or 0 for r in located.values())
         )
-
-        # coalesce ranges per object, fetch everything concurrently
-        by_key: dict[str, list[tuple[int, int, tuple]]] = {}
-        requests: list[tuple[str, int | None, int | None]] = []
-        members: list[list[tuple[tuple, int, int]]] = []
-        for cid, (key, s, e) in located.items():
-            if s is None:
-                requests.append((key, None, None))
-                members.append([(cid, 0, -1)])
-            else:
-                by_key.setdefault(key, []).append((s, e, cid))  # type: ignore[arg-type]
-        for key, items in by_key.items():
-            items.sort()
-            cur_s, cur_e, group = items[0][0], items[0][1], [items[0]]
-            for s, e, cid in items[1:]:
-                if s - cur_e <= self.coalesce_gap and e - cur_s <= self.max_request:
-                    cur_e = max(cur_e, e)
-                    group.append((s, e, cid))
-                else:
-                    requests.append((key, cur_s, cur_e))
-                    members.append([(c, s0 - cur_s, e0 - cur_s) for s0, e0, c in group])
-                    cur_s, cur_e, group = s, e, [(s, e, cid)]
-            requests.append((key, cur_s, cur_e))
-            members.append([(c, s0 - cur_s, e0 - cur_s) for s0, e0, c in group])
-        blobs = self._fetch(requests)
-        self.stats.add(requests=len(requests), bytes_fetched=sum(len(b or b"") for b in blobs))
-        for (key, _, _), blob, group in zip(requests, blobs, members, strict=True):
-            for cid, s, e in group:
-                if blob is None:
-                    a = arrays[cid]
-                    if a.sharded or not a.missing_is_fill(cid[1]):
-                        # a shard whose index we just read, or a recorded non-fill chunk
-                        raise MissingShardError(
-                            self.url, key, "object vanished or was never written: data was lost"
-                        )
-                    data[cid] = None
-                    continue
-                piece = blob if e == -1 else blob[s:e]
-                if e != -1 and len(piece) != e - s:
-                    raise StoreIntegrityError(
-                        self.url, key, "object is shorter than its shard index says: truncated"
-                    )
-                data[cid] = piece
-                if caching and cid in located:
-                    key, s0, e0 = located[cid]
-                    self._cache_put((cid, s0, e0), bytes(piece))
-
-        # decode in threads, straight into the outputs (disjoint regions)
-        def decode(cid: tuple) -> None:
-            raw = data[cid]
-            a = arrays[cid]
-            chunk = (
-                np.full(a.inner_shape, a.fill_value, dtype=a.dtype)
-                if raw is None
-                else decode_chunk(raw, a, url=self.url, where=_chunk_name(a, cid[1]))
+        mine, theirs = self._claim(located)
+        try:
+            cids = list(mine)
+            requests = merge_ranges(
+                [mine[c] for c in cids],
+                max_gap=self.coalesce_gap,
+                overfetch=self.overfetch,
+                max_request=self.max_request,
             )
-            for out, dst, src in uses[cid]:
-                out[dst] = chunk[src]
+            blobs = self._fetch([r.range for r in requests])
+            self.stats.add(requests=len(requests), bytes_fetched=sum(len(b or b"") for b in blobs))
+            for req, blob in zip(requests, blobs, strict=True):
+                self._split(req, blob, cids, plan, data)
+        except BaseException as exc:
+            self._release(mine, data, exc)
+            raise
+        self._release(mine, data, None)
+        for cid, fut in theirs.items():
+            data[cid] = fut.result()  # the same error as the read that fetched it, if any
+        if caching:
+            for cid in cids:
+                if data[cid] is not None:
+                    loc = located[cid]
+                    self._cache_put((tuple(cid[:2]), loc.start, loc.end), bytes(data[cid]))
+        return data
+
+    def _claim(
+        self, located: dict[ChunkId, ByteRange]
+    ) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, Future]]:
+        """Split the chunks into those this read fetches and those another concurrent read
+        (patches in flight often overlap) is already fetching: each is fetched once."""
+        mine: dict[ChunkId, ByteRange] = {}
+        theirs: dict[ChunkId, Future] = {}
+        with self._lock:
+            for cid, loc in located.items():
+                fut = self._inflight.get(cid[:2])
+                if fut is None:
+                    self._inflight[cid[:2]] = Future()
+                    mine[cid] = loc
+                else:
+                    theirs[cid] = fut
+        return mine, theirs
+
+    def _release(
+        self, mine: dict[ChunkId, ByteRange], data: dict, exc: BaseException | None
+    ) -> None:
+        """Hand this read's chunks (or its error) to the reads waiting for them."""
+        with self._lock:
+            futs = [(cid, self._inflight.pop(cid[:2])) for cid in mine]
+        for cid, fut in futs:
+            if exc is None and cid in data:
+                fut.set_result(data[cid])
+            else:
+                fut.set_exception(
+                    exc or StoreIntegrityError(self.url, cid.path, "chunk was not fetched")
+                )
+
+    def _split(
+        self, req: Request, blob: bytes | None, cids: list[ChunkId], plan: ReadPlan, data: dict
+    ) -> None:
+        """Cut one fetched body into the chunks it serves, checking every length."""
+        key = req.range.key
+        view = None if blob is None else memoryview(blob)
+        for part in req.parts:
+            cid = cids[part.index]
+            if view is None:
+                a = plan.arrays[cid.path]
+                if a.sharded or not a.missing_is_fill(cid.chunk):
+                    # a shard whose index we just read, or a recorded non-fill chunk
+                    raise MissingShardError(
+                        self.url, key, "object vanished or was never written: data was lost"
+                    )
+                data[cid] = None
+                continue
+            if part.nbytes == -1:
+                data[cid] = view
+                continue
+            piece = view[part.offset : part.offset + part.nbytes]
+            if len(piece) != part.nbytes:
+                raise StoreIntegrityError(
+                    self.url, key, "object is shorter than its shard index says: truncated"
+                )
+            data[cid] = piece
+
+    def _decode(self, plan: ReadPlan, data: dict[ChunkId, Any]) -> None:
+        """Decode every chunk into the outputs (disjoint regions), in a few pool tasks."""
+        url, outs = self.url, plan.outputs
+
+        def run(cids: list[ChunkId]) -> None:
+            buffers: dict[int, np.ndarray] = {}  # one decode buffer per chunk size per task
+            for cid in cids:
+                raw = data[cid]
+                a = plan.arrays[cid.path]
+                if raw is None:
+                    for use in plan.uses[cid]:
+                        outs[use.out][use.dst] = a.fill_value
+                    continue
+                codec = a.codec
+                buf = buffers.get(codec.nbytes)
+                if buf is None:
+                    buf = buffers[codec.nbytes] = np.empty(codec.nbytes, np.uint8)
+                chunk = codec.decode(raw, url=url, where=chunk_name(a, cid), out=buf)
+                for use in plan.uses[cid]:
+                    outs[use.out][use.dst] = chunk[use.src]
 
         # one task per core, not per chunk: a 96³ patch touches ~50 chunks and a future per
-        # chunk cost more in scheduling than the decode itself (profiled in benchmarks/README.md)
-        cids = list(uses)
+        # chunk costs more in scheduling than the decode itself (profiled in
+        # benchmarks/README.md); pool threads only: numcodecs' Blosc takes a global lock (and
+        # spins up its own threads) when called from the main thread, but not off it
+        cids = list(plan.uses)
         k = min(len(cids), DECODE_TASKS)
         if k <= 1:
-            for cid in cids:
-                decode(cid)
-        else:
-            # pool threads only: numcodecs' Blosc takes a global lock (and spins up its own
-            # threads) when called from the main thread, but decodes lock-free off it
-            batches = [cids[i::k] for i in range(k)]
-            for f in [self.pool.submit(lambda b: [decode(c) for c in b], b) for b in batches]:
-                f.result()
-        return outs
-
-
-#: Concurrent decode tasks per read: Blosc releases the GIL, so one per core pays off.
-DECODE_TASKS = max(1, min(8, os.cpu_count() or 1))
+            self.pool.submit(run, cids).result()
+            return
+        for f in [self.pool.submit(run, cids[i::k]) for i in range(k)]:
+            f.result()
 
 
 class _TensorStoreEngine:
@@ -714,17 +530,12 @@ class _TensorStoreEngine:
         return outs  # type: ignore[return-value]
 
 
-def _chunk_name(a: ArrayInfo, chunk: tuple[int, ...]) -> str:
-    """Object key of a chunk, with its position inside the shard when sharded."""
-    if not a.sharded:
-        return a.object_key(chunk)
-    shard = tuple(c // g for c, g in zip(chunk, a.grid, strict=True))
-    inner = ",".join(str(c % g) for c, g in zip(chunk, a.grid, strict=True))
-    return f"{a.object_key(shard)} (inner chunk {inner})"
-
-
-def _try(fn):
-    try:
-        return fn()
-    except FileNotFoundError as exc:
-        return exc
+__all__ = [
+    "EMPTY",
+    "ArrayInfo",
+    "Box",
+    "ReaderStats",
+    "ShardReader",
+    "crc32c_ok",
+    "decode_chunk",
+]

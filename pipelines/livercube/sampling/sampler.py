@@ -19,16 +19,20 @@ samples within one voxel of a border blend with ``pad_value``.
 
 from __future__ import annotations
 
+import json
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from livercube.errors import VolumeIncompleteError
-from livercube.sampling.reader import ArrayInfo, Box, ShardReader
+from livercube.errors import StoreError, VolumeIncompleteError
+from livercube.sampling.arrays import ArrayInfo
+from livercube.sampling.plan import Box
+from livercube.sampling.reader import ShardReader
 from livercube.store.completion import is_complete
 from livercube.store.layout import data_path
 from livercube.store.query import catalog_frame, select
@@ -37,8 +41,75 @@ MODES = ("uniform", "foreground", "class_weighted")
 PAD_VALUE = -1024
 
 
+class VolumeArrays:
+    """Array metadata of the selected volumes, read on first use of each volume.
+
+    Start-up reads the catalog only: with thousands of volumes, reading every volume's
+    ``zarr.json`` files (and checking its completion record) before the first patch would
+    cost a request per file over HTTP or S3 and seconds of parsing.  A volume's group and
+    array metadata are fetched together in one concurrent round when a patch first needs it.
+    """
+
+    def __init__(self, reader: ShardReader) -> None:
+        self.reader = reader
+        self._cache: dict[str, dict[str, ArrayInfo | None]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"reader": self.reader, "_cache": dict(self._cache)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def get(self, vol: VolumeInfo) -> dict[str, ArrayInfo | None]:
+        hit = self._cache.get(vol.path)
+        if hit is None:
+            hit = self._load(vol)
+            with self._lock:
+                self._cache[vol.path] = hit
+        return hit
+
+    def _load(self, vol: VolumeInfo) -> dict[str, ArrayInfo | None]:
+        url, arrays = self.reader.url, data_path(vol.path)
+        keys = [f"{vol.path}/zarr.json"] + [f"{arrays}/{n}/zarr.json" for n in ARRAYS]
+        group, *metas = self.reader.fetch_objects(keys)
+        if group is None:
+            raise VolumeIncompleteError(
+                f"{url}: the catalog lists {vol.path!r} but the store has no such volume "
+                f"group; rebuild the catalog with `livercube catalog {url}`"
+            )
+        record = (json.loads(group).get("attributes") or {}).get("livercube") or {}
+        if not is_complete(record):
+            raise VolumeIncompleteError(
+                f"{url}: volume {vol.path!r} has no completion record (status "
+                f"{record.get('status', 'missing')!r}): its write never finished; re-convert it"
+            )
+        out: dict[str, ArrayInfo | None] = {
+            name: None
+            if raw is None
+            else ArrayInfo.from_metadata(f"{arrays}/{name}", json.loads(raw))
+            for name, raw in zip(ARRAYS, metas, strict=True)
+        }
+        image = out["image"]
+        if image is None or image.shape != vol.shape:
+            raise StoreError(
+                f"{url}: the catalog says volume {vol.path!r} is {vol.shape} voxels but its "
+                f"image array is {None if image is None else image.shape}: the catalog is "
+                f"stale; rebuild it with `livercube catalog {url}`"
+            )
+        return out
+
+
+#: the arrays of a volume's full-resolution group the sampler reads
+ARRAYS = ("image", "label", "class_locations")
+
+
 @dataclass(frozen=True, eq=False)
 class VolumeInfo:
+    """One selected volume: catalog facts now, array metadata (``image``, ``label``,
+    ``locations``) on first access."""
+
     path: str
     collection: str
     patient_id: str
@@ -47,9 +118,20 @@ class VolumeInfo:
     shape: tuple[int, int, int]
     spacing: np.ndarray  # (3,) mm, z y x
     origin: np.ndarray  # (3,) LPS mm of voxel (0, 0, 0)
-    image: ArrayInfo
-    label: ArrayInfo | None
-    locations: ArrayInfo | None
+    annotated: bool
+    arrays: VolumeArrays = field(repr=False)
+
+    @property
+    def image(self) -> ArrayInfo:
+        return self.arrays.get(self)["image"]  # type: ignore[return-value]
+
+    @property
+    def label(self) -> ArrayInfo | None:
+        return self.arrays.get(self)["label"]
+
+    @property
+    def locations(self) -> ArrayInfo | None:
+        return self.arrays.get(self)["class_locations"]
 
 
 @dataclass(frozen=True)
@@ -63,28 +145,6 @@ class PatchSpec:
     size: tuple[int, int, int]  # reference-grid size (== patch_size without target spacing)
     cls: int  # class the patch is centred on; -1 = uniform
     anchor: tuple[int, int, int]  # the voxel it is centred on (uniform: patch centre)
-
-
-def _complete_group(store, path: str):
-    """The volume group at ``path``, refusing one without a completion record.
-
-    The catalog is a derived index: the group's own record (written last) is what says the
-    arrays are whole, so a listed group that is gone or half-written is an error, not zeros.
-    """
-    try:
-        group = store.root[path]
-    except KeyError:
-        raise VolumeIncompleteError(
-            f"{store.url}: the catalog lists {path!r} but the store has no such volume group; "
-            f"rebuild the catalog with `livercube catalog {store.url}`"
-        ) from None
-    meta = group.attrs.get("livercube") or {}
-    if not is_complete(meta):
-        raise VolumeIncompleteError(
-            f"{store.url}: volume {path!r} has no completion record (status "
-            f"{meta.get('status', 'missing')!r}): its write never finished; re-convert it"
-        )
-    return group
 
 
 def _runtime_rank() -> tuple[int, int]:
@@ -117,6 +177,10 @@ class PatchSampler:
     ``spacing``: optional target voxel size (mm) — patches are then resampled on the fly.
     ``rank``/``world_size``: distributed split (default: torch.distributed if initialised).
     ``prefetch``: patches read concurrently by the iterators.
+
+    Start-up reads the catalog only (its cost does not grow with the number of volumes); a
+    volume's metadata and completion record are read when a patch first needs it, so a
+    volume whose write never finished raises :class:`VolumeIncompleteError` then.
 
     Samples are dicts of NumPy arrays: ``image`` (C, z, y, x) — int16 HU when no
     interpolation is involved, float32 otherwise — ``label`` (1, z, y, x) uint8, and
@@ -157,7 +221,8 @@ class PatchSampler:
         if missing_phase not in ("skip", "pad"):
             raise ValueError("missing_phase must be 'skip' or 'pad'")
         if not isinstance(store, Store):
-            store = Store(str(store), **(storage_options or {}))
+            store = Store(store, **(storage_options or {}))  # a URL or a StoreLocation
+        self.location = store.location
         self.url, self.storage_options = store.url, dict(store.storage_options)
         self.patch_size = tuple(int(s) for s in patch_size)
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -181,7 +246,7 @@ class PatchSampler:
         self.rank, self.world_size = int(rank), int(world_size)
         self.prefetch = max(1, int(prefetch))
         self.position = 0
-        self.reader = reader or ShardReader(self.url, self.storage_options, **reader_options)
+        self.reader = reader or ShardReader(self.location, **reader_options)
         self._locations: dict[int, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._select(store, where)
@@ -192,51 +257,46 @@ class PatchSampler:
 
     # -- selection ------------------------------------------------------------------------------
     def _select(self, store, where: str | None) -> None:
+        """Volumes and channels from the catalog alone (no volume metadata is read here)."""
         df = catalog_frame(store.catalog)
         chosen = select(df, where)
         if not len(chosen):
             raise ValueError(f"no volume matches where={where!r}")
+        arrays = VolumeArrays(self.reader)
         infos: dict[int, VolumeInfo] = {}
 
         def info(row: int) -> VolumeInfo:
             if row not in infos:
                 r = df.iloc[row]
-                _complete_group(store, str(r["path"]))
-                arrays = data_path(str(r["path"]))
-                group = store.root[arrays]
-                metas = {}
-                for name in ("image", "label", "class_locations"):
-                    if name in group:
-                        metas[name] = ArrayInfo.from_metadata(
-                            f"{arrays}/{name}", group[name].metadata.to_dict()
-                        )
-                img = metas["image"]
                 infos[row] = VolumeInfo(
                     path=str(r["path"]),
                     collection=str(r["collection"]),
                     patient_id=str(r["patient_id"]),
                     study=str(r["study"]),
                     phase=str(r["phase"]),
-                    shape=img.shape,  # type: ignore[arg-type]
+                    shape=tuple(int(r[f"extent_{a}"]) for a in "zyx"),  # type: ignore[arg-type]
                     spacing=np.array([r[f"spacing_{a}"] for a in "zyx"], dtype=float),
                     origin=np.array([r[f"origin_{a}"] for a in "zyx"], dtype=float),
-                    image=img,
-                    label=metas.get("label"),
-                    locations=metas.get("class_locations"),
+                    annotated=bool(r["annotated"]),
+                    arrays=arrays,
                 )
             return infos[row]
 
-        study_key = df[["collection", "patient_id", "study"]].astype(str).agg("/".join, axis=1)
         self.volumes: list[VolumeInfo] = []
         self.channels: list[list[VolumeInfo | None]] = []
+        studies: dict[tuple[str, str, str], list[int]] = {}
+        if self.phases is not None:
+            keys = df[["collection", "patient_id", "study"]].astype(str).itertuples(index=False)
+            for i, key in enumerate(keys):
+                studies.setdefault(tuple(key), []).append(i)  # type: ignore[arg-type]
         for row in (df.index.get_loc(i) for i in chosen.index):
             ref = info(row)
-            if self.labels and ref.label is None and self.mode != "uniform":
+            if self.labels and not ref.annotated and self.mode != "uniform":
                 continue  # foreground sampling needs an annotated reference
             if self.phases is None:
                 chans: list[VolumeInfo | None] = [ref]
             else:
-                same = [i for i in range(len(df)) if study_key.iloc[i] == study_key.iloc[row]]
+                same = studies[(ref.collection, ref.patient_id, ref.study)]
                 chans = []
                 for ph in self.phases:
                     if ph == ref.phase:

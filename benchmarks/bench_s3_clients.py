@@ -1,0 +1,167 @@
+"""Client CPU per signed S3 GET: s3fs vs obstore vs botocore's SigV4 signer, against moto.
+
+    python benchmarks/bench_s3_clients.py [--gets 400] [--inflight 64]
+
+Why: over S3 every ranged GET of a patch is signed (SigV4) and parsed by the client; the
+reader uses s3fs (aiobotocore), whose per-request CPU limits patches/s per process long
+before the network does.  Each client fetches the same ``--gets`` 64 KiB ranges of one object
+from a moto server on loopback, ``--inflight`` at a time; printed: GETs/s (bounded by moto on
+this machine, so read the CPU column) and client-process CPU per GET.
+
+* s3fs ``cat_ranges`` (what ``ShardReader`` does today);
+* obstore (Rust ``object_store``, SigV4 in Rust): one ``get_range_async`` per range, gathered
+  (its ``get_ranges`` coalesces ranges itself, shown apart: it makes fewer requests);
+* botocore's ``SigV4Auth`` on a pooled urllib3 client in threads, and signing alone.
+
+Not a test; goals are printed, not asserted (goal: ≤ 1 ms client CPU per signed GET).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_patches import free_port
+
+GOAL_CPU_MS = 1.0
+SIZE = 65_536
+
+
+def _wait(port: int) -> None:
+    import socket
+
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def measure(starts: list[int], endpoint: str, inflight: int) -> dict[str, tuple[float, float]]:
+    """name → (wall s, client CPU s) for the same ranged GETs."""
+    import s3fs
+
+    res: dict[str, tuple[float, float]] = {}
+    fs = s3fs.S3FileSystem(
+        key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True
+    )
+    ends = [s + SIZE for s in starts]
+
+    def timed(name: str, fn) -> object:
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        res[name] = (time.perf_counter() - t, time.process_time() - c)
+        return out
+
+    want = timed(
+        "s3fs cat_ranges",
+        lambda: fs.cat_ranges(["bench/obj"] * len(starts), starts, ends, batch_size=inflight),
+    )
+    try:
+        import obstore
+        from obstore.store import S3Store
+    except ImportError:
+        obstore = None
+    if obstore is not None:
+        store = S3Store(
+            "bench",
+            endpoint=endpoint,
+            access_key_id="testing",
+            secret_access_key="testing",
+            region="us-east-1",
+            client_options={"allow_http": True},
+        )
+
+        async def each() -> list:
+            sem = asyncio.Semaphore(inflight)
+
+            async def one(s: int):
+                async with sem:
+                    return await obstore.get_range_async(store, "obj", start=s, end=s + SIZE)
+
+            return await asyncio.gather(*(one(s) for s in starts))
+
+        got = timed("obstore get_range_async, one per range", lambda: asyncio.run(each()))
+        assert [bytes(g) for g in got] == list(want)  # type: ignore[union-attr, arg-type]
+        timed(
+            "obstore get_ranges (coalesces itself)",
+            lambda: obstore.get_ranges(store, "obj", starts=starts, ends=ends),
+        )
+    import urllib3
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    auth = SigV4Auth(Credentials("testing", "testing"), "s3", "us-east-1")
+    pool = urllib3.PoolManager(maxsize=inflight)
+
+    def signed(s: int) -> AWSRequest:
+        req = AWSRequest(
+            method="GET",
+            url=f"{endpoint}/bench/obj",
+            headers={"Range": f"bytes={s}-{s + SIZE - 1}"},
+        )
+        auth.add_auth(req)
+        return req
+
+    def get(s: int) -> bytes:
+        req = signed(s)
+        return pool.request("GET", req.url, headers=dict(req.headers.items())).data
+
+    with ThreadPoolExecutor(inflight) as ex:
+        timed("botocore SigV4 + urllib3 pool, threads", lambda: list(ex.map(get, starts)))
+    timed("botocore SigV4 signing alone", lambda: [signed(s) for s in starts])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gets", type=int, default=400)
+    ap.add_argument("--inflight", type=int, default=64)
+    args = ap.parse_args()
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        _wait(port)
+        import s3fs
+
+        endpoint = f"http://127.0.0.1:{port}"
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
+        fs.mkdir("bench")
+        fs.pipe("bench/obj", os.urandom(4_000_000))
+        starts = [(i * 7919) % (4_000_000 - SIZE) for i in range(args.gets)]
+        res = measure(starts, endpoint, args.inflight)
+    finally:
+        moto.terminate()
+        moto.wait(timeout=10)
+    print(
+        f"{args.gets} signed 64 KiB GETs, {args.inflight} in flight, moto on loopback; "
+        f"1-min load {os.getloadavg()[0]:.1f}"
+    )
+    base = res["s3fs cat_ranges"][1]
+    for name, (wall, cpu) in res.items():
+        rate = f"{args.gets / wall:8.0f} GETs/s" if "alone" not in name else " " * 15
+        print(
+            f"  {name:42s} {rate}  client CPU {1000 * cpu / args.gets:6.2f} ms/GET  "
+            f"s3fs / this {base / max(cpu, 1e-9):6.1f}x"
+        )
+    print(f"goal: <= {GOAL_CPU_MS:.1f} ms client CPU per signed GET")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Concurrent reads share in-flight chunk fetches: each chunk fetched once, errors shared too.
+
+Two reads of overlapping boxes are forced to overlap in time (the first read's fetch is held
+until the second has claimed its chunks), so the outcome does not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from livercube.errors import MissingShardError
+from livercube.sampling import ArrayInfo, ShardReader
+from livercube.sampling.plan import Box
+
+
+@pytest.fixture()
+def array(tmp_path) -> tuple[str, ArrayInfo, np.ndarray]:
+    data = np.random.default_rng(0).integers(-1000, 1000, (16, 24, 20)).astype(np.int16)
+    z = zarr.create_array(
+        str(tmp_path / "s.zarr" / "img"),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(4, 8, 10),
+        shards=(8, 24, 20),
+        compressors=[BloscCodec(cname="zstd", clevel=3), Crc32cCodec()],
+        fill_value=0,
+    )
+    z[...] = data
+    return str(tmp_path / "s.zarr"), ArrayInfo.from_metadata("img", z.metadata.to_dict()), data
+
+
+def _overlapping_reads(reader: ShardReader, boxes: list[Box]) -> list:
+    # callers read once beforehand, so the shard indexes are cached and only chunk data is
+    # fetched (and shared) here
+    """Read ``boxes[0]`` and ``boxes[1]`` in two threads, the second claiming its chunks while
+    the first is still fetching; returns each thread's result or exception."""
+    first_fetching, second_claimed = threading.Event(), threading.Event()
+    fetch, claim = reader._fetch, reader._claim
+    data_fetches: list[list] = []
+
+    def held_fetch(ranges):
+        if ranges and ranges[0].start is not None and ranges[0].start >= 0:  # chunk data
+            data_fetches.append(list(ranges))
+            if threading.current_thread().name == "first":
+                first_fetching.set()
+                assert second_claimed.wait(10)
+        return fetch(ranges)
+
+    def noting_claim(located):
+        out = claim(located)
+        if threading.current_thread().name == "second":
+            second_claimed.set()
+        return out
+
+    reader._fetch, reader._claim = held_fetch, noting_claim  # type: ignore[method-assign]
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = reader.read_boxes([boxes[i]])[0]
+        except Exception as exc:  # handed back to the test
+            results[i] = exc
+
+    first = threading.Thread(target=run, args=(0,), name="first")
+    first.start()
+    assert first_fetching.wait(10)
+    second = threading.Thread(target=run, args=(1,), name="second")
+    second.start()
+    first.join(10)
+    second.join(10)
+    results.append(data_fetches)
+    return results
+
+
+def test_overlapping_reads_fetch_each_chunk_once_and_both_are_right(array):
+    url, info, data = array
+    reader = ShardReader(url)
+    a, b = Box(info, (2, 3, 1), (9, 15, 12)), Box(info, (2, 3, 1), (9, 15, 12))
+    reader.read_boxes([a])
+    got_a, got_b, fetches = _overlapping_reads(reader, [a, b])
+    want = data[2:11, 3:18, 1:13]
+    np.testing.assert_array_equal(got_a, want)
+    np.testing.assert_array_equal(got_b, want)
+    assert len(fetches) == 1  # the second read fetched nothing itself
+    fetched = sum(r.end - r.start for r in fetches[0])
+    reader.stats.reset()
+    reader.read_boxes([a])
+    assert fetched == reader.stats.bytes_fetched  # one box's worth, not two
+
+
+def test_a_failed_shared_fetch_fails_every_read_waiting_for_it(array, tmp_path):
+    url, info, _ = array
+    reader = ShardReader(url)
+    box = Box(info, (0, 0, 0), (6, 10, 10))
+    reader.read_boxes([box])  # cache the shard index, then lose the shard
+    (tmp_path / "s.zarr" / "img" / "c" / "0" / "0" / "0").unlink()
+    got_a, got_b, _ = _overlapping_reads(reader, [box, box])
+    assert isinstance(got_a, MissingShardError)
+    assert isinstance(got_b, MissingShardError)
+    assert not reader._inflight  # nothing left claimed: a later read tries again
