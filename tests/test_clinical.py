@@ -13,7 +13,7 @@ from openpyxl import Workbook, load_workbook
 
 import livercube
 from livercube import cli
-from livercube.convert import convert, plan_collection
+from livercube.convert import convert
 from livercube.errors import UnreadableFileError
 from livercube.sources.clinical import (
     COLUMN_SPECS,
@@ -22,6 +22,7 @@ from livercube.sources.clinical import (
     reconcile,
     select_columns,
 )
+from livercube.sources.planning import plan_collection
 from livercube.store.contract import check_store
 from livercube.store.verify import verify
 from livercube.synth.dicom_collections import write_crlm, write_hcc_tace_seg

@@ -185,8 +185,8 @@ def hcc_with_defects(tmp_path_factory) -> Path:
 def test_plan_on_a_real_cluster_equals_the_local_plan(hcc_with_defects, tmp_path, monkeypatch):
     from distributed import Client
 
-    from livercube.convert import plan_collection
     from livercube.sources import dicom_scan
+    from livercube.sources.planning import plan_collection
 
     local = plan_collection(str(hcc_with_defects), "hcc-tace-seg")
     assert local.skipped and local.tasks  # the damaged files are losses

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from livercube import registry
 from livercube.errors import (
     ForeignFilesError,
     SourceError,
@@ -28,12 +27,13 @@ from livercube.errors import (
 from livercube.fanout import Mapper, dask_map
 from livercube.faults import fault_point
 from livercube.schema import STORE_SCHEMA_VERSION
+from livercube.sources.planning import check_collection, plan_collection
 from livercube.store import lease
 from livercube.store.catalog import stored_volumes, write_catalog
 from livercube.store.chunking import DEFAULT_CHUNKING, Chunking
 from livercube.store.completion import CompletionRecord
 from livercube.store.layout import task_path
-from livercube.store.location import StoreLocation, is_remote, with_retries
+from livercube.store.location import StoreLocation, with_retries
 from livercube.store.writer import write_volume
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -399,14 +399,6 @@ def _refuse_foreign(dest: str, entries: list[str], root_doc: bytes | None) -> No
     )
 
 
-def _check_input_file(path: str | None, option: str, storage_options: dict | None) -> None:
-    if not path:
-        return
-    fs, p = StoreLocation.of(path, storage_options if is_remote(path) else None).filesystem()
-    if not fs.isfile(p):
-        raise UsageError(f"{option} {path}: no such file")
-
-
 def _hide_rewrites(store: StoreLocation, tasks: list[Any], overwrite: bool) -> set[str]:
     """Take volumes this run will replace out of the catalog before touching them.
 
@@ -432,46 +424,6 @@ def _ran_out_of_space(rec: dict[str, Any]) -> bool:
     return (
         any(f"[Errno {n}]" in reason for n in (errno.ENOSPC, errno.EDQUOT))
         or "No space left on device" in reason
-    )
-
-
-def check_collection(collection: str) -> None:
-    """Reject an unknown collection name before any I/O, naming the valid ones."""
-    if collection not in registry.ids():
-        raise UsageError(
-            f"unknown collection {collection!r}; choose one of {', '.join(registry.ids())}"
-        )
-
-
-def plan_collection(
-    source: str,
-    collection: str,
-    *,
-    clinical: str | None = None,
-    overrides: str | None = None,
-    source_options: dict | None = None,
-    where: str | None = None,
-    keep_descriptions: bool = False,
-    clinical_columns: list[str] | None = None,
-    mapper: Mapper | None = None,
-) -> Any:
-    """Plan a collection from headers and file names only: tasks, skipped inputs, warnings.
-
-    One entry point so that ``convert`` and ``verify --source`` see exactly the same tasks.
-    ``where`` selects series of an ``idc://`` source from the IDC index; ``mapper`` runs
-    the per-file work (header reads) on a cluster (:func:`planning_mapper`), else here.
-    """
-    check_collection(collection)
-    _check_input_file(overrides, "--overrides", source_options)
-    return registry.get(collection).plan(
-        source,
-        clinical=clinical,
-        overrides=overrides,
-        storage_options=source_options,
-        where=where,
-        keep_descriptions=keep_descriptions,
-        clinical_columns=tuple(clinical_columns or ()),
-        mapper=mapper,
     )
 
 

@@ -362,7 +362,7 @@ def source_tasks(
     source_options: dict | None = None,
 ) -> dict[str, Any]:
     """Conversion tasks of a source collection, keyed by their store path (as ``convert``)."""
-    from livercube.convert import plan_collection
+    from livercube.sources.planning import plan_collection
 
     plan = plan_collection(
         source, collection, clinical=clinical, overrides=overrides, source_options=source_options
