@@ -50,6 +50,9 @@ OBJECT_STORE_MB_S_PER_WORKER = 100.0
 OBJECT_STORE_MB_S_TOTAL = 5000.0
 #: scheduler + worker start, planning overhead per run (assumption, seconds).
 CLUSTER_OVERHEAD_S = 60.0
+#: client-side cost of planning per file once the header reads run on the workers (listing,
+#: unpickling the compact outcomes, grouping), measured by ``bench_plan.py`` (CPU time).
+CLIENT_PLAN_S_PER_FILE = 190e-6
 
 
 # --------------------------------------------------------------------------- helpers
@@ -372,12 +375,14 @@ def scaling_model(mb_s_per_worker: float, plan_files_s: float, mean_file_mb: flo
     (``OBJECT_STORE_MB_S_PER_WORKER``) or the bucket saturates (``OBJECT_STORE_MB_S_TOTAL``);
     greedy list scheduling finishes within ``S/(N·r) + t_largest`` (the straggler is the
     largest volume, started last in the worst case); the client plans from headers before
-    the first task (measured files/s on local disk, independent of N); fixed cluster start.
+    the first task: header reads spread over the workers (measured files/s of one process),
+    grouping on the client (``CLIENT_PLAN_S_PER_FILE``); fixed cluster start.
     """
     total_mb = REAL_SOURCE_GB * 1000
-    plan_s = total_mb / mean_file_mb / plan_files_s
+    files = total_mb / mean_file_mb
     rows = []
     for n in (1, 8, 32, 128):
+        plan_s = files / plan_files_s / n + files * CLIENT_PLAN_S_PER_FILE
         r = min(mb_s_per_worker, OBJECT_STORE_MB_S_PER_WORKER, OBJECT_STORE_MB_S_TOTAL / n)
         ideal = total_mb / (n * r)
         straggler = REAL_LARGEST_MB / r
@@ -781,9 +786,10 @@ def render(res: dict) -> str:
         f"object-store per worker, {OBJECT_STORE_MB_S_TOTAL:.0f} MB/s bucket total / N); "
         f"straggler = largest real volume ≈ {REAL_LARGEST_MB:.0f} MB; "
         f"lower = max(ideal, straggler), upper = ideal + straggler (greedy scheduling); "
-        f"planning = header scan of all files on the client at the rate measured here "
-        f"({fmt(tt['plan_files'] / tt['plan_s'])} files/s, local disk, 4 threads), "
-        f"the same for every N; +{CLUSTER_OVERHEAD_S:.0f} s cluster start."
+        f"planning = header reads spread over the N workers at the rate measured here "
+        f"({fmt(tt['plan_files'] / tt['plan_s'])} files/s per process, local disk) plus "
+        f"{CLIENT_PLAN_S_PER_FILE * 1e6:.0f} µs per file of grouping on the client "
+        f"(bench_plan.py); +{CLUSTER_OVERHEAD_S:.0f} s cluster start."
     )
     L.append("")
     L.append("### Size — one volume")
