@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_endpoint() -> Iterator[str]:
+    """A real moto S3 server on a free loopback port for the block; yields its URL."""
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        moto.terminate()
+        moto.wait(timeout=10)
 
 
 def noisy_volume(seed: int, slices: int):
@@ -498,27 +524,13 @@ def bench_s3(local_url: str, path: str, n: int, latency_ms: float) -> dict[str, 
 
     from livercube.sampling import ArrayInfo, Box, ShardReader
 
-    port = free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    moto = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        direct = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{port}"}
+    with moto_endpoint() as endpoint:
+        direct = {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
         fs = s3fs.S3FileSystem(**direct, skip_instance_cache=True)
         fs.mkdir("bench")
         for name in ("image", "label"):
             fs.put(f"{local_url}/{path}/{name}/", f"bench/store/{path}/{name}/", recursive=True)
-        proxy, counter = start_proxy(f"http://127.0.0.1:{port}", latency_ms / 1000)
+        proxy, counter = start_proxy(endpoint, latency_ms / 1000)
         opts = {**direct, "endpoint_url": proxy}
         url = "s3://bench/store"
         res: dict[str, float] = {}
@@ -576,9 +588,6 @@ def bench_s3(local_url: str, path: str, n: int, latency_ms: float) -> dict[str, 
             list(pool.map(lambda s: reader.read_boxes([Box(i, s, PATCH) for i in infos]), starts))
             res["fast_prefetch16_patches_s"] = n / (time.perf_counter() - t)
         return res
-    finally:
-        moto.terminate()
-        moto.wait(timeout=10)
 
 
 def main() -> None:

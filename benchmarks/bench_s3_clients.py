@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,21 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_patches import free_port
+from bench_patches import moto_endpoint
 
 GOAL_CPU_MS = 1.0
 SIZE = 65_536
-
-
-def _wait(port: int) -> None:
-    import socket
-
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
 
 
 def measure(starts: list[int], endpoint: str, inflight: int) -> dict[str, tuple[float, float]]:
@@ -128,27 +116,14 @@ def main() -> None:
     ap.add_argument("--gets", type=int, default=400)
     ap.add_argument("--inflight", type=int, default=64)
     args = ap.parse_args()
-    port = free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    moto = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    try:
-        _wait(port)
+    with moto_endpoint() as endpoint:
         import s3fs
 
-        endpoint = f"http://127.0.0.1:{port}"
         fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
         fs.mkdir("bench")
         fs.pipe("bench/obj", os.urandom(4_000_000))
         starts = [(i * 7919) % (4_000_000 - SIZE) for i in range(args.gets)]
         res = measure(starts, endpoint, args.inflight)
-    finally:
-        moto.terminate()
-        moto.wait(timeout=10)
     print(
         f"{args.gets} signed 64 KiB GETs, {args.inflight} in flight, moto on loopback; "
         f"1-min load {os.getloadavg()[0]:.1f}"
