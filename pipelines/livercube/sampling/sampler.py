@@ -257,27 +257,39 @@ class PatchSampler:
 
     # -- selection ------------------------------------------------------------------------------
     def _select(self, store, where: str | None) -> None:
-        """Volumes and channels from the catalog alone (no volume metadata is read here)."""
+        """Volumes and channels from the catalog alone (no volume metadata is read here).
+
+        The catalog's columns are turned into plain arrays once and a :class:`VolumeInfo` is
+        made only for a volume the sampler uses: per-row ``DataFrame.iloc`` cost ~0.7 ms a
+        volume, seconds for a catalog of thousands.
+        """
         df = catalog_frame(store.catalog)
         chosen = select(df, where)
         if not len(chosen):
             raise ValueError(f"no volume matches where={where!r}")
         arrays = VolumeArrays(self.reader)
+        text = {
+            k: [str(v) for v in df[k].tolist()]
+            for k in ("path", "collection", "patient_id", "study", "phase")
+        }
+        extent = df[[f"extent_{a}" for a in "zyx"]].to_numpy(dtype=np.int64)
+        spacing = df[[f"spacing_{a}" for a in "zyx"]].to_numpy(dtype=float)
+        origin = df[[f"origin_{a}" for a in "zyx"]].to_numpy(dtype=float)
+        annotated = df["annotated"].to_numpy(dtype=bool)
         infos: dict[int, VolumeInfo] = {}
 
         def info(row: int) -> VolumeInfo:
             if row not in infos:
-                r = df.iloc[row]
                 infos[row] = VolumeInfo(
-                    path=str(r["path"]),
-                    collection=str(r["collection"]),
-                    patient_id=str(r["patient_id"]),
-                    study=str(r["study"]),
-                    phase=str(r["phase"]),
-                    shape=tuple(int(r[f"extent_{a}"]) for a in "zyx"),  # type: ignore[arg-type]
-                    spacing=np.array([r[f"spacing_{a}"] for a in "zyx"], dtype=float),
-                    origin=np.array([r[f"origin_{a}"] for a in "zyx"], dtype=float),
-                    annotated=bool(r["annotated"]),
+                    path=text["path"][row],
+                    collection=text["collection"][row],
+                    patient_id=text["patient_id"][row],
+                    study=text["study"][row],
+                    phase=text["phase"][row],
+                    shape=tuple(int(e) for e in extent[row]),  # type: ignore[arg-type]
+                    spacing=spacing[row].copy(),
+                    origin=origin[row].copy(),
+                    annotated=bool(annotated[row]),
                     arrays=arrays,
                 )
             return infos[row]
@@ -286,13 +298,14 @@ class PatchSampler:
         self.channels: list[list[VolumeInfo | None]] = []
         studies: dict[tuple[str, str, str], list[int]] = {}
         if self.phases is not None:
-            keys = df[["collection", "patient_id", "study"]].astype(str).itertuples(index=False)
+            keys = zip(text["collection"], text["patient_id"], text["study"], strict=True)
             for i, key in enumerate(keys):
                 studies.setdefault(tuple(key), []).append(i)  # type: ignore[arg-type]
-        for row in (df.index.get_loc(i) for i in chosen.index):
-            ref = info(row)
-            if self.labels and not ref.annotated and self.mode != "uniform":
+        for row in df.index.get_indexer(chosen.index):
+            row = int(row)
+            if self.labels and not annotated[row] and self.mode != "uniform":
                 continue  # foreground sampling needs an annotated reference
+            ref = info(row)
             if self.phases is None:
                 chans: list[VolumeInfo | None] = [ref]
             else:
@@ -302,7 +315,7 @@ class PatchSampler:
                     if ph == ref.phase:
                         chans.append(ref)
                         continue
-                    cands = sorted((i for i in same if df.iloc[i]["phase"] == ph), key=str)
+                    cands = sorted((i for i in same if text["phase"][i] == ph), key=str)
                     chans.append(info(cands[0]) if cands else None)
                 if None in chans and self.missing_phase == "skip":
                     continue

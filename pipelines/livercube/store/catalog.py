@@ -330,7 +330,9 @@ def write_catalog(
     group that is being replaced.
 
     Cost on object storage: one recursive listing, one GET per metadata document, one PUT per
-    catalog object and one for the root.  Consolidation runs on an in-memory mirror of the
+    catalog object and one for the root.  The catalog group's ``zarr.json`` consolidates the
+    catalog's own arrays, so readers of the catalog need not fetch the root document (whose
+    size grows with every volume in the store).  Consolidation runs on an in-memory mirror of the
     metadata documents (public zarr API), so it needs no second walk of the bucket.
     """
     loc = StoreLocation.of(where, storage_options)
@@ -347,7 +349,9 @@ def write_catalog(
     mirror = {k: v for k, v in docs.items() if not k.startswith(f"{CATALOG_GROUP}/")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.to_zarr(MemoryStore(catalog_objects), mode="w", zarr_format=3, consolidated=False)
+        # the catalog group carries its own consolidated metadata: a reader opens it with one
+        # small request instead of the root document, which describes every volume
+        ds.to_zarr(MemoryStore(catalog_objects), mode="w", zarr_format=3, consolidated=True)
         for k, v in catalog_objects.items():
             if k == "zarr.json" or k.endswith("/zarr.json"):
                 mirror[f"{CATALOG_GROUP}/{k}"] = v

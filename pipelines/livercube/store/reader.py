@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.core.sync import sync
 
 from livercube.errors import StoreError, VolumeNotFoundError
 from livercube.schema import CATALOG_GROUP
@@ -20,18 +21,20 @@ from livercube.volumes.volume import segment_mask, unique_segment_names
 class Store:
     """A livercube store at a local path or fsspec URL (opened read-only).
 
-    ``Store(url, **storage_options)`` or ``Store(location)``; the zarr store is opened once and
-    the root group (consolidated when it can be) is read from it.
+    ``Store(url, **storage_options)`` or ``Store(location)``; the zarr store is opened once.
+    The root group (consolidated when it can be) is read on first use: its document describes
+    every volume of the store — megabytes and seconds of parsing with thousands of volumes —
+    while the catalog has its own consolidated document, so ``store.catalog`` (and a sampler's
+    start-up) reads neither the root nor any volume's metadata.
     """
 
     def __init__(self, where: str | StoreLocation, **storage_options: Any) -> None:
         self.location = StoreLocation.of(where, storage_options)
         self.url = self.location.url
         self._zstore = self.location.zarr_store(read_only=True)
-        try:
-            self.root = self.location.open_root(mode="r", store=self._zstore)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreError(f"no livercube store at {self.url}: {exc}") from exc
+        self._catalog_group = self._open_catalog_group()
+        if self._catalog_group is None:
+            self.root  # noqa: B018  (no catalog of its own: is there a store at all?)
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -42,13 +45,38 @@ class Store:
         return f"<livercube.Store {self.url} ({self.catalog.sizes.get('volume', 0)} volumes)>"
 
     @cached_property
-    def catalog(self) -> xr.Dataset:
-        """The catalog Dataset (dim ``volume``), loaded into memory (it is small)."""
-        if CATALOG_GROUP not in self.root:
-            raise StoreError(
-                f"{self.url} has no catalog group; run `livercube catalog {self.url}` to rebuild it"
+    def root(self) -> zarr.Group:
+        """The root group, from its consolidated metadata when it has some."""
+        try:
+            return self.location.open_root(mode="r", store=self._zstore)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(f"no livercube store at {self.url}: {exc}") from exc
+
+    def _open_catalog_group(self) -> zarr.Group | None:
+        """The catalog group from its own consolidated document (one small request), or
+        ``None`` when it has none (a store whose catalog predates it, or no catalog)."""
+        try:
+            return zarr.open_consolidated(
+                self._zstore, path=CATALOG_GROUP, zarr_format=3, mode="r"
             )
-        ds = self._open_dataset(CATALOG_GROUP).load()
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+            return None
+
+    @cached_property
+    def catalog(self) -> xr.Dataset:
+        """The catalog Dataset (dim ``volume``), loaded into memory (it is small).
+
+        Its arrays are fetched concurrently: one round trip for all of them, not one each.
+        """
+        group = self._catalog_group
+        if group is None:
+            if CATALOG_GROUP not in self.root:
+                raise StoreError(
+                    f"{self.url} has no catalog group; run `livercube catalog {self.url}` to "
+                    "rebuild it"
+                )
+            group = self.root[CATALOG_GROUP]
+        ds = _load_concurrently(_dataset(group, chunks=None))
         # numpy StringDType -> object, so pandas, .astype(str) and older numpy code just work
         return ds.map(
             lambda v: v.astype(object) if v.dtype.kind == "T" else v, keep_attrs=True
@@ -86,14 +114,10 @@ class Store:
         this costs no metadata request and needs no listing (plain HTTP hosting has none).
         Without it, the group is read as it is now (one document per array).
         """
+        if self.consolidated:
+            return _dataset(self.root[path], chunks={})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if self.consolidated:
-                from xarray.backends import ZarrStore
-
-                group = self.root[path]
-                source = ZarrStore(group, mode="r", use_zarr_fill_value_as_mask=False)
-                return xr.open_dataset(source, chunks={})
             return xr.open_zarr(self._zstore, group=path, zarr_format=3, consolidated=False)
 
     def volume_attrs(self, key: str | int) -> dict[str, Any]:
@@ -116,6 +140,28 @@ class Store:
             name: segment_mask(bits, int(seg["bit"]))
             for name, seg in zip(names, meta["segments"], strict=True)
         }
+
+
+def _dataset(group: zarr.Group, *, chunks: dict[str, Any] | None) -> xr.Dataset:
+    """An opened zarr group as a lazy Dataset (no metadata request: the group has it)."""
+    from xarray.backends import ZarrStore
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = ZarrStore(group, mode="r", use_zarr_fill_value_as_mask=False)
+        return xr.open_dataset(source, chunks=chunks)
+
+
+def _load_concurrently(ds: xr.Dataset) -> xr.Dataset:
+    """Load every variable of a lazily opened Dataset with all its reads in flight at once.
+
+    ``Dataset.load`` reads the variables one after the other: over HTTP or S3 that is a round
+    trip per array (the catalog has ~30).  ``load_async`` on zarr's own event loop gathers
+    them; xarray releases without it fall back to the sequential load.
+    """
+    if not hasattr(ds, "load_async"):
+        return ds.load()
+    return sync(ds.load_async())
 
 
 def open(where: str | StoreLocation, **storage_options: Any) -> Store:
