@@ -13,7 +13,8 @@ before the clock starts):
 * ``PatchSampler(url, mode="foreground")`` construction ("start-up") and its first patch;
 * the same on the 2,000-volume store with ``where=`` selecting the first N volumes (selection
   cost apart from catalog size);
-* ``livercube.open(url)`` and its ``.catalog``, and ``xarray.open_zarr(url, group="catalog")``.
+* ``livercube.open(url)`` and its ``.catalog``; ``xarray.open_zarr(url, group="catalog")`` and
+  ``xarray.open_zarr(url + "/catalog")`` (the catalog group's own consolidated document).
 
 Locally and through the slow HTTP server of ``bench_remote.py`` (``--latency-ms`` before every
 answer), whose counters give the requests and bytes of each step.  Memory: the process's peak
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -90,14 +90,14 @@ def build_big(url: Path, n: int, workers: int) -> None:
     t = time.perf_counter()
     step = max(1, n // (workers * 8))
     with ProcessPoolExecutor(workers) as pool:
-        done = sum(
-            pool.map(_write_range, *zip(*[(str(url), a, min(n, a + step)) for a in range(0, n, step)]))
-        )
+        lows = list(range(0, n, step))
+        highs = [min(n, a + step) for a in lows]
+        done = sum(pool.map(_write_range, [str(url)] * len(lows), lows, highs))
     t_cat = time.perf_counter()
     write_catalog(str(url))
     print(
-        f"wrote {done} volumes in {t_cat - t:.0f} s, catalog in {time.perf_counter() - t_cat:.1f} s "
-        f"(1-min load {os.getloadavg()[0]:.1f})",
+        f"wrote {done} volumes in {t_cat - t:.0f} s, catalog in "
+        f"{time.perf_counter() - t_cat:.1f} s (1-min load {os.getloadavg()[0]:.1f})",
         flush=True,
     )
 
@@ -120,9 +120,18 @@ def build_subset(big: Path, url: Path, n: int) -> None:
 
 
 # -- one measurement (runs in a fresh process) ----------------------------------------------------
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> None:
+    """Linux: start a new peak-RSS (VmHWM) window, so a step's peak is its own, not import's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 class Probe:
@@ -134,7 +143,8 @@ class Probe:
             server_stats(base, reset=True)
 
     def step(self, name: str, fn) -> Any:
-        rss0 = _rss_kib()
+        _reset_peak_rss()
+        rss0 = _status_kib("VmRSS")
         if self.traced:
             tracemalloc.start()
         t = time.perf_counter()
@@ -150,7 +160,7 @@ class Probe:
         if self.traced:
             rec["traced_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
             tracemalloc.stop()
-        rec["rss_mb"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        rec["rss_mb"] = max(0, _status_kib("VmHWM") - rss0) / 1024
         if self.base:
             stats = server_stats(self.base, reset=True)
             rec.update(requests=stats["requests"], kb=stats["bytes"] / 1024)
@@ -177,7 +187,10 @@ def child(url: str, base: str | None, what: str, where: str | None, traced: bool
     else:
         store = probe.step("open", lambda: livercube.open(target))
         probe.step("catalog", lambda: store.catalog)
-        probe.step("open_zarr", lambda: xr.open_zarr(target, group="catalog").load())
+        # xarray opens the root (consolidated) even for a group; pointing it at the catalog
+        # group itself reads the catalog's own consolidated document instead
+        probe.step("open_zarr_group", lambda: xr.open_zarr(target, group="catalog").load())
+        probe.step("open_zarr_catalog_url", lambda: xr.open_zarr(f"{target}/catalog").load())
     return probe.out
 
 
@@ -225,7 +238,11 @@ def report(results: dict, sizes: list[int], latency_ms: float) -> None:
         for label, what, steps in (
             ("PatchSampler, catalog of N", "sampler", ("startup", "first_patch")),
             ("PatchSampler, 2000 in catalog, N selected", "sampler_where", ("startup",)),
-            ("livercube.open + .catalog / xr.open_zarr", "open", ("open", "catalog", "open_zarr")),
+            (
+                "livercube.open + .catalog / xr.open_zarr",
+                "open",
+                ("open", "catalog", "open_zarr_group", "open_zarr_catalog_url"),
+            ),
         ):
             for step in steps:
                 print(f"{where_kind:12s} {label} — {step}")
@@ -238,7 +255,8 @@ def report(results: dict, sizes: list[int], latency_ms: float) -> None:
                     ratio = hi[step]["s"] / max(lo[step]["s"], 1e-9)
                     extra = ""
                     if remote:
-                        extra = f", requests ×{hi[step]['requests'] / max(lo[step]['requests'], 1):.2f}"
+                        more = hi[step]["requests"] / max(lo[step]["requests"], 1)
+                        extra = f", requests ×{more:.2f}"
                     print(f"    {sizes[-1]} vs {sizes[0]}: time ×{ratio:.2f}{extra}")
 
 
@@ -273,7 +291,9 @@ def main() -> None:
                     servers[n] = start_server(str(path), args.latency_ms)
             for n, path in stores.items():
                 base = servers[n][1] if servers else None
-                results[(where_kind, "sampler", n)] = run(str(path), base, "sampler", None, args.repeats)
+                results[(where_kind, "sampler", n)] = run(
+                    str(path), base, "sampler", None, args.repeats
+                )
                 where = f"patient_id < {patient(n)!r}"
                 big_base = servers[top][1] if servers else None
                 results[(where_kind, "sampler_where", n)] = run(

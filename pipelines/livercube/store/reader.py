@@ -76,7 +76,9 @@ class Store:
                     "rebuild it"
                 )
             group = self.root[CATALOG_GROUP]
-        ds = _load_concurrently(_dataset(group, chunks=None))
+        # times are decoded after the load: decoding a lazy variable reads its first and last
+        # element first, two more round trips before the concurrent one
+        ds = xr.decode_cf(_load_concurrently(_dataset(group, chunks=None, decode_times=False)))
         # numpy StringDType -> object, so pandas, .astype(str) and older numpy code just work
         return ds.map(
             lambda v: v.astype(object) if v.dtype.kind == "T" else v, keep_attrs=True
@@ -142,14 +144,14 @@ class Store:
         }
 
 
-def _dataset(group: zarr.Group, *, chunks: dict[str, Any] | None) -> xr.Dataset:
+def _dataset(group: zarr.Group, *, chunks: dict[str, Any] | None, **decode: Any) -> xr.Dataset:
     """An opened zarr group as a lazy Dataset (no metadata request: the group has it)."""
     from xarray.backends import ZarrStore
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = ZarrStore(group, mode="r", use_zarr_fill_value_as_mask=False)
-        return xr.open_dataset(source, chunks=chunks)
+        return xr.open_dataset(source, chunks=chunks, **decode)
 
 
 def _load_concurrently(ds: xr.Dataset) -> xr.Dataset:
