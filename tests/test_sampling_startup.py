@@ -145,9 +145,7 @@ def test_catalog_arrays_are_read_concurrently(stores, monkeypatch):
     assert state["peak"] >= len(catalog.data_vars) - 1
 
 
-def test_catalog_without_its_own_consolidated_document_is_read_through_the_root(
-    stores, tmp_path
-):
+def test_catalog_without_its_own_consolidated_document_is_read_through_the_root(stores, tmp_path):
     """Stores whose catalog was written before it carried its own consolidated metadata."""
     import livercube
 

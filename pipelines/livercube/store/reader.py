@@ -56,9 +56,7 @@ class Store:
         """The catalog group from its own consolidated document (one small request), or
         ``None`` when it has none (a store whose catalog predates it, or no catalog)."""
         try:
-            return zarr.open_consolidated(
-                self._zstore, path=CATALOG_GROUP, zarr_format=3, mode="r"
-            )
+            return zarr.open_consolidated(self._zstore, path=CATALOG_GROUP, zarr_format=3, mode="r")
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
             return None
 
