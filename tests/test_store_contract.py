@@ -238,6 +238,29 @@ def test_contract_checker_catches_violations(plc_store, tmp_path):
     assert any("coordinate z disagrees" in p for p in problems)
 
 
+def test_contract_checker_requires_the_catalogs_own_consolidated_metadata(plc_store, tmp_path):
+    """Readers open the catalog from its own document; a catalog without one (or with a stale
+    one) would send them to the root document, which describes every volume."""
+    import shutil
+
+    from livercube.store.contract import check_store
+
+    url, _ = plc_store
+    for damage in ("strip", "stale"):
+        dst = tmp_path / f"{damage}.zarr"
+        shutil.copytree(url, dst)
+        doc_file = dst / "catalog" / "zarr.json"
+        doc = json.loads(doc_file.read_text())
+        if damage == "strip":
+            doc.pop("consolidated_metadata")
+        else:
+            doc["consolidated_metadata"]["metadata"].pop("phase")
+        doc_file.write_text(json.dumps(doc))
+        problems = check_store(str(dst))
+        expected = "no consolidated metadata" if damage == "strip" else "['phase']"
+        assert any("catalog" in p and expected in p for p in problems), problems
+
+
 def test_class_locations_point_at_their_class(plc_store):
     url, _ = plc_store
     store = livercube.open(url)

@@ -125,7 +125,7 @@ def check_catalog(root: zarr.Group, n_volumes: int, loc: StoreLocation) -> list[
         zarr_format=3,
         consolidated=False,
     )
-    problems = []
+    problems = catalog_consolidation(loc, spec["group"], {str(k) for k in cat.variables})
     if cat.sizes.get("volume", 0) != n_volumes:
         problems.append(
             f"catalog lists {cat.sizes.get('volume', 0)} volumes, store has {n_volumes}"
@@ -138,6 +138,28 @@ def check_catalog(root: zarr.Group, n_volumes: int, loc: StoreLocation) -> list[
                 f"catalog {name}: {cat[name].dims} {cat[name].dtype}, expected {dims} {kinds}"
             )
     return problems
+
+
+def catalog_consolidation(loc: StoreLocation, group: str, arrays: set[str]) -> list[str]:
+    """Whether the catalog group's own document consolidates exactly the catalog's arrays.
+
+    Readers open the catalog from that document alone (one small request); without it they
+    fall back to the root document, whose size grows with every volume in the store.
+    """
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    raw = sync(loc.zarr_store(read_only=True).get(f"{group}/zarr.json", default_buffer_prototype()))
+    own = json.loads(raw.to_bytes()).get("consolidated_metadata") if raw is not None else None
+    if not own:
+        return ["catalog group has no consolidated metadata of its own"]
+    listed = set((own.get("metadata") or {}).keys())
+    if listed != arrays:
+        return [
+            f"catalog consolidated metadata is stale: lists {sorted(listed ^ arrays)} "
+            "differently from the group"
+        ]
+    return []
 
 
 def check_store(
