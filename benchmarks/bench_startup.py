@@ -16,8 +16,10 @@ before the clock starts):
 * ``livercube.open(url)`` and its ``.catalog``; ``xarray.open_zarr(url, group="catalog")`` and
   ``xarray.open_zarr(url + "/catalog")`` (the catalog group's own consolidated document).
 
-Locally and through the slow HTTP server of ``bench_remote.py`` (``--latency-ms`` before every
-answer), whose counters give the requests and bytes of each step.  Memory: the process's peak
+``import dask.array`` — which xarray does the first time it decodes a variable, ~1 s once per
+process whatever the store — is timed apart, before the clock.  Locally and through the slow
+HTTP server of ``bench_remote.py`` (``--latency-ms`` before every answer), whose counters give
+the requests and bytes of each step.  Memory: the process's peak
 RSS growth over the step and, in a separate run, tracemalloc's peak.  Wall times are medians of
 ``--repeats`` processes; the 1-minute load is printed beside them (the machine is shared).
 Not a test.
@@ -175,8 +177,15 @@ def child(url: str, base: str | None, what: str, where: str | None, traced: bool
     import livercube
     from livercube.sampling import PatchSampler
 
+    # xarray imports dask.array (when installed) the first time it decodes a variable: ~1 s
+    # once per process, whatever the store; timed apart so the steps show what grows with N
+    t = time.perf_counter()
+    import dask.array  # noqa: F401
+
+    import_dask_s = time.perf_counter() - t
     target = base or url
     probe = Probe(base, traced)
+    probe.out["import_dask_s"] = import_dask_s
     if what == "sampler":
         sampler = probe.step(
             "startup",
@@ -231,7 +240,10 @@ def _cell(rec: dict, remote: bool) -> str:
 
 
 def report(results: dict, sizes: list[int], latency_ms: float) -> None:
+    dask_s = [r["import_dask_s"] for r in results.values()]
     print()
+    once = statistics.median(dask_s)
+    print(f"import dask.array (once per process, before the clock): {once:.2f} s")
     print("time, peak RSS growth / tracemalloc peak, and (HTTP) requests and bytes at the server")
     for where_kind in ("local", f"http +{latency_ms:.0f} ms"):
         remote = where_kind != "local"
