@@ -6,7 +6,8 @@ CPU per GET — not the network — capped patches/s.  Measured here
 obstore (Rust) about 1 ms, but its tokio runtime does not survive ``fork``, so a ``DataLoader``
 worker forked after the parent read one patch hangs forever.  Here a GET is a keep-alive
 ``http.client`` connection of the calling thread plus, for S3, botocore's own SigV4 signer (the
-same code s3fs signs with; ~0.2 ms), run in a small thread pool so that one read's ranges are
+same code s3fs signs with; one signature per object, reused for minutes), run in a small
+thread pool so that one read's ranges are
 all in flight at once; throttling, 5xx and dropped connections are retried with jittered
 backoff as botocore's "standard" mode does.  Plain HTTP(S) goes the same way: fsspec's aiohttp
 is about as cheap per GET there, and one path means one set of retry and fork rules.
@@ -34,6 +35,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -389,23 +391,50 @@ class _Connections:
         raise AssertionError("unreachable")
 
 
+#: A signed request stays valid for 15 minutes after its ``X-Amz-Date``; a signature is reused
+#: for this long, then made afresh (so are credentials that expire).
+SIGNATURE_REUSE_S = 300.0
+#: Objects whose signatures are kept (one signature per shard object, shared by its ranges).
+SIGNATURE_CACHE = 4096
+
+
 @dataclass
 class _Signer:
-    """botocore's S3 SigV4 signer over credentials resolved once (refreshed when they expire)."""
+    """botocore's S3 SigV4 signer, one signature per object reused for a few minutes.
 
-    credentials: Any  # botocore Credentials (possibly refreshable)
-    _auth: dict[str, Any] = field(default_factory=dict)
+    ``Range`` is left out of the signed headers (SigV4 signs ``host`` and the ``x-amz-*``
+    headers; others are optional — a presigned URL is used with any ``Range`` the same way), so
+    every range of a shard object shares one signature and
+    signing — 0.15–0.2 ms of CPU in botocore — is paid per object every few minutes instead of
+    per GET.  Credentials (possibly refreshable) resolve once per process.
+    """
+
+    credentials: Any  # botocore Credentials
+    _cache: OrderedDict[tuple[str, str], tuple[float, dict[str, str]]] = field(
+        default_factory=OrderedDict
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def sign(self, url: str, headers: dict[str, str], region: str) -> dict[str, str]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get((url, region))
+            if hit is not None and now - hit[0] < SIGNATURE_REUSE_S:
+                self._cache.move_to_end((url, region))
+                return {**headers, **hit[1]}
+        signed = self._sign(url, region)
+        with self._lock:
+            self._cache[(url, region)] = (now, signed)
+            while len(self._cache) > SIGNATURE_CACHE:
+                self._cache.popitem(last=False)
+        return {**headers, **signed}
+
+    def _sign(self, url: str, region: str) -> dict[str, str]:
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
 
-        frozen = self.credentials.get_frozen_credentials()
-        auth = self._auth.get(region)
-        if auth is None or auth.credentials != frozen:
-            auth = self._auth[region] = S3SigV4Auth(frozen, "s3", region)
-        req = AWSRequest(method="GET", url=url, headers=headers)
-        auth.add_auth(req)
+        req = AWSRequest(method="GET", url=url, headers={})
+        S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", region).add_auth(req)
         return dict(req.headers.items())
 
 
