@@ -11,7 +11,7 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
-from http_server import LoopbackHttp
+from servers import LoopbackHttp
 
 SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'

@@ -9,10 +9,6 @@ bytes on the wire and refuses a wrong one, so a signing mistake cannot pass here
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 from aiohttp import web
-from http_server import LoopbackHttp, static_app
+from servers import LoopbackHttp, moto_server, static_app
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from livercube.errors import RemoteAccessDeniedError, RemoteReadError
@@ -84,27 +80,7 @@ def signed_s3(array_dir):
     """(endpoint, key, secret, bucket) of a moto server that authenticates every request."""
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}  # user, key, policy
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.1)
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as endpoint:  # user, key, policy
         kw = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         iam = boto3.client("iam", aws_access_key_id="a", aws_secret_access_key="a", **kw)
         iam.create_user(UserName="reader")
@@ -126,9 +102,6 @@ def signed_s3(array_dir):
             if path.is_file():
                 s3.upload_file(str(path), "lc-signed", f"store/{path.relative_to(root)}")
         yield endpoint, key["AccessKeyId"], key["SecretAccessKey"], "lc-signed"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.slow

@@ -1,17 +1,66 @@
-"""An aiohttp application served on a free loopback port from a background thread, for tests.
+"""Real servers on loopback for tests: moto's S3 server, and any aiohttp application.
 
-Real sockets and a real HTTP server (keep-alive, ``Range`` on static files, timeouts), so the
-readers under test speak to it exactly as they would to a bucket or a web server.
+Real sockets and real HTTP (keep-alive, ``Range`` on static files, signatures, timeouts), so
+the code under test speaks to them exactly as it would to a bucket or a web server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
 from aiohttp import web
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real moto S3 server process on a free loopback port; yields its URL.
+
+    ``env``: extra environment for the server (``INITIAL_NO_AUTH_ACTION_COUNT`` turns on its
+    authentication: it then recomputes and checks every request's signature).
+    """
+    port = free_port()
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 class LoopbackHttp:
@@ -25,9 +74,7 @@ class LoopbackHttp:
     ) -> None:
         self._make_app = make_app
         self._keepalive = keepalive_timeout
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
