@@ -51,13 +51,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: moto's own S3 application served by waitress, which keeps connections alive (Werkzeug's
+#: development server, moto's default, closes every connection after one response)
+MOTO_KEEP_ALIVE = (
+    "import sys, os; from moto.moto_server.werkzeug_app import "
+    "DomainDispatcherApplication, create_backend_app; import waitress; "
+    "os.environ.setdefault('MOTO_PORT', sys.argv[4]); "
+    "waitress.serve(DomainDispatcherApplication(create_backend_app), host=sys.argv[2], "
+    "port=int(sys.argv[4]), threads=16, connection_limit=1000, _quiet=True)"
+)
+
+
 @contextlib.contextmanager
-def moto_endpoint() -> Iterator[str]:
-    """A real moto S3 server on a free loopback port for the block; yields its URL."""
+def moto_endpoint(*, keep_alive: bool = False) -> Iterator[str]:
+    """A real moto S3 server on a free loopback port for the block; yields its URL.
+
+    ``keep_alive``: moto's S3 application behind waitress, with persistent connections as S3
+    has; moto's own server closes the connection after every response, so each GET also pays
+    a TCP connect and slow start, which is moto's cost, not the client's.
+    """
     port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    if keep_alive:
+        argv = [sys.executable, "-c", MOTO_KEEP_ALIVE, "-H", "127.0.0.1", "-p", str(port)]
+    else:
+        argv = [
+            str(Path(sys.executable).parent / "moto_server"),
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
     moto = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
