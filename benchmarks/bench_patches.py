@@ -8,9 +8,11 @@
    checks on, and with them skipped, to price them), ``PatchSampler.patch``, TensorStore's
    ``zarr3`` driver on the same store (cache off), zarr-python ``arr[box]``, and nnU-Net v2's
    blosc2 form written and opened by nnU-Net's own code.
-2. Object store: a moto S3 server behind a loopback asyncio proxy that delays every request by
-   ``--latency-ms``; patches/s per process, GETs per patch, bytes fetched ÷ compressed bytes of
-   the chunks the patch needs, for naive zarr-python and for PatchSampler (prefetching).
+2. Object store: a moto S3 server (behind waitress: persistent connections) behind a loopback
+   asyncio proxy that delays every request by ``--latency-ms``; patches/s per process, GETs
+   per patch, bytes fetched ÷ compressed bytes of the chunks the patch needs, client CPU per
+   patch, for naive zarr-python and for ``ShardReader`` (its own client, and s3fs as before),
+   beside the server's own ceiling.
 
 Volumes: the example phantom with scanner-like noise (σ 15 HU, in-plane correlated,
 ``livercube.synth.phantom``), anatomy rendered at 256² and repeated ×2 in-plane (rendering is
@@ -51,13 +53,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: moto's own S3 application served by waitress, which keeps connections alive (Werkzeug's
+#: development server, moto's default, closes every connection after one response)
+MOTO_KEEP_ALIVE = (
+    "import sys, os; from moto.moto_server.werkzeug_app import "
+    "DomainDispatcherApplication, create_backend_app; import waitress; "
+    "os.environ.setdefault('MOTO_PORT', sys.argv[4]); "
+    "waitress.serve(DomainDispatcherApplication(create_backend_app), host=sys.argv[2], "
+    "port=int(sys.argv[4]), threads=16, connection_limit=1000, _quiet=True)"
+)
+
+
 @contextlib.contextmanager
-def moto_endpoint() -> Iterator[str]:
-    """A real moto S3 server on a free loopback port for the block; yields its URL."""
+def moto_endpoint(*, keep_alive: bool = False) -> Iterator[str]:
+    """A real moto S3 server on a free loopback port for the block; yields its URL.
+
+    ``keep_alive``: moto's S3 application behind waitress, with persistent connections as S3
+    has; moto's own server closes the connection after every response, so each GET also pays
+    a TCP connect and slow start, which is moto's cost, not the client's.
+    """
     port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    if keep_alive:
+        argv = [sys.executable, "-c", MOTO_KEEP_ALIVE, "-H", "127.0.0.1", "-p", str(port)]
+    else:
+        argv = [
+            str(Path(sys.executable).parent / "moto_server"),
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
     moto = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -524,7 +552,7 @@ def bench_s3(local_url: str, path: str, n: int, latency_ms: float) -> dict[str, 
 
     from livercube.sampling import ArrayInfo, Box, ShardReader
 
-    with moto_endpoint() as endpoint:
+    with moto_endpoint(keep_alive=True) as endpoint:
         direct = {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
         fs = s3fs.S3FileSystem(**direct, skip_instance_cache=True)
         fs.mkdir("bench")
@@ -569,24 +597,42 @@ def bench_s3(local_url: str, path: str, n: int, latency_ms: float) -> dict[str, 
         res["fast_bytes_ratio"] = st.bytes_fetched / max(1, st.chunk_bytes)
 
         # the test server's own ceiling: plain concurrent ranged GETs through the same proxy,
-        # no decoding — no reader can fetch faster than this from this moto server
+        # no decoding, by the reader's own client — no reader can fetch faster than this from
+        # this moto server
+        from livercube.sampling.http_ranges import client_for
+        from livercube.sampling.ranges import ByteRange
+        from livercube.store.location import StoreLocation
+
         shard = next(p for p in fs.find(f"bench/store/{path}/image") if "/c/" in p)
         size = fs.size(shard)
         m = 200
         begin = [(i * 7919) % max(1, size - 65_536) for i in range(m)]
-        raw = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+        key = shard.removeprefix("bench/store/")
+        raw = client_for(StoreLocation.of(url, opts))
         t, c0 = time.perf_counter(), time.process_time()
-        raw.cat_ranges([shard] * m, begin, [b + 65_536 for b in begin], batch_size=64)
+        raw.fetch([ByteRange(key, b, b + 65_536) for b in begin])
         res["server_gets_s"] = m / (time.perf_counter() - t)
         res["client_cpu_ms_per_get"] = 1000 * (time.process_time() - c0) / m
 
-        # many patches in flight (what PatchSampler(prefetch=16) does)
+        # many patches in flight (what PatchSampler(prefetch=16) does), the reader's client and
+        # s3fs (the reader before) side by side
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(16) as pool:
-            t = time.perf_counter()
-            list(pool.map(lambda s: reader.read_boxes([Box(i, s, PATCH) for i in infos]), starts))
-            res["fast_prefetch16_patches_s"] = n / (time.perf_counter() - t)
+        for name, r in (
+            ("fast", reader),
+            ("fsspec", ShardReader(url, opts, workers=16, transport="fsspec")),
+        ):
+            for s in random_starts(img.shape, 8, seed=99):  # warm the shard-index cache
+                r.read_boxes([Box(i, s, PATCH) for i in infos])
+            counter["requests"] = 0
+            with ThreadPoolExecutor(16) as pool:
+                t, c0 = time.perf_counter(), time.process_time()
+                list(
+                    pool.map(lambda s, r=r: r.read_boxes([Box(i, s, PATCH) for i in infos]), starts)
+                )
+                res[f"{name}_prefetch16_patches_s"] = n / (time.perf_counter() - t)
+                res[f"{name}_cpu_ms_per_patch"] = 1000 * (time.process_time() - c0) / n
+                res[f"{name}_gets_per_patch_16"] = counter["requests"] / n
         return res
 
 
@@ -684,10 +730,17 @@ def main() -> None:
             f"  ShardReader, 16 in flight   {s3['fast_prefetch16_patches_s']:7.2f} patches/s  "
             f"({s3['fast_prefetch16_patches_s'] / s3['zarr_patches_s']:.1f}x zarr-python)"
         )
+        print(
+            f"  ShardReader via s3fs, 16    {s3['fsspec_prefetch16_patches_s']:7.2f} patches/s  "
+            f"client CPU {s3['fsspec_cpu_ms_per_patch']:.1f} ms/patch "
+            f"(own client: {s3['fast_cpu_ms_per_patch']:.1f} ms/patch, "
+            f"{s3['fast_prefetch16_patches_s'] / s3['fsspec_prefetch16_patches_s']:.2f}x "
+            "the patches/s)"
+        )
         ceiling = s3["server_gets_s"] / s3["fast_gets_per_patch"]
         print(
             f"  server ceiling: {s3['server_gets_s']:.0f} ranged GETs/s (64 concurrent, no "
-            f"decoding; s3fs client CPU {s3['client_cpu_ms_per_get']:.1f} ms/GET) -> at most "
+            f"decoding; client CPU {s3['client_cpu_ms_per_get']:.2f} ms/GET) -> at most "
             f"{ceiling:.1f} patches/s at {s3['fast_gets_per_patch']:.1f} GETs/patch; "
             f"ShardReader reaches {s3['fast_prefetch16_patches_s'] / ceiling:.0%} of it"
         )

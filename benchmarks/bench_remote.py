@@ -8,7 +8,8 @@ before answering every request (a far-away bucket or CDN).  Per engine, patches 
 label uint8) are read with ``--inflight`` in flight from one client process, the server's
 request and byte counters giving GETs and bytes per patch:
 
-* livercube ``ShardReader`` over ``http://`` (fsspec HTTP), with its default coalescing rule
+* livercube ``ShardReader`` over ``http://`` (its own keep-alive client; also through fsspec's
+  HTTP as before, ``transport="fsspec"``), with its default coalescing rule
   (``overfetch`` 0.25) and with ``overfetch`` 0 (exact ranges) and unlimited (one GET per
   shard object, the old behaviour);
 * TensorStore's ``zarr3`` driver with its ``http`` kvstore (cache pool 0);
@@ -128,10 +129,10 @@ def ceiling(base: str, key: str, inflight: int, m: int = 512) -> float:
 
 
 # -- engines -------------------------------------------------------------------------------------
-def livercube_engine(base: str, metas: dict, overfetch: float | None):
+def livercube_engine(base: str, metas: dict, overfetch: float | None, transport: str = "auto"):
     from livercube.sampling import ArrayInfo, Box, ShardReader
 
-    reader = ShardReader(base, overfetch=overfetch, workers=8)
+    reader = ShardReader(base, overfetch=overfetch, workers=8, transport=transport)
     infos = {
         p: [ArrayInfo.from_metadata(f"{p}/{k}", metas[p][k]) for k in ("image", "label")]
         for p in metas
@@ -219,6 +220,9 @@ def main() -> None:
         patches = random_patches(url, paths, args.n, seed=3)
         engines = {
             "livercube ShardReader (default, overfetch 0.25)": livercube_engine(base, metas, None),
+            "livercube ShardReader, fsspec HTTP (before)": livercube_engine(
+                base, metas, None, "fsspec"
+            ),
             "livercube ShardReader, overfetch 0 (exact)": livercube_engine(base, metas, 0.0),
             "livercube ShardReader, overfetch unlimited": livercube_engine(
                 base, metas, float("inf")

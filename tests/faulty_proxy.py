@@ -8,11 +8,10 @@ throttled or distant bucket behaves.  Runs in a background thread with its own e
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 
 import aiohttp
 from aiohttp import web
+from servers import LoopbackHttp
 
 SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -30,13 +29,20 @@ class FaultyProxy:
         self.delay = delay
         self.requests = 0
         self.injected = 0
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._server = LoopbackHttp(self._app)
+        self.url = self._server.url
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+
+        async def session(app: web.Application):
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+            yield
+            await self._session.close()
+
+        app.cleanup_ctx.append(session)
+        return app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -61,32 +67,9 @@ class FaultyProxy:
                 return web.Response(status=up.status, headers=out)
             return web.Response(status=up.status, body=payload, headers=out)
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def start() -> None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-            app = web.Application(client_max_size=1024**3)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-            self._ready.set()
-
-        self._loop.run_until_complete(start())
-        self._loop.run_forever()
-
     def __enter__(self) -> FaultyProxy:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("proxy did not start")
+        self._server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            await self._runner.cleanup()
-            await self._session.close()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._server.__exit__(*exc)

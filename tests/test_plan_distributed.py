@@ -239,3 +239,107 @@ def test_convert_with_a_cluster_reports_every_loss(hcc_with_defects, tmp_path):
     )
     damaged = {s["input"] for s in remote["skipped"]}
     assert any("zero.dcm" in d for d in damaged) and any("junk.dcm" in d for d in damaged)
+
+
+# --------------------------------------------------------------------------- client costs
+
+
+def test_local_listing_sees_what_fsspec_find_sees(tmp_path):
+    """The scandir walk keeps find's rules: real folders descended, regular files only
+    (links are neither), hidden files kept, vanished and unreadable folders left out."""
+    import os
+
+    import fsspec
+
+    from livercube.sources.dicom_headers import list_files
+
+    fs = fsspec.filesystem("file")
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a" / "x.dcm").write_bytes(b"12345")
+    (tmp_path / "a" / "b" / "c" / "y").write_bytes(b"")
+    (tmp_path / ".hidden").write_bytes(b"1")
+    os.symlink(tmp_path / "a" / "x.dcm", tmp_path / "link.dcm")
+    os.symlink(tmp_path / "a", tmp_path / "linked-folder")
+    os.symlink(tmp_path / "nowhere", tmp_path / "broken")
+    os.mkfifo(tmp_path / "fifo")
+
+    def find(root: str) -> list[tuple[str, int]]:
+        found = fs.find(root, detail=True).items()
+        return sorted((k, int(v["size"])) for k, v in found if v["type"] == "file")
+
+    root = str(tmp_path)
+    assert list_files(fs, root) == find(root)
+    assert [Path(p).name for p, _ in list_files(fs, root)] == [".hidden", "y", "x.dcm"]
+    assert list_files(fs, root + "/") == find(root)
+    assert list_files(fs, f"{root}/linked-folder") == find(f"{root}/linked-folder") != []
+    assert list_files(fs, f"{root}/a/x.dcm") == [(f"{root}/a/x.dcm", 5)]
+    assert list_files(fs, f"{root}/missing") == []
+
+
+def test_chunks_ship_slices_as_columns_that_rebuild_the_same_slices(collection):
+    from livercube.sources import dicom_scan
+    from livercube.sources.dicom_headers import HEADER_PREFIX_BYTES
+    from livercube.sources.dicom_scan import _IMAGE_ARGS, _WIRE_FIELDS, HeaderChunk
+
+    assert sorted(_WIRE_FIELDS) == sorted(_IMAGE_ARGS)
+    files = [(str(p), p.stat().st_size) for p in sorted(collection.rglob("*")) if p.is_file()]
+    chunk = read_header_chunk(files, source=str(collection), storage_options=None)
+    fs, intern = dicom_scan.fsspec.filesystem("file"), _Interner()
+    direct = [
+        dicom_scan._summarize_file(fs, f, str(collection), HEADER_PREFIX_BYTES, intern)
+        for f in files
+    ]
+    expected = [im for o in direct for im in o.images]
+    got = pickle.loads(pickle.dumps(chunk)).images()
+    assert got == expected and len(got) == chunk.n_images > 0
+    assert [n.path for n in chunk.lost] == [o.lost.path for o in direct if o.lost]
+    assert [n.path for n in chunk.notes] == [o.note.path for o in direct if o.note]
+    # rebuilt objects are the planner's own: setting an offset touches no other chunk's copy
+    again = chunk.images()
+    again[0].offset = 123.0
+    assert chunk.images()[0].offset == 0.0
+    empty = HeaderChunk.pack([])
+    assert empty.images() == [] and pickle.loads(pickle.dumps(empty)) == empty
+
+
+def test_grouping_leaves_the_garbage_collector_as_it_found_it(collection):
+    import gc
+
+    assert gc.isenabled()
+    scan(str(collection))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        scan(str(collection))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_remembered_spacing_fit_is_the_fresh_fit():
+    """The fit is shared between calls on the same stack; errors still name their caller,
+    and stacks that differ only in the sign of a zero are not mixed up."""
+    from livercube.errors import GeometryError
+    from livercube.sources import dicom_geometry
+    from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, Tolerances, analyse_spacing
+
+    dicom_geometry._fit_sorted.cache_clear()
+    offsets = [5.0, 0.0, 12.5, 2.5, 15.0]
+    first = analyse_spacing(offsets)
+    assert analyse_spacing(sorted(offsets)) is first
+    assert dicom_geometry._fit_sorted.cache_info().hits == 1
+    assert first.missing == (3, 4) and first.spacing == 2.5
+    loose = analyse_spacing(offsets, tol=Tolerances(spacing_rel=0.2))
+    assert loose is not first and loose.tolerance == 0.5
+    assert analyse_spacing(offsets, tol=DEFAULT_TOLERANCES) is first
+
+    for name in ("series A", "series B"):  # a cached failure, raised for each caller
+        with pytest.raises(GeometryError) as err:
+            analyse_spacing([0.0, 2.5, 5.0, 8.7], source=name)
+        assert err.value.source == name and "irregular slice spacing" in err.value.reason
+    with pytest.raises(GeometryError) as neg:
+        analyse_spacing([-0.0, 2.5, 5.0, 8.7])
+    with pytest.raises(GeometryError) as pos:
+        analyse_spacing([0.0, 2.5, 5.0, 8.7])
+    assert "[-0.0, 2.5" in neg.value.reason and "[0.0, 2.5" in pos.value.reason

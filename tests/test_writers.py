@@ -363,7 +363,7 @@ def test_bogus_scheduler_is_a_usage_error_and_writes_nothing(plc_release, plc_ov
 
 @pytest.mark.slow
 def test_unreachable_s3_endpoint_is_one_line_naming_it(plc_release, plc_overrides):
-    from conftest import free_port
+    from servers import free_port
 
     root, _ = plc_release
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there

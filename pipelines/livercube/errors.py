@@ -98,3 +98,23 @@ class ChecksumMismatchError(StoreIntegrityError):
 
 class VolumeIncompleteError(StoreError):
     """The catalog lists a volume whose group is missing or has no completion record."""
+
+
+class RemoteReadError(StoreError):
+    """An object store or web server failed a read of the store, retries included.
+
+    ``url`` is the object's full URL, so the message says which bucket/server and which object;
+    network blips and throttling are retried with backoff before this is raised.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class RemoteAccessDeniedError(RemoteReadError, PermissionError):
+    """The store refused the read (HTTP 401/403, or no credentials to sign with).
+
+    Also a :class:`PermissionError`, as fsspec reports a refused read.
+    """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -108,17 +109,36 @@ def analyse_spacing(
     the median difference when that fits better), then refined over the whole extent.  A
     difference of an integer multiple of the spacing is a gap of missing slices; anything else
     raises :class:`GeometryError` naming the positions.
+
+    Planning asks this of the same stack up to three times (is it one grid, where are its
+    gaps, is it slanted); the fit is kept for the last :data:`SPACING_CACHE_SIZE` distinct
+    stacks, keyed by the exact bytes of the sorted offsets, so the answer cannot differ from
+    a fresh fit.
     """
     z = np.sort(np.asarray(list(offsets), dtype=np.float64))
     if z.size < 2:
         raise GeometryError(source, f"{z.size} slice(s): no slice spacing can be derived")
+    fit = _fit_sorted(z.tobytes(), tol)
+    if isinstance(fit, str):
+        raise GeometryError(source, fit)
+    return fit
+
+
+#: Distinct stacks whose spacing fit :func:`analyse_spacing` remembers (a few hundred bytes
+#: each; planning needs only the current series' few).
+SPACING_CACHE_SIZE = 256
+
+
+@lru_cache(maxsize=SPACING_CACHE_SIZE)
+def _fit_sorted(z_bytes: bytes, tol: Tolerances) -> SpacingAnalysis | str:
+    """The spacing fit of sorted offsets (at least two), or why they are no regular grid."""
+    z = np.frombuffer(z_bytes, dtype=np.float64)
     d = np.diff(z)
     if np.any(d < tol.duplicate_mm):
         i = int(np.argmin(d))
-        raise GeometryError(
-            source,
+        return (
             f"two slices at the same position {z[i]:.3f} mm along the slice normal "
-            "(several acquisitions mixed?)",
+            "(several acquisitions mixed?)"
         )
     dmin = float(d.min())
     candidates = [float(np.median(d[d <= 1.5 * dmin])), float(np.median(d))]
@@ -126,11 +146,10 @@ def analyse_spacing(
     idx, spacing, t, dev, bad = min(fits, key=lambda f: len(f[4]))
     if bad.size:
         show = ", ".join(f"{z[b]:.3f}→{z[b + 1]:.3f} mm" for b in bad[:5])
-        raise GeometryError(
-            source,
+        return (
             f"irregular slice spacing: regular spacing {spacing:.4f} mm but slice steps {show} "
             f"are not a whole multiple of it (tolerance {t:.3f} mm); positions along the "
-            f"normal: {np.round(z, 3).tolist()}",
+            f"normal: {np.round(z, 3).tolist()}"
         )
     present = set(idx.tolist())
     missing = tuple(i for i in range(int(idx[-1]) + 1) if i not in present)

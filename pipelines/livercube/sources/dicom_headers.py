@@ -10,6 +10,7 @@ complete one, and must not be decoded as a slice).
 from __future__ import annotations
 
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,37 @@ def read_header(
     return Header(path, size, ds, _completeness(ds, len(prefix), end))
 
 
+def _walk_local(root: str) -> list[tuple[str, int]]:
+    """``(path, size)`` of the regular files below a local directory, as ``fs.find`` sees them.
+
+    ``LocalFileSystem.find`` builds an ``info`` dict per entry (a second ``stat``, the link
+    target, path normalisation): about 40 µs a file on the client while every worker waits
+    for the plan.  The same walk on ``os.scandir`` entries costs a few µs and keeps its rules:
+    real directories are descended, only regular files are listed (symbolic links are
+    neither), entries that vanish and folders that cannot be read are left out.
+    """
+    out: list[tuple[str, int]] = []
+    posix = os.sep == "/"
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:  # unreadable or vanished: fs.find omits it too
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    path = entry.path if posix else LocalFileSystem._strip_protocol(entry.path)
+                    out.append((path, entry.stat(follow_symlinks=False).st_size))
+            except FileNotFoundError:  # removed while listing
+                continue
+    return out
+
+
 #: Folders (prefixes) listed at once on object storage, where each listing page is a request.
 LIST_CONCURRENCY = 16
 
@@ -131,18 +163,17 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, int]
         info = fs.info(root)
         return [(info["name"], int(info.get("size") or 0))]
     if isinstance(fs, LocalFileSystem):
-        found = fs.find(root, detail=True)
-    else:
-        try:
-            top = fs.ls(root, detail=True, refresh=True)
-        except FileNotFoundError:  # nothing there: the planner says "no files found"
-            return []
-        found = {e["name"]: e for e in top if e.get("type", "file") == "file"}
-        folders = [e["name"] for e in top if e.get("type") == "directory"]
-        if folders:
-            with ThreadPoolExecutor(max_workers=min(LIST_CONCURRENCY, len(folders))) as pool:
-                for below in pool.map(lambda d: fs.find(d, detail=True), folders):
-                    found.update(below)
+        return sorted(_walk_local(fs._strip_protocol(root)))
+    try:
+        top = fs.ls(root, detail=True, refresh=True)
+    except FileNotFoundError:  # nothing there: the planner says "no files found"
+        return []
+    found = {e["name"]: e for e in top if e.get("type", "file") == "file"}
+    folders = [e["name"] for e in top if e.get("type") == "directory"]
+    if folders:
+        with ThreadPoolExecutor(max_workers=min(LIST_CONCURRENCY, len(folders))) as pool:
+            for below in pool.map(lambda d: fs.find(d, detail=True), folders):
+                found.update(below)
     out = []
     for name, info in found.items():
         if info.get("type", "file") != "file":
