@@ -187,12 +187,13 @@ def test_store_reads_over_plain_http_without_listing(http_site, published):
     assert remote.consolidated
     assert remote.paths() == local.paths()
     np.testing.assert_array_equal(cat["checksum"].values, local.catalog["checksum"].values)
-    # one document for the whole hierarchy, then one object per catalog variable (+2: xarray
-    # reads study_date's first and last values to choose its datetime decoding); no listing
+    # the catalog's own consolidated document, then one object per catalog variable; not the
+    # root document (it describes every volume), no listing
     n_vars = len(cat.variables)
-    assert opened[0][:2] == ("GET", "/store.zarr/zarr.json")
-    assert len(opened) <= 1 + n_vars + 2, opened
+    assert opened[0][:2] == ("GET", "/store.zarr/catalog/zarr.json")
+    assert len(opened) == 1 + n_vars, opened
     assert len({p for _, p, _ in opened}) == 1 + n_vars
+    assert "/store.zarr/zarr.json" not in {p for _, p, _ in opened}
     assert not [r for r in opened if r[1].endswith("/")]
 
     for i in (0, 5, 11):
@@ -428,14 +429,14 @@ def test_opening_the_catalog_costs_few_requests(s3_published, s3_endpoint, no_aw
         f"open: {opened} requests; with catalog: {len(with_catalog)} ({n_vars} catalog arrays); "
         f"volume(): {volume_meta}"
     )
-    # open = the root document (consolidated: the whole hierarchy's metadata in one GET)
+    # open = the catalog's own consolidated document (the root's describes every volume)
     assert opened == 1, with_catalog
-    # the catalog: one GET per catalog array (+2: xarray peeks at study_date's first and last
-    # values to pick a datetime decoding), never a listing, independent of the volume count
-    assert len(with_catalog) <= 1 + n_vars + 2, with_catalog
+    # the catalog: one GET per catalog array, never a listing, independent of the volume count
+    assert len(with_catalog) == 1 + n_vars, with_catalog
     assert not [r for r in with_catalog if "list-type" in r[1] or r[0] != "GET"], with_catalog
-    # a lazy volume: no metadata request (consolidated), only its z/y/x index coordinates
-    assert volume_meta <= 3
+    # a lazy volume: the root document (consolidated: every volume's metadata in one GET, read
+    # on first need), then only its z/y/x index coordinates
+    assert volume_meta <= 1 + 3
 
 
 def test_contact_sheets_of_a_hosted_store_without_listing(http_site, published, tmp_path):
