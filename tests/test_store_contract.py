@@ -26,6 +26,13 @@ url = sys.argv[1]
 cat = xr.open_zarr(url, group="catalog", zarr_format=3)
 path = str(cat["path"].values[0])
 ds = xr.open_zarr(url, group=path + "/0", zarr_format=3)
+# the same groups opened by their own paths, as the README shows: no root document read, and
+# no fallback warning (each group consolidates its own metadata)
+import warnings
+with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)
+    assert xr.open_zarr(url + "/catalog", zarr_format=3).identical(cat)
+    assert xr.open_zarr(url + "/" + path + "/0", zarr_format=3).identical(ds)
 tree = xr.open_datatree(url, engine="zarr")
 print(json.dumps({
     "livercube_imported": "livercube" in sys.modules,

@@ -47,7 +47,7 @@ def run_demo(workdir: Path, *, size: str = "small", scheduler: str = "threads") 
 
     import xarray as xr
 
-    cat = xr.open_zarr(store_url, group="catalog", zarr_format=3)
+    cat = xr.open_zarr(f"{store_url}/catalog", zarr_format=3)  # its own consolidated document
     print(f"\n[store] {store_url}: {cat.sizes['volume']} volumes")
     for i in range(cat.sizes["volume"]):
         ext = "x".join(str(int(v)) for v in cat["extent"].values[i])

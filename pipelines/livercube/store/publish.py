@@ -150,7 +150,7 @@ def dataset_card(
         "store.catalog          # one row per volume",
         "ds = store.volume(0)   # image (HU), label, segments; z/y/x in LPS mm",
         "",
-        f'cat = xr.open_zarr("{redact(url)}", group="catalog", zarr_format=3)  # no livercube',
+        f'cat = xr.open_zarr("{redact(url)}/catalog", zarr_format=3)  # no livercube needed',
         "```",
         "",
         f"The same catalog as a plain table: `{PARQUET_NAME}` (Parquet, one row per volume). "
