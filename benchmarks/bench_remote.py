@@ -8,8 +8,8 @@ before answering every request (a far-away bucket or CDN).  Per engine, patches 
 label uint8) are read with ``--inflight`` in flight from one client process, the server's
 request and byte counters giving GETs and bytes per patch:
 
-* livercube ``ShardReader`` over ``http://`` (its own keep-alive client; also through fsspec's
-  HTTP as before, ``transport="fsspec"``), with its default coalescing rule
+* livercube ``ShardReader`` over ``http://`` (fsspec's HTTP, the default there; also through
+  its own keep-alive client, ``transport="client"``), with its default coalescing rule
   (``overfetch`` 0.25) and with ``overfetch`` 0 (exact ranges) and unlimited (one GET per
   shard object, the old behaviour);
 * TensorStore's ``zarr3`` driver with its ``http`` kvstore (cache pool 0);
@@ -220,8 +220,8 @@ def main() -> None:
         patches = random_patches(url, paths, args.n, seed=3)
         engines = {
             "livercube ShardReader (default, overfetch 0.25)": livercube_engine(base, metas, None),
-            "livercube ShardReader, fsspec HTTP (before)": livercube_engine(
-                base, metas, None, "fsspec"
+            "livercube ShardReader, own client (transport='client')": livercube_engine(
+                base, metas, None, "client"
             ),
             "livercube ShardReader, overfetch 0 (exact)": livercube_engine(base, metas, 0.0),
             "livercube ShardReader, overfetch unlimited": livercube_engine(

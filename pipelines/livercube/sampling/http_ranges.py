@@ -9,8 +9,10 @@ worker forked after the parent read one patch hangs forever.  Here a GET is a ke
 same code s3fs signs with; one signature per object, reused for minutes), run in a small
 thread pool so that one read's ranges are
 all in flight at once; throttling, 5xx and dropped connections are retried with jittered
-backoff as botocore's "standard" mode does.  Plain HTTP(S) goes the same way: fsspec's aiohttp
-is about as cheap per GET there, and one path means one set of retry and fork rules.
+backoff as botocore's "standard" mode does.  Plain HTTP(S) works the same way, but the reader
+uses it there only when asked (``transport="client"``): fsspec's aiohttp is as cheap per
+unsigned GET, and with many patches in flight more of their overlapping chunk fetches were
+shared through it (``benchmarks/bench_remote.py``).
 
 Nothing survives ``fork`` or ``pickle``: the pool and threads belong to the process that made
 them and are rebuilt lazily in a new one.  Credentials resolve once per process through

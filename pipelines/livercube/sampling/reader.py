@@ -10,9 +10,9 @@ reads the shard index again on every access.  :class:`ShardReader` instead
   (:mod:`~livercube.sampling.shard_index`), merges ranges of one object only while the
   unwanted bytes between them stay a small fraction of the wanted ones
   (:mod:`~livercube.sampling.ranges`) and fetches all of them in one concurrent round
-  (``os.pread`` on local disk; for ``s3://`` and ``http(s)://`` a pooled, fork-aware urllib3
-  client with botocore's SigV4 signer, :mod:`~livercube.sampling.http_ranges`, at a fraction
-  of s3fs's CPU per GET; fsspec's ``cat_ranges`` for every other URL or option,
+  (``os.pread`` on local disk; for ``s3://`` a fork-aware keep-alive client with botocore's
+  SigV4 signer, :mod:`~livercube.sampling.http_ranges`, at a fraction of s3fs's CPU per GET;
+  fsspec's ``cat_ranges`` for ``http(s)://`` and every other URL or option,
   :mod:`~livercube.sampling.fetch`) — after the index is cached a patch costs one round trip;
 * shares in-flight chunk fetches between concurrent reads (patches in flight overlap), so a
   chunk several prefetched patches need is fetched once;
@@ -60,6 +60,13 @@ from livercube.sampling.ranges import ByteRange, Request, merge_ranges
 from livercube.sampling.shard_index import EMPTY, ShardIndex
 from livercube.store.location import StoreLocation
 
+#: How remote bytes are fetched.  ``"auto"``: livercube's own client for ``s3://`` (4–6× less
+#: CPU per signed GET than s3fs, ``benchmarks/bench_s3_clients.py``) and fsspec for the rest —
+#: over plain HTTP fsspec's aiohttp costs no more CPU per GET and, with many patches in flight,
+#: more of their overlapping chunk fetches are shared (``benchmarks/bench_remote.py``).
+#: ``"client"``: the own client for ``http(s)://`` too; ``"fsspec"``: fsspec everywhere.
+TRANSPORTS = ("auto", "client", "fsspec")
+
 #: Concurrent decode tasks per read: Blosc releases the GIL, so one per core pays off.
 DECODE_TASKS = max(1, min(8, os.cpu_count() or 1))
 
@@ -103,8 +110,9 @@ class ShardReader:
     ``url``).  ``engine="tensorstore"``: local stores only, reads through
     TensorStore's ``zarr3`` driver with the same integrity guarantees (no caches or stats,
     and DataLoader workers must be spawned, not forked — see ``benchmarks/README.md``).
-    ``transport="fsspec"`` sends remote reads through fsspec even where the pooled client
-    (``"auto"``, the default) understands the URL and options; passing ``fs`` implies it.
+    ``transport``: see :data:`TRANSPORTS` (default ``"auto"``); the own client declines URLs
+    and options it does not understand, which then go through fsspec; passing ``fs`` implies
+    ``"fsspec"``.
     """
 
     def __init__(
@@ -142,11 +150,12 @@ class ShardReader:
         if engine == "tensorstore" and (self.remote or fs is not None):
             raise ValueError("engine='tensorstore' reads local stores only")
         self.engine = engine
-        if transport not in ("auto", "fsspec"):
-            raise ValueError(f"transport must be 'auto' or 'fsspec', not {transport!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.transport = transport
         self._client: RangeClient | None = None
-        if self.remote and fs is None and transport == "auto":
+        wants_client = transport == "client" or (transport == "auto" and self.location.is_s3)
+        if self.remote and fs is None and wants_client:
             self._client = client_for(self.location)
         self._pid: int | None = None
         self._init_runtime()
