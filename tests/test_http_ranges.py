@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from aiohttp import web
+from array_factory import expected_box, write_sharded_array
 from servers import LoopbackHttp, moto_server, static_app
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from livercube.errors import RemoteAccessDeniedError, RemoteReadError
 from livercube.sampling import ArrayInfo, ShardReader
@@ -33,17 +32,8 @@ def array_dir(tmp_path_factory) -> tuple[Path, ArrayInfo, np.ndarray]:
     """A sharded, CRC-checked int16 array like the store's images (index at the shard end)."""
     root = tmp_path_factory.mktemp("remote") / "s.zarr"
     data = np.random.default_rng(7).integers(-1024, 3000, SHAPE).astype(np.int16)
-    z = zarr.create_array(
-        str(root / "img"),
-        shape=SHAPE,
-        dtype=data.dtype,
-        chunks=(4, 8, 12),
-        shards=(8, 40, 36),
-        compressors=[BloscCodec(cname="zstd", clevel=3), Crc32cCodec()],
-        fill_value=0,
-    )
-    z[...] = data
-    return root, ArrayInfo.from_metadata("img", z.metadata.to_dict()), data
+    info = write_sharded_array(root / "img", data, chunks=(4, 8, 12), shards=(8, 40, 36))
+    return root, info, data
 
 
 def boxes(n: int = 12, seed: int = 0) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -56,21 +46,10 @@ def boxes(n: int = 12, seed: int = 0) -> list[tuple[tuple[int, ...], tuple[int, 
     return out
 
 
-def expected(data: np.ndarray, start, size, fill: int = -7) -> np.ndarray:
-    out = np.full(size, fill, dtype=data.dtype)
-    src = tuple(
-        slice(max(0, a), min(n, a + k)) for a, k, n in zip(start, size, data.shape, strict=True)
-    )
-    if all(s.stop > s.start for s in src):
-        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start, strict=True))
-        out[dst] = data[src]
-    return out
-
-
 def assert_reads_exact(reader: ShardReader, info: ArrayInfo, data: np.ndarray) -> None:
     for start, size in boxes():
         np.testing.assert_array_equal(
-            reader.read(info, start, size, fill=-7), expected(data, start, size)
+            reader.read(info, start, size, fill=-7), expected_box(data, start, size, -7)
         )
 
 
@@ -145,7 +124,7 @@ def test_forked_worker_reads_after_the_parent_read(signed_s3, array_dir):
     with mp.get_context("fork").Pool(1) as pool:
         child = pool.apply_async(reader.read, (info, start, size)).get(timeout=60)
     np.testing.assert_array_equal(child, parent)
-    np.testing.assert_array_equal(parent, expected(data, start, size, fill=0))
+    np.testing.assert_array_equal(parent, expected_box(data, start, size, 0))
 
 
 # -- plain HTTP --------------------------------------------------------------------------------
@@ -175,9 +154,9 @@ def test_a_connection_the_server_closed_while_idle_is_replaced(array_dir):
         first = reader.read(info, start, size)
         time.sleep(0.6)  # every kept-alive connection is closed by the server now
         np.testing.assert_array_equal(
-            reader.read(info, (0, 1, 1), size), expected(data, (0, 1, 1), size, 0)
+            reader.read(info, (0, 1, 1), size), expected_box(data, (0, 1, 1), size, 0)
         )
-        np.testing.assert_array_equal(first, expected(data, start, size, 0))
+        np.testing.assert_array_equal(first, expected_box(data, start, size, 0))
 
 
 # -- throttling and failures -------------------------------------------------------------------

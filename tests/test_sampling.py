@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from array_factory import expected_box
 
 import livercube
 from livercube.convert import convert
@@ -39,18 +40,6 @@ def small_chunk_store(tmp_path_factory) -> str:
 def store(small_chunk_store) -> livercube.Store:
     """One opened store for the module (opening the catalog is the slow part)."""
     return livercube.open(small_chunk_store)
-
-
-def expected_box(arr, start, size, fill) -> np.ndarray:
-    """``size`` voxels from ``start`` read with zarr's own reader, padded with ``fill``."""
-    out = np.full(size, fill, dtype=arr.dtype)
-    src = tuple(
-        slice(max(0, s), min(n, s + k)) for s, k, n in zip(start, size, arr.shape, strict=True)
-    )
-    if all(s.stop > s.start for s in src):
-        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start, strict=True))
-        out[dst] = arr[src]
-    return out
 
 
 def random_boxes(rng, shape, n):

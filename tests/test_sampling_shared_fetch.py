@@ -10,8 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from array_factory import write_sharded_array
 
 from livercube.errors import MissingShardError
 from livercube.sampling import ArrayInfo, ShardReader
@@ -21,17 +20,10 @@ from livercube.sampling.plan import Box
 @pytest.fixture()
 def array(tmp_path) -> tuple[str, ArrayInfo, np.ndarray]:
     data = np.random.default_rng(0).integers(-1000, 1000, (16, 24, 20)).astype(np.int16)
-    z = zarr.create_array(
-        str(tmp_path / "s.zarr" / "img"),
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=(4, 8, 10),
-        shards=(8, 24, 20),
-        compressors=[BloscCodec(cname="zstd", clevel=3), Crc32cCodec()],
-        fill_value=0,
+    info = write_sharded_array(
+        tmp_path / "s.zarr" / "img", data, chunks=(4, 8, 10), shards=(8, 24, 20)
     )
-    z[...] = data
-    return str(tmp_path / "s.zarr"), ArrayInfo.from_metadata("img", z.metadata.to_dict()), data
+    return str(tmp_path / "s.zarr"), info, data
 
 
 def _overlapping_reads(reader: ShardReader, boxes: list[Box]) -> list:
