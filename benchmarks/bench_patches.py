@@ -52,6 +52,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, tries: int = 200) -> None:
+    """Until a server listens on loopback ``port`` (at most ``tries`` × ~0.05 s)."""
+    for _ in range(tries):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
 #: moto's own S3 application served by waitress, which keeps connections alive (Werkzeug's
 #: development server, moto's default, closes every connection after one response)
 MOTO_KEEP_ALIVE = (
@@ -90,12 +100,7 @@ def moto_endpoint(*, keep_alive: bool = False) -> Iterator[str]:
         env=env,
     )
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
     finally:
         moto.terminate()
@@ -551,12 +556,7 @@ def start_proxy(upstream: str, latency: float) -> tuple[str, SharedCounter]:
     mp.get_context("spawn").Process(
         target=_run_proxy, args=(port, upstream, latency, counter), daemon=True
     ).start()
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_for_port(port)
     return f"http://127.0.0.1:{port}", counter
 
 

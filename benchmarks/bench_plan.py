@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_patches import free_port, wait_for_port
 
 #: the real DICOM collections (HCC-TACE-Seg + CRLM, TCIA listings, rounded)
 REAL_FILES = 85_000
@@ -148,12 +151,6 @@ def write_collection(root: Path, n_patients: int, n_series: int, n_slices: int) 
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load() -> float:
@@ -382,12 +379,7 @@ class Moto:
              "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )  # fmt: skip
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(self.port, tries=300)
         self.opts = {
             "key": "testing",
             "secret": "testing",

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_patches import PATCH, box, build_store, free_port, random_patches
+from bench_patches import PATCH, box, build_store, free_port, random_patches, wait_for_port
 
 
 # -- the slow server (runs in its own process) ----------------------------------------------------
@@ -90,12 +89,7 @@ def start_server(root: str, latency_ms: float) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", root, str(port), str(latency_ms / 1000)]
     )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_for_port(port)
     return proc, f"http://127.0.0.1:{port}"
 
 
