@@ -119,9 +119,10 @@ class _S3Target:
 
 def _proxied(url: str) -> bool:
     """Whether the environment routes ``url`` through a proxy (then fsspec handles it)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    scheme = urllib.parse.urlsplit(url).scheme
-    return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
+    parts = urllib.parse.urlsplit(url)
+    return bool(urllib.request.getproxies().get(parts.scheme)) and not urllib.request.proxy_bypass(
+        parts.hostname or ""
+    )
 
 
 def _s3_target(url: str, opts: Mapping[str, Any]) -> _S3Target | None:
