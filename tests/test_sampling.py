@@ -6,12 +6,14 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 from array_factory import expected_box
+from fsspec.implementations.local import LocalFileSystem
 
 import livercube
 from livercube.convert import convert
@@ -51,7 +53,10 @@ def random_boxes(rng, shape, n):
 
 # ---------------------------------------------------------------------------------- reader
 @pytest.mark.parametrize("index_location", ["end", "start"])
-def test_reader_equals_zarr_on_synthetic_arrays(tmp_path, index_location):
+@pytest.mark.parametrize("path", ["pread", "fsspec"])
+def test_reader_equals_zarr_on_synthetic_arrays(tmp_path, index_location, path):
+    """Both read paths: local ``pread`` in the decode tasks, and fsspec's (what remote
+    stores take: one fetch round, in-flight chunks shared), on the same local files."""
     root = zarr.open_group(str(tmp_path / "a.zarr"), mode="w", zarr_format=3)
     rng = np.random.default_rng(0)
     shape = (37, 50, 45)
@@ -85,7 +90,8 @@ def test_reader_equals_zarr_on_synthetic_arrays(tmp_path, index_location):
         fill_value=0,
     )
     arr[...] = (rng.normal(size=shape) * 100).astype("int16")
-    reader = ShardReader(str(tmp_path / "a.zarr"))
+    fs = LocalFileSystem() if path == "fsspec" else None
+    reader = ShardReader(str(tmp_path / "a.zarr"), fs=fs)
     for name in ("i16", "u8", "f4", "start"):
         arr = root[name]
         info = ArrayInfo.from_metadata(name, arr.metadata.to_dict())
@@ -97,6 +103,34 @@ def test_reader_equals_zarr_on_synthetic_arrays(tmp_path, index_location):
             got = reader.read(info, start, size, fill=7)
             exp = expected_box(full, start, size, 7)
             np.testing.assert_array_equal(got, exp)
+
+
+def test_local_reads_happen_in_the_decode_tasks_once_per_request(small_chunk_store, monkeypatch):
+    """On local disk every merged request is ``pread`` once, by the task that decodes it
+    (none serially before decoding starts), and the patch is still exact."""
+    from livercube.sampling import reader as reader_mod
+
+    calls: list[tuple[str, tuple]] = []
+    real = reader_mod.read_local
+
+    def recording(root, rng):
+        calls.append((threading.current_thread().name, tuple(rng)))
+        return real(root, rng)
+
+    store = livercube.open(small_chunk_store)
+    path = store.paths()[0]
+    arr = store.root[data_path(path)]["image"]
+    info = ArrayInfo.from_metadata(f"{data_path(path)}/image", arr.metadata.to_dict())
+    reader = ShardReader(small_chunk_store)
+    start, size = (1, 2, 3), tuple(max(1, n - 4) for n in arr.shape)
+    reader.read(info, start, size)  # shard indexes cached: only chunk data below
+    reader.stats.reset()
+    monkeypatch.setattr(reader_mod, "read_local", recording)
+    got = reader.read(info, start, size)
+    np.testing.assert_array_equal(got, expected_box(arr[...], start, size, 0))
+    assert calls and len(calls) == reader.stats.requests
+    assert len(set(r for _, r in calls)) == len(calls)  # no range read twice
+    assert all(name.startswith("lc-read") for name, _ in calls)
 
 
 def test_reader_equals_zarr_on_store_arrays(small_chunk_store):

@@ -2,6 +2,8 @@
 
 Two reads of overlapping boxes are forced to overlap in time (the first read's fetch is held
 until the second has claimed its chunks), so the outcome does not depend on thread timing.
+The store is local but read through fsspec's local filesystem, which takes the path remote
+stores take (plain local paths are read by ``pread`` in the decode tasks, unshared).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 from array_factory import write_sharded_array
+from fsspec.implementations.local import LocalFileSystem
 
 from livercube.errors import MissingShardError
 from livercube.sampling import ArrayInfo, ShardReader
@@ -71,7 +74,7 @@ def _overlapping_reads(reader: ShardReader, boxes: list[Box]) -> list:
 
 def test_overlapping_reads_fetch_each_chunk_once_and_both_are_right(array):
     url, info, data = array
-    reader = ShardReader(url)
+    reader = ShardReader(url, fs=LocalFileSystem())
     a, b = Box(info, (2, 3, 1), (9, 15, 12)), Box(info, (2, 3, 1), (9, 15, 12))
     reader.read_boxes([a])
     got_a, got_b, fetches = _overlapping_reads(reader, [a, b])
@@ -87,7 +90,7 @@ def test_overlapping_reads_fetch_each_chunk_once_and_both_are_right(array):
 
 def test_a_failed_shared_fetch_fails_every_read_waiting_for_it(array, tmp_path):
     url, info, _ = array
-    reader = ShardReader(url)
+    reader = ShardReader(url, fs=LocalFileSystem())
     box = Box(info, (0, 0, 0), (6, 10, 10))
     reader.read_boxes([box])  # cache the shard index, then lose the shard
     (tmp_path / "s.zarr" / "img" / "c" / "0" / "0" / "0").unlink()

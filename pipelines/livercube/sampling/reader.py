@@ -10,7 +10,8 @@ reads the shard index again on every access.  :class:`ShardReader` instead
   (:mod:`~livercube.sampling.shard_index`), merges ranges of one object only while the
   unwanted bytes between them stay a small fraction of the wanted ones
   (:mod:`~livercube.sampling.ranges`) and fetches all of them in one concurrent round
-  (``os.pread`` on local disk; for ``s3://`` a fork-aware keep-alive client with botocore's
+  (on local disk each decode task ``pread``s its own share and decodes it as it arrives, so
+  reading overlaps decoding; for ``s3://`` a fork-aware keep-alive client with botocore's
   SigV4 signer, :mod:`~livercube.sampling.http_ranges`, at a fraction of s3fs's CPU per GET;
   fsspec's ``cat_ranges`` for ``http(s)://`` and every other URL or option,
   :mod:`~livercube.sampling.fetch`) — after the index is cached a patch costs one round trip;
@@ -53,7 +54,7 @@ import numpy as np
 
 from livercube.errors import ChecksumMismatchError, MissingShardError, StoreIntegrityError
 from livercube.sampling.arrays import ArrayInfo, crc32c_ok, decode_chunk
-from livercube.sampling.fetch import fetch_ranges
+from livercube.sampling.fetch import fetch_ranges, read_local
 from livercube.sampling.http_ranges import RangeClient, client_for
 from livercube.sampling.plan import Box, ChunkId, ReadPlan, chunk_name, plan_boxes
 from livercube.sampling.ranges import ByteRange, Request, merge_ranges
@@ -314,10 +315,50 @@ class ShardReader:
                 self._ts = _TensorStoreEngine(self.url, self.root)
             return self._ts.read_boxes(boxes)
         plan = plan_boxes(boxes)
-        if plan.uses:
-            data = self._chunk_bytes(plan)
-            self._decode(plan, data)
+        if not plan.uses:
+            return plan.outputs
+        self._check_pid()
+        if self.fs is None and self._client is None and not (self.cache_bytes or self.cache_dir):
+            self._read_streamed(plan)
+        else:
+            self._decode(plan, self._chunk_bytes(plan))
         return plan.outputs
+
+    def _read_streamed(self, plan: ReadPlan) -> None:
+        """Local disk: each decode task ``pread``s its own share of the requests and decodes
+        them as they arrive, so reading overlaps decoding and nothing is read serially first.
+
+        A ``pread`` from the page cache costs microseconds, less than coordinating two reads of
+        one chunk, so concurrent reads do not share in-flight chunks here (they do remotely).
+        """
+        located, fill = self._locate(plan)
+        cids = list(located)
+        requests = merge_ranges(
+            [located[c] for c in cids],
+            max_gap=self.coalesce_gap,
+            overfetch=self.overfetch,
+            max_request=self.max_request,
+        )
+        self.stats.add(
+            chunks=len(plan.uses),
+            chunk_bytes=sum(r.nbytes or 0 for r in located.values()),
+            requests=len(requests),
+            bytes_fetched=sum(r.range.nbytes or 0 for r in requests),
+        )
+        shares = _shares(requests, cids, plan, min(len(requests), DECODE_TASKS))
+
+        def run(reqs: list[Request], extra: list[ChunkId]) -> None:
+            data: dict[ChunkId, Any] = dict.fromkeys(extra)  # all-fill chunks: None
+            for req in reqs:
+                self._split(req, read_local(self.root, req.range), cids, plan, data)
+            self._decode_chunks(plan, data, list(data))
+
+        futures = [
+            self.pool.submit(run, reqs, list(fill) if i == 0 else [])
+            for i, reqs in enumerate(shares or [[]])
+        ]
+        for f in futures:
+            f.result()
 
     def _locate(self, plan: ReadPlan) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, None]]:
         """Byte range of every chunk the plan needs; chunks known to be all fill apart."""
@@ -440,26 +481,30 @@ class ShardReader:
                 )
             data[cid] = piece
 
+    def _decode_chunks(self, plan: ReadPlan, data: dict[ChunkId, Any], cids: list[ChunkId]) -> None:
+        """Decode ``cids`` (stored bytes in ``data``; ``None``: all fill) into the outputs."""
+        url, outs = self.url, plan.outputs
+        buffers: dict[int, np.ndarray] = {}  # one decode buffer per chunk size per call
+        for cid in cids:
+            raw = data[cid]
+            a = plan.arrays[cid.path]
+            if raw is None:
+                for use in plan.uses[cid]:
+                    outs[use.out][use.dst] = a.fill_value
+                continue
+            codec = a.codec
+            buf = buffers.get(codec.nbytes)
+            if buf is None:
+                buf = buffers[codec.nbytes] = np.empty(codec.nbytes, np.uint8)
+            chunk = codec.decode(raw, url=url, where=chunk_name(a, cid), out=buf)
+            for use in plan.uses[cid]:
+                outs[use.out][use.dst] = chunk[use.src]
+
     def _decode(self, plan: ReadPlan, data: dict[ChunkId, Any]) -> None:
         """Decode every chunk into the outputs (disjoint regions), in a few pool tasks."""
-        url, outs = self.url, plan.outputs
 
         def run(cids: list[ChunkId]) -> None:
-            buffers: dict[int, np.ndarray] = {}  # one decode buffer per chunk size per task
-            for cid in cids:
-                raw = data[cid]
-                a = plan.arrays[cid.path]
-                if raw is None:
-                    for use in plan.uses[cid]:
-                        outs[use.out][use.dst] = a.fill_value
-                    continue
-                codec = a.codec
-                buf = buffers.get(codec.nbytes)
-                if buf is None:
-                    buf = buffers[codec.nbytes] = np.empty(codec.nbytes, np.uint8)
-                chunk = codec.decode(raw, url=url, where=chunk_name(a, cid), out=buf)
-                for use in plan.uses[cid]:
-                    outs[use.out][use.dst] = chunk[use.src]
+            self._decode_chunks(plan, data, cids)
 
         # one task per core, not per chunk: a 96³ patch touches ~50 chunks and a future per
         # chunk costs more in scheduling than the decode itself (profiled in
@@ -472,6 +517,26 @@ class ShardReader:
             return
         for f in [self.pool.submit(run, cids[i::k]) for i in range(k)]:
             f.result()
+
+
+def _shares(
+    requests: list[Request], cids: list[ChunkId], plan: ReadPlan, k: int
+) -> list[list[Request]]:
+    """Split ``requests`` into ``k`` shares of about equal decode work (decoded bytes of the
+    chunks each serves), largest first onto the lightest share."""
+    if k <= 1:
+        return [requests] if requests else []
+
+    def work(req: Request) -> int:
+        return sum(plan.arrays[cids[p.index].path].codec.nbytes for p in req.parts)
+
+    shares: list[list[Request]] = [[] for _ in range(k)]
+    load = [0] * k
+    for req in sorted(requests, key=work, reverse=True):
+        i = load.index(min(load))
+        shares[i].append(req)
+        load[i] += work(req)
+    return shares
 
 
 class _TensorStoreEngine:
