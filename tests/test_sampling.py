@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 import livercube
 from livercube.convert import convert
 from livercube.sampling import ArrayInfo, PatchSampler, ShardReader
+from livercube.sampling.plan import Box
 from livercube.store.chunking import Chunking
 from livercube.store.layout import data_path
 from livercube.synth.plc_cect import write_plc_cect
@@ -103,6 +104,22 @@ def test_reader_equals_zarr_on_synthetic_arrays(tmp_path, index_location, path):
             got = reader.read(info, start, size, fill=7)
             exp = expected_box(full, start, size, 7)
             np.testing.assert_array_equal(got, exp)
+            # straight into a caller's float32 slot: every voxel written, values cast
+            slot = np.full(size, np.nan, np.float32)
+            (into,) = reader.read_boxes([Box(info, start, size, 7, slot)])
+            assert into is slot
+            np.testing.assert_array_equal(slot, exp.astype(np.float32))
+
+
+def test_a_box_output_of_the_wrong_shape_is_refused(small_chunk_store):
+    store = livercube.open(small_chunk_store)
+    path = store.paths()[0]
+    arr = store.root[data_path(path)]["image"]
+    info = ArrayInfo.from_metadata(f"{data_path(path)}/image", arr.metadata.to_dict())
+    with pytest.raises(ValueError, match="shape"):
+        ShardReader(small_chunk_store).read_boxes(
+            [Box(info, (0, 0, 0), (2, 3, 4), None, np.empty((2, 3, 5)))]
+        )
 
 
 def test_local_reads_happen_in_the_decode_tasks_once_per_request(small_chunk_store, monkeypatch):
@@ -130,7 +147,8 @@ def test_local_reads_happen_in_the_decode_tasks_once_per_request(small_chunk_sto
     np.testing.assert_array_equal(got, expected_box(arr[...], start, size, 0))
     assert calls and len(calls) == reader.stats.requests
     assert len(set(r for _, r in calls)) == len(calls)  # no range read twice
-    assert all(name.startswith("lc-read") for name, _ in calls)
+    me = threading.current_thread().name  # the caller takes one share, the pool the rest
+    assert all(name == me or name.startswith("lc-read") for name, _ in calls)
 
 
 def test_reader_equals_zarr_on_store_arrays(small_chunk_store):

@@ -26,6 +26,7 @@ from livercube.errors import (
     VolumeIncompleteError,
 )
 from livercube.sampling import ArrayInfo, PatchSampler, ShardReader
+from livercube.sampling.plan import Box
 from livercube.store import chunking
 from livercube.store.catalog import write_catalog
 from livercube.store.chunking import Chunking
@@ -178,6 +179,7 @@ def test_truncated_shard_is_an_integrity_error(store):
 
 def test_tensorstore_also_rejects_a_corrupt_chunk(store):
     import tensorstore as ts
+
     path, arr = _array(store, "image")
     info = _info(path, arr, "image")
     kvstore = {"driver": "file", "path": str(store / data_path(path) / "image")}
@@ -264,6 +266,7 @@ def test_missing_and_corrupt_shards_are_caught_on_s3(store, s3_bucket):
 
 def test_tensorstore_engine_reads_the_same_and_keeps_the_guarantees(store):
     import tensorstore  # noqa: F401  (an independent reader: a test dependency)
+
     rng = np.random.default_rng(5)
     own, ts_engine = ShardReader(str(store)), ShardReader(str(store), engine="tensorstore")
     for name, fill in (("image", -1024), ("label", 0)):
@@ -272,9 +275,11 @@ def test_tensorstore_engine_reads_the_same_and_keeps_the_guarantees(store):
         for _ in range(12):  # boxes partly or wholly outside, over all-fill label shards too
             start = tuple(int(rng.integers(-8, n)) for n in arr.shape)
             size = tuple(int(rng.integers(1, n + 8)) for n in arr.shape)
-            np.testing.assert_array_equal(
-                ts_engine.read(info, start, size, fill), own.read(info, start, size, fill)
-            )
+            want = own.read(info, start, size, fill)
+            np.testing.assert_array_equal(ts_engine.read(info, start, size, fill), want)
+            slot = np.full(size, np.nan, np.float32)  # straight into a caller's slot
+            ts_engine.read_boxes([Box(info, start, size, fill, slot)])
+            np.testing.assert_array_equal(slot, want.astype(np.float32))
     path, arr = _array(store, "image")
     info = _info(path, arr, "image")
     lost, hit = info.object_key((2, 0, 0)), info.object_key((1, 0, 0))
@@ -297,6 +302,7 @@ def test_sampler_on_tensorstore_engine_equals_default_also_after_pickle(pristine
     import pickle
 
     import tensorstore  # noqa: F401  (an independent reader: a test dependency)
+
     own = PatchSampler(str(pristine), patch_size=(8, 40, 40), mode="foreground", seed=2)
     fast = PatchSampler(
         str(pristine), patch_size=(8, 40, 40), mode="foreground", seed=2, engine="tensorstore"

@@ -27,6 +27,9 @@ class Box:
     start: tuple[int, ...]
     size: tuple[int, ...]
     fill: Any = None  # value outside the array; None → the array's fill_value
+    #: where to put the voxels (shape ``size``; any dtype they cast to, e.g. a float32 slot of
+    #: a training batch): decoded chunks are cast straight into it, with no intermediate copy
+    out: np.ndarray | None = None
 
 
 class ChunkId(NamedTuple):
@@ -78,9 +81,16 @@ def plan_boxes(boxes: Sequence[Box]) -> ReadPlan:
             q == s and h == s + k for q, h, s, k in zip(lo, hi, box.start, box.size, strict=True)
         )
         # inside the array every voxel is written by its chunk's decode (fill included)
-        plan.outputs.append(
-            np.empty(box.size, a.dtype) if inside else np.full(box.size, fill, a.dtype)
-        )
+        if box.out is not None:
+            if box.out.shape != tuple(box.size):
+                raise ValueError(f"out has shape {box.out.shape}, the box {tuple(box.size)}")
+            if not inside:
+                box.out[...] = fill
+            plan.outputs.append(box.out)
+        else:
+            plan.outputs.append(
+                np.empty(box.size, a.dtype) if inside else np.full(box.size, fill, a.dtype)
+            )
         if any(h <= q for q, h in zip(lo, hi, strict=True)):
             continue
         plan.arrays[a.path] = a

@@ -353,12 +353,23 @@ class ShardReader:
                 self._split(req, read_local(self.root, req.range), cids, plan, data)
             self._decode_chunks(plan, data, list(data))
 
-        futures = [
-            self.pool.submit(run, reqs, list(fill) if i == 0 else [])
-            for i, reqs in enumerate(shares or [[]])
-        ]
+        # the calling thread takes the first share itself (one hand-off fewer per patch); every
+        # share is waited for before any error is raised, so no task is still writing into a
+        # caller's ``Box.out`` afterwards
+        shares = shares or [[]]
+        futures = [self.pool.submit(run, reqs, []) for reqs in shares[1:]]
+        error: BaseException | None = None
+        try:
+            run(shares[0], list(fill))
+        except BaseException as exc:
+            error = exc
         for f in futures:
-            f.result()
+            try:
+                f.result()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _locate(self, plan: ReadPlan) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, None]]:
         """Byte range of every chunk the plan needs; chunks known to be all fill apart."""
@@ -598,6 +609,10 @@ class _TensorStoreEngine:
             inside = lo == list(box.start) and hi == ends and min(box.size) > 0
             # wholly inside: TensorStore's own result is the output (no fill, no copy)
             out = None if inside else np.full(box.size, fill, a.dtype)
+            if box.out is not None:
+                if not inside:
+                    box.out[...] = fill
+                out = box.out
             outs.append(out)
             if any(h <= q for q, h in zip(lo, hi, strict=True)):
                 continue

@@ -423,6 +423,9 @@ class PatchSampler:
         vol = self.volumes[spec.volume]
         plans: list[tuple[str, Any]] = []  # ("direct", None) | ("resample", axis plans)
         boxes: list[Box] = []
+        n_img = len(self.channels[spec.volume])
+        # the image channels are read straight into the float batch slot (cast on decode)
+        image = np.empty((n_img, *self.patch_size), self.image_dtype)
         direct = self.spacing is None
         grid = None if direct else self._grid_mm(spec)
         targets: list[tuple[VolumeInfo | None, ArrayInfo | None, Any, str]] = [
@@ -436,7 +439,8 @@ class PatchSampler:
                 plans.append(("missing", fill))
                 continue
             if ch is vol and direct:
-                boxes.append(Box(arr, spec.start, self.patch_size, fill))
+                out = image[len(plans)] if len(plans) < n_img else None
+                boxes.append(Box(arr, spec.start, self.patch_size, fill, out))
                 plans.append(("direct", None))
                 continue
             if grid is None:
@@ -448,15 +452,15 @@ class PatchSampler:
             plans.append(("resample", axes))
         data = iter(self.reader.read_boxes(boxes))
         results = []
-        for kind, extra in plans:
+        for i, (kind, extra) in enumerate(plans):
             if kind == "missing":
                 results.append(np.full(self.patch_size, extra, dtype=np.float32))
             elif kind == "direct":
                 results.append(next(data))
             else:
                 results.append(_apply_plan(next(data), extra))
-        n_img = len(self.channels[spec.volume])
-        image = np.stack([r.astype(self.image_dtype, copy=False) for r in results[:n_img]])
+            if i < n_img and kind != "direct":
+                image[i] = results[i]
         sample: dict[str, Any] = {
             "image": image,
             "index": spec.index,
