@@ -59,13 +59,16 @@ class ReadPlan:
     uses: dict[ChunkId, list[Use]] = field(default_factory=dict)
 
 
-def _axis_pieces(lo: int, hi: int, start: int, n: int, g: int):
-    """Per chunk interval along one axis: (chunk, shard, local, dst slice, src slice)."""
+def _axis_pieces(lo: int, hi: int, start: int, n: int, g: int, stride: int):
+    """Per chunk interval along one axis: (chunk, shard, this axis's share of the chunk's
+    position in its shard index, dst slice, src slice)."""
     pieces = []
     for c in range(lo // n, (hi - 1) // n + 1):
         c0 = c * n
         a, b = max(lo, c0), min(hi, c0 + n)
-        pieces.append((c, c // g, c % g, slice(a - start, b - start), slice(a - c0, b - c0)))
+        pieces.append(
+            (c, c // g, (c % g) * stride, slice(a - start, b - start), slice(a - c0, b - c0))
+        )
     return pieces
 
 
@@ -97,18 +100,19 @@ def plan_boxes(boxes: Sequence[Box]) -> ReadPlan:
         grid = a.grid  # all ones when not sharded: shard == chunk, flat == 0
         strides = [math.prod(grid[d + 1 :]) for d in range(len(grid))]
         axes = [
-            _axis_pieces(lo[d], hi[d], box.start[d], a.inner_shape[d], grid[d])
+            _axis_pieces(lo[d], hi[d], box.start[d], a.inner_shape[d], grid[d], strides[d])
             for d in range(len(lo))
         ]
+        uses, path = plan.uses, a.path
         for combo in itertools.product(*axes):
-            cid = ChunkId(
-                a.path,
-                tuple(p[0] for p in combo),
-                tuple(p[1] for p in combo),
-                sum(p[2] * s for p, s in zip(combo, strides, strict=True)),
-            )
-            use = Use(b, tuple(p[3] for p in combo), tuple(p[4] for p in combo))
-            plan.uses.setdefault(cid, []).append(use)
+            chunk, shard, flat, dst, src = zip(*combo, strict=True)  # per field, across axes
+            cid = ChunkId(path, chunk, shard, sum(flat))
+            use = Use(b, dst, src)
+            got = uses.get(cid)
+            if got is None:
+                uses[cid] = [use]
+            else:
+                got.append(use)
     return plan
 
 

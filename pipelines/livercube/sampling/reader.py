@@ -381,17 +381,22 @@ class ShardReader:
         self._load_indexes(sharded)
         located: dict[ChunkId, ByteRange] = {}
         fill: dict[ChunkId, None] = {}
+        keys: dict[tuple[str, tuple[int, ...]], str] = {}  # one object key per shard
         for cid in plan.uses:
             a = plan.arrays[cid.path]
             if not a.sharded:
                 located[cid] = ByteRange(a.object_key(cid.chunk))
                 continue
-            idx = self._index[(cid.path, cid.shard)]
+            where = (cid.path, cid.shard)
+            idx = self._index[where]
             span = None if idx is None else idx.locate(cid.flat)
             if span is None:
                 fill[cid] = None
-            else:
-                located[cid] = ByteRange(a.object_key(cid.shard), *span)
+                continue
+            key = keys.get(where)
+            if key is None:
+                key = keys[where] = a.object_key(cid.shard)
+            located[cid] = ByteRange(key, *span)
         return located, fill
 
     def _chunk_bytes(self, plan: ReadPlan) -> dict[ChunkId, Any]:
