@@ -324,6 +324,17 @@ class ShardReader:
             self._decode(plan, self._chunk_bytes(plan))
         return plan.outputs
 
+    def _requests(self, located: dict[ChunkId, ByteRange]) -> tuple[list[ChunkId], list[Request]]:
+        """The chunks (in the order the requests' parts index) and their merged requests."""
+        cids = list(located)
+        requests = merge_ranges(
+            [located[c] for c in cids],
+            max_gap=self.coalesce_gap,
+            overfetch=self.overfetch,
+            max_request=self.max_request,
+        )
+        return cids, requests
+
     def _read_streamed(self, plan: ReadPlan) -> None:
         """Local disk: each decode task ``pread``s its own share of the requests and decodes
         them as they arrive, so reading overlaps decoding and nothing is read serially first.
@@ -332,13 +343,7 @@ class ShardReader:
         one chunk, so concurrent reads do not share in-flight chunks here (they do remotely).
         """
         located, fill = self._locate(plan)
-        cids = list(located)
-        requests = merge_ranges(
-            [located[c] for c in cids],
-            max_gap=self.coalesce_gap,
-            overfetch=self.overfetch,
-            max_request=self.max_request,
-        )
+        cids, requests = self._requests(located)
         self.stats.add(
             chunks=len(plan.uses),
             chunk_bytes=sum(r.nbytes or 0 for r in located.values()),
@@ -415,13 +420,7 @@ class ShardReader:
         )
         mine, theirs = self._claim(located)
         try:
-            cids = list(mine)
-            requests = merge_ranges(
-                [mine[c] for c in cids],
-                max_gap=self.coalesce_gap,
-                overfetch=self.overfetch,
-                max_request=self.max_request,
-            )
+            cids, requests = self._requests(mine)
             blobs = self._fetch([r.range for r in requests])
             self.stats.add(requests=len(requests), bytes_fetched=sum(len(b or b"") for b in blobs))
             for req, blob in zip(requests, blobs, strict=True):
