@@ -511,7 +511,10 @@ class ShardReader:
             buf = buffers.get(codec.nbytes)
             if buf is None:
                 buf = buffers[codec.nbytes] = np.empty(codec.nbytes, np.uint8)
-            chunk = codec.decode(raw, url=url, where=chunk_name(a, cid), out=buf)
+            try:
+                chunk = codec.decode(raw, url=url, out=buf)
+            except StoreIntegrityError as exc:  # named here: building names costs per chunk
+                raise type(exc)(url, chunk_name(a, cid), exc.reason) from exc
             for use in plan.uses[cid]:
                 outs[use.out][use.dst] = chunk[use.src]
 
