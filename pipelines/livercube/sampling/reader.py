@@ -44,7 +44,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,23 +358,9 @@ class ShardReader:
                 self._split(req, read_local(self.root, req.range), cids, plan, data)
             self._decode_chunks(plan, data, list(data))
 
-        # the calling thread takes the first share itself (one hand-off fewer per patch); every
-        # share is waited for before any error is raised, so no task is still writing into a
-        # caller's ``Box.out`` afterwards
-        shares = shares or [[]]
-        futures = [self.pool.submit(run, reqs, []) for reqs in shares[1:]]
-        error: BaseException | None = None
-        try:
-            run(shares[0], list(fill))
-        except BaseException as exc:
-            error = exc
-        for f in futures:
-            try:
-                f.result()
-            except BaseException as exc:
-                error = error or exc
-        if error is not None:
-            raise error
+        # the all-fill chunks go with the first share (the calling thread's)
+        jobs = [(reqs, list(fill) if i == 0 else []) for i, reqs in enumerate(shares or [[]])]
+        self._run_shares(lambda job: run(*job), jobs)
 
     def _locate(self, plan: ReadPlan) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, None]]:
         """Byte range of every chunk the plan needs; chunks known to be all fill apart."""
@@ -519,22 +505,33 @@ class ShardReader:
                 outs[use.out][use.dst] = chunk[use.src]
 
     def _decode(self, plan: ReadPlan, data: dict[ChunkId, Any]) -> None:
-        """Decode every chunk into the outputs (disjoint regions), in a few pool tasks."""
-
-        def run(cids: list[ChunkId]) -> None:
-            self._decode_chunks(plan, data, cids)
-
-        # one task per core, not per chunk: a 96³ patch touches ~50 chunks and a future per
-        # chunk costs more in scheduling than the decode itself (profiled in
-        # benchmarks/README.md); pool threads only: numcodecs' Blosc takes a global lock (and
-        # spins up its own threads) when called from the main thread, but not off it
+        """Decode every chunk into the outputs (disjoint regions), in a few shares."""
+        # one share per core, not a task per chunk: a 96³ patch touches ~50 chunks and a
+        # future per chunk costs more in scheduling than the decode itself (profiled in
+        # benchmarks/README.md)
         cids = list(plan.uses)
-        k = min(len(cids), DECODE_TASKS)
-        if k <= 1:
-            self.pool.submit(run, cids).result()
-            return
-        for f in [self.pool.submit(run, cids[i::k]) for i in range(k)]:
-            f.result()
+        k = max(1, min(len(cids), DECODE_TASKS))
+        self._run_shares(
+            lambda part: self._decode_chunks(plan, data, part), [cids[i::k] for i in range(k)]
+        )
+
+    def _run_shares(self, fn: Callable[[Any], None], shares: Sequence[Any]) -> None:
+        """``fn(share)`` for every share, the first in the calling thread (one hand-off fewer
+        per read) and the rest in the pool.  Every share is waited for before any error is
+        raised, so no task is still writing into a caller's ``Box.out`` afterwards."""
+        futures = [self.pool.submit(fn, share) for share in shares[1:]]
+        error: BaseException | None = None
+        try:
+            fn(shares[0])
+        except BaseException as exc:
+            error = exc
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 def _shares(
