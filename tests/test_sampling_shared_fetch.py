@@ -86,6 +86,7 @@ def test_overlapping_reads_fetch_each_chunk_once_and_both_are_right(array):
     reader.stats.reset()
     reader.read_boxes([a])
     assert fetched == reader.stats.bytes_fetched  # one box's worth, not two
+    assert not reader._inflight
 
 
 def test_a_failed_shared_fetch_fails_every_read_waiting_for_it(array, tmp_path):
@@ -98,3 +99,47 @@ def test_a_failed_shared_fetch_fails_every_read_waiting_for_it(array, tmp_path):
     assert isinstance(got_a, MissingShardError)
     assert isinstance(got_b, MissingShardError)
     assert not reader._inflight  # nothing left claimed: a later read tries again
+
+
+def test_a_read_arriving_while_another_decodes_takes_its_bytes(array):
+    """Fetched chunks stay shared until the read that fetched them has decoded them: with
+    many patches in flight a patch waits for a core far longer than for the network."""
+    url, info, data = array
+    reader = ShardReader(url, fs=LocalFileSystem())
+    box = Box(info, (1, 2, 3), (10, 12, 9))
+    reader.read_boxes([box])  # shard indexes cached: only chunk data below
+    first_decoding, second_done = threading.Event(), threading.Event()
+    fetch, decode = reader._fetch, reader._decode
+    data_fetches: list[str] = []
+
+    def noting_fetch(ranges):
+        if ranges:  # a read whose chunks are all taken from others fetches nothing
+            data_fetches.append(threading.current_thread().name)
+        return fetch(ranges)
+
+    def held_decode(plan, chunks):
+        if threading.current_thread().name == "first":
+            first_decoding.set()
+            assert second_done.wait(10)
+        return decode(plan, chunks)
+
+    reader._fetch, reader._decode = noting_fetch, held_decode  # type: ignore[method-assign]
+    results: dict[str, np.ndarray] = {}
+
+    def run(name: str) -> None:
+        results[name] = reader.read_boxes([box])[0]
+        if name == "second":
+            second_done.set()
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert first_decoding.wait(10)
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    second.join(10)
+    first.join(10)
+    want = data[1:11, 2:14, 3:12]
+    np.testing.assert_array_equal(results["first"], want)
+    np.testing.assert_array_equal(results["second"], want)
+    assert data_fetches == ["first"]  # the second read fetched nothing
+    assert not reader._inflight  # and nothing stays claimed once both are done

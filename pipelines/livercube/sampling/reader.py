@@ -15,8 +15,9 @@ reads the shard index again on every access.  :class:`ShardReader` instead
   SigV4 signer, :mod:`~livercube.sampling.http_ranges`, at a fraction of s3fs's CPU per GET;
   fsspec's ``cat_ranges`` for ``http(s)://`` and every other URL or option,
   :mod:`~livercube.sampling.fetch`) — after the index is cached a patch costs one round trip;
-* shares in-flight chunk fetches between concurrent reads (patches in flight overlap), so a
-  chunk several prefetched patches need is fetched once;
+* shares chunk fetches between concurrent remote reads (patches in flight overlap), from the
+  moment one read claims a chunk until it has decoded it, so a chunk several prefetched
+  patches need is fetched once;
 * decodes inner chunks in a thread pool (Blosc/Zstd release the GIL) with a decode plan built
   once per array (:mod:`~livercube.sampling.arrays`), straight into a reused buffer and from
   there into the output, with the padding value outside the array;
@@ -321,7 +322,11 @@ class ShardReader:
         if self.fs is None and self._client is None and not (self.cache_bytes or self.cache_dir):
             self._read_streamed(plan)
         else:
-            self._decode(plan, self._chunk_bytes(plan))
+            data, held = self._chunk_bytes(plan)
+            try:
+                self._decode(plan, data)
+            finally:
+                self._forget(held)
         return plan.outputs
 
     def _requests(self, located: dict[ChunkId, ByteRange]) -> tuple[list[ChunkId], list[Request]]:
@@ -390,8 +395,9 @@ class ShardReader:
             located[cid] = ByteRange(key, *span)
         return located, fill
 
-    def _chunk_bytes(self, plan: ReadPlan) -> dict[ChunkId, Any]:
-        """Stored bytes of every chunk of the plan (``None``: all fill value)."""
+    def _chunk_bytes(self, plan: ReadPlan) -> tuple[dict[ChunkId, Any], list[tuple]]:
+        """Stored bytes of every chunk of the plan (``None``: all fill value), and the chunks
+        this read fetched, still shareable until the caller :meth:`_forget` s them."""
         located, data = self._locate(plan)
         caching = bool(self.cache_bytes or self.cache_dir)
         if caching:
@@ -414,15 +420,19 @@ class ShardReader:
         except BaseException as exc:
             self._release(mine, data, exc)
             raise
-        self._release(mine, data, None)
-        for cid, fut in theirs.items():
-            data[cid] = fut.result()  # the same error as the read that fetched it, if any
-        if caching:
-            for cid in cids:
-                if data[cid] is not None:
-                    loc = located[cid]
-                    self._cache_put((tuple(cid[:2]), loc.start, loc.end), bytes(data[cid]))
-        return data
+        held = self._release(mine, data, None)
+        try:
+            for cid, fut in theirs.items():
+                data[cid] = fut.result()  # the same error as the read that fetched it, if any
+            if caching:
+                for cid in cids:
+                    if data[cid] is not None:
+                        loc = located[cid]
+                        self._cache_put((tuple(cid[:2]), loc.start, loc.end), bytes(data[cid]))
+        except BaseException:
+            self._forget(held)
+            raise
+        return data, held
 
     def _claim(
         self, located: dict[ChunkId, ByteRange]
@@ -443,17 +453,40 @@ class ShardReader:
 
     def _release(
         self, mine: dict[ChunkId, ByteRange], data: dict, exc: BaseException | None
-    ) -> None:
-        """Hand this read's chunks (or its error) to the reads waiting for them."""
+    ) -> list[tuple]:
+        """Hand this read's chunks (or its error) to the reads waiting for them.
+
+        Fetched chunks stay claimed, so a read arriving later takes their bytes instead of
+        fetching them again, until this read has decoded them (:meth:`_forget`): with many
+        patches in flight a patch spends most of its life waiting for a core, not for the
+        network, and the patches started meanwhile overlap it (TensorStore keeps a chunk
+        shared while any read holds it, too).  Failed ones are dropped now, so a later read
+        tries again.  Returns the ``(key, future)`` pairs still held.
+        """
+        held: list[tuple] = []
         with self._lock:
-            futs = [(cid, self._inflight.pop(cid[:2])) for cid in mine]
-        for cid, fut in futs:
-            if exc is None and cid in data:
+            futs = []
+            for cid in mine:
+                ok = exc is None and cid in data
+                fut = self._inflight[cid[:2]] if ok else self._inflight.pop(cid[:2])
+                futs.append((cid, fut, ok))
+                if ok:
+                    held.append((cid[:2], fut))
+        for cid, fut, ok in futs:
+            if ok:
                 fut.set_result(data[cid])
             else:
                 fut.set_exception(
                     exc or StoreIntegrityError(self.url, cid.path, "chunk was not fetched")
                 )
+        return held
+
+    def _forget(self, held: list[tuple]) -> None:
+        """Stop sharing chunks this read fetched (it has decoded them)."""
+        with self._lock:
+            for key, fut in held:
+                if self._inflight.get(key) is fut:
+                    del self._inflight[key]
 
     def _split(
         self, req: Request, blob: bytes | None, cids: list[ChunkId], plan: ReadPlan, data: dict
