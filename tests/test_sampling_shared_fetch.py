@@ -15,7 +15,7 @@ import pytest
 from array_factory import write_sharded_array
 from fsspec.implementations.local import LocalFileSystem
 
-from livercube.errors import MissingShardError
+from livercube.errors import MissingShardError, StoreIntegrityError
 from livercube.sampling import ArrayInfo, ShardReader
 from livercube.sampling.plan import Box
 
@@ -101,39 +101,47 @@ def test_a_failed_shared_fetch_fails_every_read_waiting_for_it(array, tmp_path):
     assert not reader._inflight  # nothing left claimed: a later read tries again
 
 
-def test_a_read_arriving_while_another_decodes_takes_its_bytes(array):
-    """Fetched chunks stay shared until the read that fetched them has decoded them: with
-    many patches in flight a patch waits for a core far longer than for the network."""
+def test_a_read_arriving_before_another_has_decoded_takes_its_decoded_chunks(array):
+    """A fetched chunk stays shared until the read that fetched it has decoded it (with many
+    patches in flight a patch waits for a core far longer than for the network), and what
+    is shared is the decoded chunk: the later read neither fetches nor decodes it."""
     url, info, data = array
     reader = ShardReader(url, fs=LocalFileSystem())
     box = Box(info, (1, 2, 3), (10, 12, 9))
     reader.read_boxes([box])  # shard indexes cached: only chunk data below
-    first_decoding, second_done = threading.Event(), threading.Event()
-    fetch, decode = reader._fetch, reader._decode
+    first_fetched, second_claimed = threading.Event(), threading.Event()
+    fetch, claim, decode = reader._fetch, reader._claim, reader._decode
     data_fetches: list[str] = []
+    decoded: list[tuple[str, int]] = []
 
     def noting_fetch(ranges):
-        if ranges:  # a read whose chunks are all taken from others fetches nothing
+        if ranges:  # a read whose chunks are all someone else's fetches nothing
             data_fetches.append(threading.current_thread().name)
         return fetch(ranges)
 
-    def held_decode(plan, chunks):
-        if threading.current_thread().name == "first":
-            first_decoding.set()
-            assert second_done.wait(10)
-        return decode(plan, chunks)
+    def noting_claim(located):
+        out = claim(located)
+        if threading.current_thread().name == "second":
+            second_claimed.set()
+        return out
 
-    reader._fetch, reader._decode = noting_fetch, held_decode  # type: ignore[method-assign]
+    def held_decode(plan, chunks, cids, publish):
+        name = threading.current_thread().name
+        decoded.append((name, len(cids)))
+        if name == "first":  # fetched, not decoded yet: the second read arrives now
+            first_fetched.set()
+            assert second_claimed.wait(10)
+        return decode(plan, chunks, cids, publish)
+
+    reader._fetch, reader._claim, reader._decode = noting_fetch, noting_claim, held_decode  # type: ignore[method-assign]
     results: dict[str, np.ndarray] = {}
 
     def run(name: str) -> None:
         results[name] = reader.read_boxes([box])[0]
-        if name == "second":
-            second_done.set()
 
     first = threading.Thread(target=run, args=("first",), name="first")
     first.start()
-    assert first_decoding.wait(10)
+    assert first_fetched.wait(10)
     second = threading.Thread(target=run, args=("second",), name="second")
     second.start()
     second.join(10)
@@ -142,4 +150,24 @@ def test_a_read_arriving_while_another_decodes_takes_its_bytes(array):
     np.testing.assert_array_equal(results["first"], want)
     np.testing.assert_array_equal(results["second"], want)
     assert data_fetches == ["first"]  # the second read fetched nothing
+    assert dict(decoded)["second"] == 0  # nor decoded anything
     assert not reader._inflight  # and nothing stays claimed once both are done
+
+
+def test_a_chunk_that_fails_to_decode_fails_the_reads_sharing_it(array, tmp_path):
+    """A corrupt chunk one read fetched is an error for every read that waited for it,
+    never a hang or zeros; afterwards nothing stays claimed."""
+    url, info, _ = array
+    reader = ShardReader(url, fs=LocalFileSystem())
+    box = Box(info, (0, 0, 0), (4, 8, 10))  # exactly the first inner chunk
+    reader.read_boxes([box])
+    shard = tmp_path / "s.zarr" / "img" / "c" / "0" / "0" / "0"
+    idx = reader._index[(info.path, (0, 0, 0))]
+    start, end = idx.locate(0)
+    raw = bytearray(shard.read_bytes())
+    raw[start + (end - start) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    got_a, got_b, _ = _overlapping_reads(reader, [box, box])
+    assert isinstance(got_a, StoreIntegrityError)
+    assert isinstance(got_b, StoreIntegrityError)
+    assert not reader._inflight

@@ -322,12 +322,37 @@ class ShardReader:
         if self.fs is None and self._client is None and not (self.cache_bytes or self.cache_dir):
             self._read_streamed(plan)
         else:
-            data, held = self._chunk_bytes(plan)
-            try:
-                self._decode(plan, data)
-            finally:
-                self._forget(held)
+            self._read_shared(plan)
         return plan.outputs
+
+    def _read_shared(self, plan: ReadPlan) -> None:
+        """Remote (or cached) reads: fetch the chunks no concurrent read is fetching, decode
+        them and hand the decoded chunks to the reads that want them too; then copy in the
+        chunks those reads decoded.
+
+        A chunk stays shared from the moment one read claims it until that read has decoded
+        it: with many patches in flight a patch spends most of its life waiting for a core,
+        not for the network, and the patches started meanwhile overlap it (TensorStore keeps
+        a chunk shared while any read holds it, too).  Each read decodes its own chunks
+        before it waits for anyone else's, so two reads needing each other's chunks cannot
+        wait for each other; every claimed chunk is resolved (decoded, or failed with the
+        error that stopped it) before the read returns.
+        """
+        data, mine, theirs = self._chunk_bytes(plan)
+        try:
+            self._decode(plan, data, [c for c in plan.uses if c not in theirs], mine)
+        except BaseException as exc:
+            self._fail(mine, exc)
+            raise
+        finally:
+            self._fail(mine, None)  # anything left unresolved (there should be nothing)
+            self._forget(mine)
+        outs = plan.outputs
+        for cid, fut in theirs.items():
+            chunk = fut.result()  # the same error as the read that fetched it, if any
+            fill = plan.arrays[cid.path].fill_value
+            for use in plan.uses[cid]:
+                outs[use.out][use.dst] = fill if chunk is None else chunk[use.src]
 
     def _requests(self, located: dict[ChunkId, ByteRange]) -> tuple[list[ChunkId], list[Request]]:
         """The chunks (in the order the requests' parts index) and their merged requests."""
@@ -395,9 +420,12 @@ class ShardReader:
             located[cid] = ByteRange(key, *span)
         return located, fill
 
-    def _chunk_bytes(self, plan: ReadPlan) -> tuple[dict[ChunkId, Any], list[tuple]]:
-        """Stored bytes of every chunk of the plan (``None``: all fill value), and the chunks
-        this read fetched, still shareable until the caller :meth:`_forget` s them."""
+    def _chunk_bytes(
+        self, plan: ReadPlan
+    ) -> tuple[dict[ChunkId, Any], dict[ChunkId, Future], dict[ChunkId, Future]]:
+        """Stored bytes of the plan's chunks this read decodes (``None``: all fill value),
+        the futures through which it shares the ones it claimed, and the futures of the
+        chunks concurrent reads claimed first (they resolve to decoded chunks)."""
         located, data = self._locate(plan)
         caching = bool(self.cache_bytes or self.cache_dir)
         if caching:
@@ -410,83 +438,63 @@ class ShardReader:
         self.stats.add(
             chunks=len(plan.uses), chunk_bytes=sum(r.nbytes or 0 for r in located.values())
         )
-        mine, theirs = self._claim(located)
+        mine, claimed, theirs = self._claim(located)
         try:
             cids, requests = self._requests(mine)
             blobs = self._fetch([r.range for r in requests])
             self.stats.add(requests=len(requests), bytes_fetched=sum(len(b or b"") for b in blobs))
             for req, blob in zip(requests, blobs, strict=True):
                 self._split(req, blob, cids, plan, data)
-        except BaseException as exc:
-            self._release(mine, data, exc)
-            raise
-        held = self._release(mine, data, None)
-        try:
-            for cid, fut in theirs.items():
-                data[cid] = fut.result()  # the same error as the read that fetched it, if any
             if caching:
                 for cid in cids:
                     if data[cid] is not None:
                         loc = located[cid]
                         self._cache_put((tuple(cid[:2]), loc.start, loc.end), bytes(data[cid]))
-        except BaseException:
-            self._forget(held)
+        except BaseException as exc:
+            self._fail(claimed, exc)
+            self._forget(claimed)
             raise
-        return data, held
+        return data, claimed, theirs
 
     def _claim(
         self, located: dict[ChunkId, ByteRange]
-    ) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, Future]]:
-        """Split the chunks into those this read fetches and those another concurrent read
-        (patches in flight often overlap) is already fetching: each is fetched once."""
+    ) -> tuple[dict[ChunkId, ByteRange], dict[ChunkId, Future], dict[ChunkId, Future]]:
+        """Split the chunks into those this read fetches (their ranges, and the futures it
+        shares their decoded arrays through) and those another concurrent read (patches in
+        flight often overlap) claimed first: each chunk is fetched and decoded once."""
         mine: dict[ChunkId, ByteRange] = {}
+        claimed: dict[ChunkId, Future] = {}
         theirs: dict[ChunkId, Future] = {}
         with self._lock:
             for cid, loc in located.items():
                 fut = self._inflight.get(cid[:2])
                 if fut is None:
-                    self._inflight[cid[:2]] = Future()
-                    mine[cid] = loc
+                    fut = self._inflight[cid[:2]] = Future()
+                    mine[cid], claimed[cid] = loc, fut
                 else:
                     theirs[cid] = fut
-        return mine, theirs
+        return mine, claimed, theirs
 
-    def _release(
-        self, mine: dict[ChunkId, ByteRange], data: dict, exc: BaseException | None
-    ) -> list[tuple]:
-        """Hand this read's chunks (or its error) to the reads waiting for them.
-
-        Fetched chunks stay claimed, so a read arriving later takes their bytes instead of
-        fetching them again, until this read has decoded them (:meth:`_forget`): with many
-        patches in flight a patch spends most of its life waiting for a core, not for the
-        network, and the patches started meanwhile overlap it (TensorStore keeps a chunk
-        shared while any read holds it, too).  Failed ones are dropped now, so a later read
-        tries again.  Returns the ``(key, future)`` pairs still held.
-        """
-        held: list[tuple] = []
+    def _fail(self, claimed: dict[ChunkId, Future], exc: BaseException | None) -> None:
+        """Hand ``exc`` to the reads waiting for any claimed chunk not resolved yet (``None``:
+        a generic "not decoded" error), and stop sharing those chunks so a later read tries
+        again."""
         with self._lock:
-            futs = []
-            for cid in mine:
-                ok = exc is None and cid in data
-                fut = self._inflight[cid[:2]] if ok else self._inflight.pop(cid[:2])
-                futs.append((cid, fut, ok))
-                if ok:
-                    held.append((cid[:2], fut))
-        for cid, fut, ok in futs:
-            if ok:
-                fut.set_result(data[cid])
-            else:
+            for cid, fut in claimed.items():
+                if not fut.done() and self._inflight.get(cid[:2]) is fut:
+                    del self._inflight[cid[:2]]
+        for cid, fut in claimed.items():
+            if not fut.done():
                 fut.set_exception(
-                    exc or StoreIntegrityError(self.url, cid.path, "chunk was not fetched")
+                    exc or StoreIntegrityError(self.url, cid.path, "chunk was not decoded")
                 )
-        return held
 
-    def _forget(self, held: list[tuple]) -> None:
-        """Stop sharing chunks this read fetched (it has decoded them)."""
+    def _forget(self, claimed: dict[ChunkId, Future]) -> None:
+        """Stop sharing the chunks this read claimed (it has decoded them, or failed)."""
         with self._lock:
-            for key, fut in held:
-                if self._inflight.get(key) is fut:
-                    del self._inflight[key]
+            for cid, fut in claimed.items():
+                if self._inflight.get(cid[:2]) is fut:
+                    del self._inflight[cid[:2]]
 
     def _split(
         self, req: Request, blob: bytes | None, cids: list[ChunkId], plan: ReadPlan, data: dict
@@ -515,37 +523,62 @@ class ShardReader:
                 )
             data[cid] = piece
 
-    def _decode_chunks(self, plan: ReadPlan, data: dict[ChunkId, Any], cids: list[ChunkId]) -> None:
-        """Decode ``cids`` (stored bytes in ``data``; ``None``: all fill) into the outputs."""
+    def _decode_chunks(
+        self,
+        plan: ReadPlan,
+        data: dict[ChunkId, Any],
+        cids: list[ChunkId],
+        publish: dict[ChunkId, Future] | None = None,
+    ) -> None:
+        """Decode ``cids`` (stored bytes in ``data``; ``None``: all fill) into the outputs;
+        a chunk in ``publish`` is decoded into its own array and handed to its future."""
         url, outs = self.url, plan.outputs
         buffers: dict[int, np.ndarray] = {}  # one decode buffer per chunk size per call
         for cid in cids:
             raw = data[cid]
             a = plan.arrays[cid.path]
+            shared = None if publish is None else publish.get(cid)
             if raw is None:
                 for use in plan.uses[cid]:
                     outs[use.out][use.dst] = a.fill_value
+                if shared is not None:
+                    shared.set_result(None)
                 continue
             codec = a.codec
-            buf = buffers.get(codec.nbytes)
-            if buf is None:
-                buf = buffers[codec.nbytes] = np.empty(codec.nbytes, np.uint8)
+            buf = None
+            if shared is None:
+                buf = buffers.get(codec.nbytes)
+                if buf is None:
+                    buf = buffers[codec.nbytes] = np.empty(codec.nbytes, np.uint8)
             try:
                 chunk = codec.decode(raw, url=url, out=buf)
             except StoreIntegrityError as exc:  # named here: building names costs per chunk
-                raise type(exc)(url, chunk_name(a, cid), exc.reason) from exc
+                err = type(exc)(url, chunk_name(a, cid), exc.reason)
+                if shared is not None:
+                    shared.set_exception(err)
+                raise err from exc
+            if shared is not None:
+                shared.set_result(chunk)
             for use in plan.uses[cid]:
                 outs[use.out][use.dst] = chunk[use.src]
 
-    def _decode(self, plan: ReadPlan, data: dict[ChunkId, Any]) -> None:
-        """Decode every chunk into the outputs (disjoint regions), in a few shares."""
+    def _decode(
+        self,
+        plan: ReadPlan,
+        data: dict[ChunkId, Any],
+        cids: list[ChunkId],
+        publish: dict[ChunkId, Future],
+    ) -> None:
+        """Decode ``cids`` into the outputs (disjoint regions), in a few shares."""
         # one share per core, not a task per chunk: a 96³ patch touches ~50 chunks and a
         # future per chunk costs more in scheduling than the decode itself (profiled in
         # benchmarks/README.md)
-        cids = list(plan.uses)
+        if not cids:
+            return
         k = max(1, min(len(cids), DECODE_TASKS))
         self._run_shares(
-            lambda part: self._decode_chunks(plan, data, part), [cids[i::k] for i in range(k)]
+            lambda part: self._decode_chunks(plan, data, part, publish),
+            [cids[i::k] for i in range(k)],
         )
 
     def _run_shares(self, fn: Callable[[Any], None], shares: Sequence[Any]) -> None:
