@@ -15,9 +15,9 @@ reads the shard index again on every access.  :class:`ShardReader` instead
   SigV4 signer, :mod:`~livercube.sampling.http_ranges`, at a fraction of s3fs's CPU per GET;
   fsspec's ``cat_ranges`` for ``http(s)://`` and every other URL or option,
   :mod:`~livercube.sampling.fetch`) — after the index is cached a patch costs one round trip;
-* shares chunk fetches between concurrent remote reads (patches in flight overlap), from the
-  moment one read claims a chunk until it has decoded it, so a chunk several prefetched
-  patches need is fetched once;
+* shares chunks between concurrent remote reads (patches in flight overlap), from the moment
+  one read claims a chunk until it has decoded it: a chunk several prefetched patches need is
+  fetched and decoded once;
 * decodes inner chunks in a thread pool (Blosc/Zstd release the GIL) with a decode plan built
   once per array (:mod:`~livercube.sampling.arrays`), straight into a reused buffer and from
   there into the output, with the padding value outside the array;
