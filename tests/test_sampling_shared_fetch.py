@@ -29,13 +29,26 @@ def array(tmp_path) -> tuple[str, ArrayInfo, np.ndarray]:
     return str(tmp_path / "s.zarr"), info, data
 
 
+def _note_second_claim(reader: ShardReader, claimed: threading.Event) -> None:
+    """Set ``claimed`` once the thread named "second" has claimed its chunks."""
+    claim = reader._claim
+
+    def noting_claim(located):
+        out = claim(located)
+        if threading.current_thread().name == "second":
+            claimed.set()
+        return out
+
+    reader._claim = noting_claim  # type: ignore[method-assign]
+
+
 def _overlapping_reads(reader: ShardReader, boxes: list[Box]) -> list:
     # callers read once beforehand, so the shard indexes are cached and only chunk data is
     # fetched (and shared) here
     """Read ``boxes[0]`` and ``boxes[1]`` in two threads, the second claiming its chunks while
     the first is still fetching; returns each thread's result or exception."""
     first_fetching, second_claimed = threading.Event(), threading.Event()
-    fetch, claim = reader._fetch, reader._claim
+    fetch = reader._fetch
     data_fetches: list[list] = []
 
     def held_fetch(ranges):
@@ -46,13 +59,8 @@ def _overlapping_reads(reader: ShardReader, boxes: list[Box]) -> list:
                 assert second_claimed.wait(10)
         return fetch(ranges)
 
-    def noting_claim(located):
-        out = claim(located)
-        if threading.current_thread().name == "second":
-            second_claimed.set()
-        return out
-
-    reader._fetch, reader._claim = held_fetch, noting_claim  # type: ignore[method-assign]
+    reader._fetch = held_fetch  # type: ignore[method-assign]
+    _note_second_claim(reader, second_claimed)
     results: list = [None, None]
 
     def run(i: int) -> None:
@@ -110,7 +118,7 @@ def test_a_read_arriving_before_another_has_decoded_takes_its_decoded_chunks(arr
     box = Box(info, (1, 2, 3), (10, 12, 9))
     reader.read_boxes([box])  # shard indexes cached: only chunk data below
     first_fetched, second_claimed = threading.Event(), threading.Event()
-    fetch, claim, decode = reader._fetch, reader._claim, reader._decode
+    fetch, decode = reader._fetch, reader._decode
     data_fetches: list[str] = []
     decoded: list[tuple[str, int]] = []
 
@@ -118,12 +126,6 @@ def test_a_read_arriving_before_another_has_decoded_takes_its_decoded_chunks(arr
         if ranges:  # a read whose chunks are all someone else's fetches nothing
             data_fetches.append(threading.current_thread().name)
         return fetch(ranges)
-
-    def noting_claim(located):
-        out = claim(located)
-        if threading.current_thread().name == "second":
-            second_claimed.set()
-        return out
 
     def held_decode(plan, chunks, cids, publish):
         name = threading.current_thread().name
@@ -133,7 +135,8 @@ def test_a_read_arriving_before_another_has_decoded_takes_its_decoded_chunks(arr
             assert second_claimed.wait(10)
         return decode(plan, chunks, cids, publish)
 
-    reader._fetch, reader._claim, reader._decode = noting_fetch, noting_claim, held_decode  # type: ignore[method-assign]
+    reader._fetch, reader._decode = noting_fetch, held_decode  # type: ignore[method-assign]
+    _note_second_claim(reader, second_claimed)
     results: dict[str, np.ndarray] = {}
 
     def run(name: str) -> None:
