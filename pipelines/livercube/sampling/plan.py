@@ -72,6 +72,18 @@ def _axis_pieces(lo: int, hi: int, start: int, n: int, g: int, stride: int):
     return pieces
 
 
+def given_output(box: Box, inside: bool, fill: Any) -> np.ndarray | None:
+    """The caller's ``box.out`` (checked, with ``fill`` outside the array unless the box lies
+    ``inside`` it), or ``None`` when the reader allocates the output itself."""
+    if box.out is None:
+        return None
+    if box.out.shape != tuple(box.size):
+        raise ValueError(f"out has shape {box.out.shape}, the box {tuple(box.size)}")
+    if not inside:
+        box.out[...] = fill
+    return box.out
+
+
 def plan_boxes(boxes: Sequence[Box]) -> ReadPlan:
     """Allocate one output per box and list, per inner chunk, the regions it fills."""
     plan = ReadPlan()
@@ -84,16 +96,10 @@ def plan_boxes(boxes: Sequence[Box]) -> ReadPlan:
             q == s and h == s + k for q, h, s, k in zip(lo, hi, box.start, box.size, strict=True)
         )
         # inside the array every voxel is written by its chunk's decode (fill included)
-        if box.out is not None:
-            if box.out.shape != tuple(box.size):
-                raise ValueError(f"out has shape {box.out.shape}, the box {tuple(box.size)}")
-            if not inside:
-                box.out[...] = fill
-            plan.outputs.append(box.out)
-        else:
-            plan.outputs.append(
-                np.empty(box.size, a.dtype) if inside else np.full(box.size, fill, a.dtype)
-            )
+        out = given_output(box, inside, fill)
+        if out is None:
+            out = np.empty(box.size, a.dtype) if inside else np.full(box.size, fill, a.dtype)
+        plan.outputs.append(out)
         if any(h <= q for q, h in zip(lo, hi, strict=True)):
             continue
         plan.arrays[a.path] = a
@@ -124,4 +130,4 @@ def chunk_name(a: ArrayInfo, cid: ChunkId) -> str:
     return f"{a.object_key(cid.shard)} (inner chunk {inner})"
 
 
-__all__ = ["Box", "ChunkId", "ReadPlan", "Use", "chunk_name", "plan_boxes"]
+__all__ = ["Box", "ChunkId", "ReadPlan", "Use", "chunk_name", "given_output", "plan_boxes"]

@@ -57,7 +57,14 @@ from livercube.errors import ChecksumMismatchError, MissingShardError, StoreInte
 from livercube.sampling.arrays import ArrayInfo, crc32c_ok, decode_chunk
 from livercube.sampling.fetch import fetch_ranges, read_local
 from livercube.sampling.http_ranges import RangeClient, client_for
-from livercube.sampling.plan import Box, ChunkId, ReadPlan, chunk_name, plan_boxes
+from livercube.sampling.plan import (
+    Box,
+    ChunkId,
+    ReadPlan,
+    chunk_name,
+    given_output,
+    plan_boxes,
+)
 from livercube.sampling.ranges import ByteRange, Request, merge_ranges
 from livercube.sampling.shard_index import EMPTY, ShardIndex
 from livercube.store.location import StoreLocation
@@ -339,20 +346,16 @@ class ShardReader:
         error that stopped it) before the read returns.
         """
         data, mine, theirs = self._chunk_bytes(plan)
+        error: BaseException | None = None
         try:
             self._decode(plan, data, [c for c in plan.uses if c not in theirs], mine)
         except BaseException as exc:
-            self._fail(mine, exc)
+            error = exc
             raise
         finally:
-            self._fail(mine, None)  # anything left unresolved (there should be nothing)
-            self._forget(mine)
-        outs = plan.outputs
+            self._unclaim(mine, error)
         for cid, fut in theirs.items():
-            chunk = fut.result()  # the same error as the read that fetched it, if any
-            fill = plan.arrays[cid.path].fill_value
-            for use in plan.uses[cid]:
-                outs[use.out][use.dst] = fill if chunk is None else chunk[use.src]
+            _place(plan, cid, fut.result())  # the error of the read that claimed it, if any
 
     def _requests(self, located: dict[ChunkId, ByteRange]) -> tuple[list[ChunkId], list[Request]]:
         """The chunks (in the order the requests' parts index) and their merged requests."""
@@ -451,8 +454,7 @@ class ShardReader:
                         loc = located[cid]
                         self._cache_put((tuple(cid[:2]), loc.start, loc.end), bytes(data[cid]))
         except BaseException as exc:
-            self._fail(claimed, exc)
-            self._forget(claimed)
+            self._unclaim(claimed, exc)
             raise
         return data, claimed, theirs
 
@@ -475,26 +477,19 @@ class ShardReader:
                     theirs[cid] = fut
         return mine, claimed, theirs
 
-    def _fail(self, claimed: dict[ChunkId, Future], exc: BaseException | None) -> None:
-        """Hand ``exc`` to the reads waiting for any claimed chunk not resolved yet (``None``:
-        a generic "not decoded" error), and stop sharing those chunks so a later read tries
-        again."""
+    def _unclaim(self, claimed: dict[ChunkId, Future], exc: BaseException | None) -> None:
+        """Stop sharing the chunks this read claimed (it has decoded them, or failed), and hand
+        ``exc`` to the reads waiting for any of them not resolved yet (``None``: a generic
+        "not decoded" error).  Unshared first, so a read arriving later fetches afresh."""
         with self._lock:
             for cid, fut in claimed.items():
-                if not fut.done() and self._inflight.get(cid[:2]) is fut:
+                if self._inflight.get(cid[:2]) is fut:
                     del self._inflight[cid[:2]]
         for cid, fut in claimed.items():
             if not fut.done():
                 fut.set_exception(
                     exc or StoreIntegrityError(self.url, cid.path, "chunk was not decoded")
                 )
-
-    def _forget(self, claimed: dict[ChunkId, Future]) -> None:
-        """Stop sharing the chunks this read claimed (it has decoded them, or failed)."""
-        with self._lock:
-            for cid, fut in claimed.items():
-                if self._inflight.get(cid[:2]) is fut:
-                    del self._inflight[cid[:2]]
 
     def _split(
         self, req: Request, blob: bytes | None, cids: list[ChunkId], plan: ReadPlan, data: dict
@@ -532,15 +527,14 @@ class ShardReader:
     ) -> None:
         """Decode ``cids`` (stored bytes in ``data``; ``None``: all fill) into the outputs;
         a chunk in ``publish`` is decoded into its own array and handed to its future."""
-        url, outs = self.url, plan.outputs
+        url = self.url
         buffers: dict[int, np.ndarray] = {}  # one decode buffer per chunk size per call
         for cid in cids:
             raw = data[cid]
             a = plan.arrays[cid.path]
             shared = None if publish is None else publish.get(cid)
             if raw is None:
-                for use in plan.uses[cid]:
-                    outs[use.out][use.dst] = a.fill_value
+                _place(plan, cid, None)
                 if shared is not None:
                     shared.set_result(None)
                 continue
@@ -559,8 +553,7 @@ class ShardReader:
                 raise err from exc
             if shared is not None:
                 shared.set_result(chunk)
-            for use in plan.uses[cid]:
-                outs[use.out][use.dst] = chunk[use.src]
+            _place(plan, cid, chunk)
 
     def _decode(
         self,
@@ -598,6 +591,18 @@ class ShardReader:
                 error = error or exc
         if error is not None:
             raise error
+
+
+def _place(plan: ReadPlan, cid: ChunkId, chunk: np.ndarray | None) -> None:
+    """Copy a decoded chunk (``None``: all fill value) into every output region it serves."""
+    outs = plan.outputs
+    if chunk is None:
+        fill = plan.arrays[cid.path].fill_value
+        for use in plan.uses[cid]:
+            outs[use.out][use.dst] = fill
+        return
+    for use in plan.uses[cid]:
+        outs[use.out][use.dst] = chunk[use.src]
 
 
 def _shares(
@@ -678,11 +683,9 @@ class _TensorStoreEngine:
             ends = [s + k for s, k in zip(box.start, box.size, strict=True)]
             inside = lo == list(box.start) and hi == ends and min(box.size) > 0
             # wholly inside: TensorStore's own result is the output (no fill, no copy)
-            out = None if inside else np.full(box.size, fill, a.dtype)
-            if box.out is not None:
-                if not inside:
-                    box.out[...] = fill
-                out = box.out
+            out = given_output(box, inside, fill)
+            if out is None and not inside:
+                out = np.full(box.size, fill, a.dtype)
             outs.append(out)
             if any(h <= q for q, h in zip(lo, hi, strict=True)):
                 continue

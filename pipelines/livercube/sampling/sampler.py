@@ -424,7 +424,7 @@ class PatchSampler:
         plans: list[tuple[str, Any]] = []  # ("direct", None) | ("resample", axis plans)
         boxes: list[Box] = []
         n_img = len(self.channels[spec.volume])
-        # the image channels are read straight into the float batch slot (cast on decode)
+        # the image channels are read straight into the batch array (cast there when float)
         image = np.empty((n_img, *self.patch_size), self.image_dtype)
         direct = self.spacing is None
         grid = None if direct else self._grid_mm(spec)
