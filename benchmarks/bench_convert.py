@@ -473,16 +473,40 @@ def bench_codecs(image: np.ndarray, label: np.ndarray, repeats: int) -> list[dic
     from livercube.store.chunking import chunk_and_shard
 
     numcodecs.blosc.set_nthreads(1)
+    from livercube.store.shards import numcodecs_blosc
+    from livercube.store.writer import BLOSC_BLOCK_BYTES, COMPRESSOR, LABEL_COMPRESSOR
+
+    block = BLOSC_BLOCK_BYTES
     codecs = [
+        (
+            "blosc zstd 1 shuffle, 256 KiB blocks (store)",
+            "image",
+            numcodecs_blosc(COMPRESSOR, image.dtype),
+        ),
+        ("blosc zstd 1 shuffle, automatic blocks", "image", Blosc("zstd", 1, SHUFFLE)),
+        (
+            "blosc zstd 2 shuffle, 256 KiB blocks",
+            "image",
+            Blosc("zstd", 2, SHUFFLE, blocksize=block),
+        ),
         ("blosc zstd 3 shuffle", "image", Blosc("zstd", 3, SHUFFLE)),
-        ("blosc zstd 5 shuffle (store)", "image", Blosc("zstd", 5, SHUFFLE)),
-        ("blosc zstd 3 bitshuffle", "image", Blosc("zstd", 3, BITSHUFFLE)),
+        ("blosc zstd 5 shuffle (store 2.0)", "image", Blosc("zstd", 5, SHUFFLE)),
+        (
+            "blosc zstd 1 bitshuffle, 256 KiB blocks",
+            "image",
+            Blosc("zstd", 1, BITSHUFFLE, blocksize=block),
+        ),
         ("blosc zstd 5 bitshuffle", "image", Blosc("zstd", 5, BITSHUFFLE)),
-        ("blosc lz4 5 shuffle", "image", Blosc("lz4", 5, SHUFFLE)),
+        ("blosc lz4 shuffle, 256 KiB blocks", "image", Blosc("lz4", 1, SHUFFLE, blocksize=block)),
         ("zstd 5 (no shuffle)", "image", Zstd(5)),
         ("gzip 6", "image", GZip(6)),
-        ("blosc zstd 5 shuffle", "label", Blosc("zstd", 5, SHUFFLE)),
-        ("blosc zstd 5 bitshuffle (store)", "label", Blosc("zstd", 5, BITSHUFFLE)),
+        (
+            "blosc lz4 no shuffle, 256 KiB blocks (store)",
+            "label",
+            numcodecs_blosc(LABEL_COMPRESSOR, label.dtype),
+        ),
+        ("blosc zstd 1 no shuffle, 256 KiB blocks", "label", Blosc("zstd", 1, 0, blocksize=block)),
+        ("blosc zstd 5 bitshuffle (store 2.0)", "label", Blosc("zstd", 5, BITSHUFFLE)),
         ("gzip 6", "label", GZip(6)),
     ]
     rows = []
