@@ -10,7 +10,9 @@ from zarr.storage import MemoryStore
 
 from livercube.store.chunking import Chunking, chunk_and_shard
 from livercube.store.shards import (
+    ChunkScratch,
     ShardLayout,
+    encode_chunk,
     encoder_pool,
     iter_shards,
     numcodecs_blosc,
@@ -82,6 +84,7 @@ def test_chunking_is_a_value_with_the_contracts_default():
 def test_zarr_xarray_and_tensorstore_read_the_written_volume_voxel_identically(tmp_path):
     xr = pytest.importorskip("xarray")
     import tensorstore as ts
+
     vol = phantom_volume(shape=(11, 150, 140), seed=4)  # large enough for a browse level
     url = str(tmp_path / "s.zarr")
     zarr.open_group(url, mode="w", zarr_format=3)
@@ -125,3 +128,27 @@ def test_a_failed_shard_upload_raises_itself_and_leaves_no_volume(tmp_path, monk
     assert calls["shards"] >= 2
     group = Path(url, "crlm", "CRLM-CT-1001", "S1", "100")
     assert not (group / "zarr.json").exists()
+
+
+def test_a_reused_chunk_buffer_never_leaks_into_the_next_chunk():
+    """Chunks of other shapes, byte orders and fills in a row through one scratch buffer:
+    each stored chunk decodes to its own block, edge padding is its own fill."""
+    blosc = numcodecs_blosc(COMPRESSOR, np.dtype(np.int16))
+    scratch = ChunkScratch()
+    rng = np.random.default_rng(2)
+    full = rng.integers(-900, 900, size=(4, 16, 16)).astype(np.int16)
+    cases = [
+        (full, 0),
+        (full[:3, :10, :5], 7),  # edge chunk padded with fill 7, after a full one
+        (full.astype(">i2"), 0),  # big-endian source: stored little-endian all the same
+        (np.full((2, 16, 16), 7, np.int16), 7),  # all fill once padded: not stored
+    ]
+    for block, fill in cases:
+        stored = encode_chunk(block, (4, 16, 16), fill, blosc, scratch)
+        if block.size and np.all(block == fill):
+            assert stored is None
+            continue
+        got = np.frombuffer(blosc.decode(stored[:-4]), dtype="<i2").reshape(4, 16, 16)
+        expect = np.full((4, 16, 16), fill, np.int16)
+        expect[: block.shape[0], : block.shape[1], : block.shape[2]] = block
+        assert np.array_equal(got, expect)
