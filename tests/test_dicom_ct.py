@@ -628,3 +628,62 @@ def test_any_axis_aligned_orientation_and_order_gives_the_same_volume(
     np.testing.assert_array_equal(vol.image, a)
     assert vol.grid.spacing == pytest.approx((3.0, 1.5, 0.5))
     assert vol.grid.origin == pytest.approx((10.0, -20.0, 30.0))
+
+
+def _rescale_header(slope: float, intercept: float, representation: int):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.RescaleSlope, ds.RescaleIntercept = str(slope), str(intercept)
+    ds.PixelRepresentation = representation
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("dtype", "lo", "hi", "slope", "intercept"),
+    [
+        (np.uint16, 0, 65535, 1, -32768),  # the whole unsigned range maps onto int16 exactly
+        (np.uint16, 0, 4095, 1, -1024),
+        (np.int16, -32768, 32767 - 1024, 1, 1024),
+        (np.int16, -2000, 4000, 3, -1024),
+        (np.uint16, 0, 10000, 2, -20000),
+    ],
+)
+def test_integral_rescale_is_exact_at_the_int16_edges(dtype, lo, hi, slope, intercept):
+    """The int16/int32 shortcuts agree with 64-bit arithmetic wherever the result fits."""
+    from livercube.sources.dicom_ct import stored_to_hu
+
+    rng = np.random.default_rng(0)
+    stored = rng.integers(lo, hi, size=(64, 64), endpoint=True).astype(dtype)
+    stored.flat[:2] = (lo, hi)
+    rep = int(np.dtype(dtype).kind == "i")
+    hu, n_pad = stored_to_hu(_rescale_header(slope, intercept, rep), stored, source="t")
+    assert hu.dtype == np.int16 and n_pad == 0
+    np.testing.assert_array_equal(hu, stored.astype(np.int64) * slope + intercept)
+
+
+def test_integral_rescale_out_of_int16_is_refused_before_wrapping():
+    from livercube.sources.dicom_ct import stored_to_hu
+
+    stored = np.array([[0, 40000]], np.uint16)  # 40000 - 1024 does not fit int16
+    with pytest.raises(IntensityError, match=r"\[-1024, 38976\]"):
+        stored_to_hu(_rescale_header(1, -1024, 0), stored, source="t")
+
+
+def test_plain_16_bit_slices_skip_pydicom_decoding_with_identical_values():
+    """The frombuffer shortcut equals pydicom's decoder on pydicom's own real CT slices, and
+    leaves anything not plain 16-bit native to pydicom."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from livercube.sources.dicom_ct import _native_int16_pixels
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    fast = _native_int16_pixels(ds)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, ds.pixel_array)
+    assert fast.dtype == ds.pixel_array.dtype
+    for name in ("MR_small_RLE.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm"):
+        assert _native_int16_pixels(pydicom.dcmread(get_testdata_file(name))) is None
+    ds.BitsStored = 12
+    assert _native_int16_pixels(ds) is None

@@ -161,6 +161,32 @@ def stored_to_hu(
     """Exact int16 HU of one decoded slice and the number of padding pixels replaced."""
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    mask = _padding_mask(ds, stored)
+    n_pad = int(np.count_nonzero(mask)) if mask is not None else 0
+    if (
+        slope.is_integer()
+        and intercept.is_integer()
+        and stored.size
+        and not (n_pad and padding_hu is not None)
+    ):
+        # integral rescale, nothing replaced: the HU range follows from the stored extremes,
+        # and once it is known to fit int16 the arithmetic can run in int32 without overflow
+        s, b = int(slope), int(intercept)
+        ends = (int(stored.min()) * s + b, int(stored.max()) * s + b)
+        lo, hi = min(ends), max(ends)
+        if lo < _INT16.min or hi > _INT16.max:
+            raise IntensityError(
+                source, f"HU range [{lo}, {hi}] after rescaling does not fit int16"
+            )
+        if s == 1 and _INT16.min <= b <= _INT16.max:
+            # int16 wraps modulo 2**16 and the true result fits: the wrapped sum is exact
+            hu = stored.astype(np.int16)
+            hu += np.int16(b)
+            return hu, n_pad
+        if abs(b) < 1 << 30 and abs(s) < 1 << 15:
+            hu32 = np.multiply(stored, s, dtype=np.int32)
+            hu32 += b
+            return hu32.astype(np.int16), n_pad
     if slope.is_integer() and intercept.is_integer():
         hu = stored.astype(np.int64) * int(slope) + int(intercept)
     else:
@@ -174,8 +200,6 @@ def stored_to_hu(
                 f"(off by up to {err:.3f}); int16 storage would lose information",
             )
         hu = hu_f.astype(np.int64)
-    mask = _padding_mask(ds, stored)
-    n_pad = int(mask.sum()) if mask is not None else 0
     if n_pad and padding_hu is not None:
         hu[mask] = padding_hu
     lo, hi = int(hu.min()), int(hu.max())
@@ -217,6 +241,30 @@ class _SliceStats:
     thickness: set[float] = field(default_factory=set)
 
 
+def _native_int16_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """The stored values of an uncompressed single-frame 16-bit slice, as a view of its bytes.
+
+    Only for the plain case — little-endian native transfer syntax, one sample, BitsStored =
+    BitsAllocated = 16 (no bits to mask or sign-extend), the whole frame present — where it
+    equals ``ds.pixel_array`` without its validation and copies (half a CT read's decode
+    time).  Anything else returns ``None`` and goes through pydicom.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None)
+    if ts is None or ts.is_compressed or not ts.is_little_endian or "PixelData" not in ds:
+        return None
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    if int(ds.get("BitsAllocated", 0) or 0) != 16 or int(ds.get("BitsStored", 0) or 0) != 16:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < 2 * rows * cols:
+        return None  # truncated: pydicom's error names it
+    dtype = "<i2" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "<u2"
+    return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+
+
 def _decode_file(blob: bytes | Exception, where: str) -> tuple[pydicom.Dataset, np.ndarray]:
     """One file's dataset and stored pixel values (frames first for multi-frame files)."""
     try:
@@ -226,7 +274,9 @@ def _decode_file(blob: bytes | Exception, where: str) -> tuple[pydicom.Dataset, 
     except Exception as exc:
         raise UnreadableFileError(where, f"cannot read DICOM file: {exc}") from exc
     try:
-        stored = ds.pixel_array
+        stored = _native_int16_pixels(ds)
+        if stored is None:
+            stored = ds.pixel_array
     except Exception as exc:
         raise UnreadableFileError(
             where, f"pixel data cannot be decoded (truncated or unsupported codec): {exc}"
