@@ -827,7 +827,7 @@ def render(res: dict) -> str:
     L.append("|---|---:|---:|")
     L.append(f"| raw int16 image | {sz['raw_image']:,} | |")
     L.append(
-        f"| store `image` (Blosc zstd 5 + shuffle, sharded) | {sz['image_store']:,} | "
+        f"| store `image` (store codec, sharded) | {sz['image_store']:,} | "
         f"{fmt(sz['image_ratio_vs_sitk'], 2)}× SimpleITK .nii.gz, "
         f"{fmt(sz['image_ratio_vs_dcm2niix'], 2)}× dcm2niix .nii.gz |"
     )
