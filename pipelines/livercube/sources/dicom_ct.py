@@ -173,11 +173,7 @@ def stored_to_hu(
         # and once it is known to fit int16 the arithmetic can run in int32 without overflow
         s, b = int(slope), int(intercept)
         ends = (int(stored.min()) * s + b, int(stored.max()) * s + b)
-        lo, hi = min(ends), max(ends)
-        if lo < _INT16.min or hi > _INT16.max:
-            raise IntensityError(
-                source, f"HU range [{lo}, {hi}] after rescaling does not fit int16"
-            )
+        _check_int16_range(min(ends), max(ends), source)
         if s == 1 and _INT16.min <= b <= _INT16.max:
             # int16 wraps modulo 2**16 and the true result fits: the wrapped sum is exact
             hu = stored.astype(np.int16)
@@ -202,10 +198,14 @@ def stored_to_hu(
         hu = hu_f.astype(np.int64)
     if n_pad and padding_hu is not None:
         hu[mask] = padding_hu
-    lo, hi = int(hu.min()), int(hu.max())
+    _check_int16_range(int(hu.min()), int(hu.max()), source)
+    return hu.astype(np.int16), n_pad
+
+
+def _check_int16_range(lo: int, hi: int, source: str) -> None:
+    """Refuse a slice whose exact HU range does not fit the store's int16."""
     if lo < _INT16.min or hi > _INT16.max:
         raise IntensityError(source, f"HU range [{lo}, {hi}] after rescaling does not fit int16")
-    return hu.astype(np.int16), n_pad
 
 
 def _signed(value: int, ds: pydicom.Dataset) -> int:

@@ -64,7 +64,7 @@ BLOSC_BLOCK_BYTES = 1 << 18
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 
 #: Label and segment bit fields: Blosc lz4 without shuffle.  They compress ~50× this way (label
-#: chunks add at most ~3 % to the image's bytes), and decode ~9× faster than zstd + bitshuffle —
+#: chunks add at most ~3 % to the image's bytes), and decode 6–9× faster than zstd + bitshuffle —
 #: which matters because a patch read decodes label chunks next to every image chunk.
 LABEL_COMPRESSOR = BloscCodec(
     cname="lz4", clevel=1, shuffle="noshuffle", blocksize=BLOSC_BLOCK_BYTES
