@@ -15,7 +15,7 @@ import pytest
 from dask_cluster import dask_cluster
 from dicom_factory import Study, canonical_test_array, write_ct_series
 
-from livercube.fanout import chunks, dask_map, local_map
+from livercube.fanout import balanced_size, chunks, dask_map, local_map, mapper_slots
 from livercube.sources.dicom_scan import _Interner, read_header_chunk, scan
 
 
@@ -108,8 +108,7 @@ def test_chunk_results_carry_no_pydicom_objects_and_are_small(collection):
     shipped = pickle.dumps(out)
     assert b"pydicom" not in shipped
     datasets = [
-        pydicom.dcmread(io.BytesIO(Path(p).read_bytes()), stop_before_pixels=True)
-        for p, _ in files
+        pydicom.dcmread(io.BytesIO(Path(p).read_bytes()), stop_before_pixels=True) for p, _ in files
     ]
     assert len(shipped) < len(pickle.dumps(datasets)) / 2
 
@@ -134,6 +133,43 @@ def test_chunks_keep_order_and_cover_everything():
     assert local_map(lambda x: x * 2, items) == [2 * x for x in items]
     with pytest.raises(ValueError, match="at least 1"):
         chunks(items, 0)
+
+
+def test_jobs_are_cut_so_every_worker_thread_gets_several():
+    size = lambda n, slots: balanced_size(n, slots, per_slot=4, smallest=32, largest=256)  # noqa: E731
+    assert size(404, 2) == 51  # 8 jobs for 2 threads, not 256 + 148
+    assert size(404, 1) == 101
+    assert size(85_000, 32) == 256  # capped: small results, cheap retries
+    assert size(40, 8) == 32  # floored: a task must outweigh its ~1 ms of overhead
+    assert size(0, 4) == 32 and balanced_size(5, 2, per_slot=4, smallest=1, largest=8) == 1
+
+
+class _TwoSlots:
+    """A mapper that runs here but says it has two threads, as a 2-worker cluster would."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def slots(self) -> int:
+        return 2
+
+    def __call__(self, fn, items):
+        self.sizes = [len(x) for x in items]
+        return [fn(x) for x in items]
+
+
+def test_scan_cuts_headers_to_the_mappers_threads(tmp_path, monkeypatch):
+    from livercube.sources import dicom_scan
+
+    write_ct_series(tmp_path / "s", canonical_test_array((24, 8, 8), seed=2), study=Study("P"))
+    monkeypatch.setattr(dicom_scan, "MIN_HEADER_CHUNK_FILES", 1)
+    plain = lambda fn, items: [fn(x) for x in items]  # noqa: E731
+    assert mapper_slots(plain) == 1 and mapper_slots(None) == 1
+    two = _TwoSlots()
+    assert mapper_slots(two) == 2
+    result = scan(str(tmp_path), mapper=two)
+    assert two.sizes == [3] * 8  # 24 files, 4 jobs per thread
+    assert _seen(result) == _seen(scan(str(tmp_path), mapper=plain))
 
 
 def test_plan_from_object_storage_equals_the_local_plan(collection, s3_bucket):
@@ -194,6 +230,8 @@ def test_plan_on_a_real_cluster_equals_the_local_plan(hcc_with_defects, tmp_path
     ran_on: set[str] = set()
     with dask_cluster(tmp_path / "logs") as c, Client(c.address, timeout=60) as client:
         mapper = dask_map(client, name="headers", retries=1)
+        client.wait_for_workers(2, timeout=60)
+        assert mapper_slots(mapper) == 2  # two single-threaded workers
 
         def spy(fn, items):  # which worker read each chunk (a closure: pickled by value)
             def tagged(x):
