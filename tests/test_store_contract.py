@@ -456,3 +456,48 @@ def test_consolidation_note_is_silenced_without_per_call_filters():
     assert res.returncode == 0, res.stderr
     assert "Consolidated metadata" not in res.stderr, res.stderr
     assert "control: other warnings still show" in res.stderr
+
+
+def test_catalog_columns_built_as_ready_variables_equal_xarrays_own_conversion():
+    """The catalog hands xarray finished Variables (skipping its dask check); the Dataset
+    must be exactly what xarray's own conversion of the same columns gives."""
+    import xarray as xr
+
+    from livercube.store.catalog import _variables
+
+    spec = {
+        "path": ("volume", np.array(["a/0", "b/0", ""], dtype=object)),
+        "when": ("volume", np.array(["2001-02-03", "NaT", "1999-12-31"], dtype="datetime64[ns]")),
+        "age": ("volume", np.array([61.0, np.nan, 7.5]), {"units": "years"}),
+        "n": ("volume", np.array([1, -1, 3], dtype=np.int64)),
+        "ok": ("volume", np.array([True, False, True])),
+        "spacing": (("volume", "axis"), np.arange(9.0).reshape(3, 3), {"units": "mm"}),
+    }
+    coords = {"axis": (("axis",), np.array(["z", "y", "x"], dtype=object))}
+    ours = xr.Dataset(_variables(spec), coords=_variables(coords))
+    theirs = xr.Dataset(spec, coords={"axis": coords["axis"][1]})
+    xr.testing.assert_identical(ours, theirs)
+    assert {k: v.dtype for k, v in ours.variables.items()} == {
+        k: v.dtype for k, v in theirs.variables.items()
+    }
+    with pytest.raises(TypeError, match="'n' must be a numpy array"):
+        _variables({"n": ("volume", [1, 2])})
+
+
+def test_writing_the_catalog_does_not_import_dask_array(plc_store, tmp_path):
+    """xarray imports dask.array (and scipy) the first time it checks a column for dask:
+    ~0.4 CPU s of every ``convert`` run.  Rebuilding a catalog must not pay it."""
+    import shutil
+
+    url, _ = plc_store
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(url, copy)
+    code = (
+        "import sys; from livercube.store.catalog import write_catalog; "
+        "ds = write_catalog(sys.argv[1]); assert ds.sizes['volume'] > 0; "
+        "print('dask.array' in sys.modules, 'scipy' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(copy)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
