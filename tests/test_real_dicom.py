@@ -128,7 +128,8 @@ def test_ct2_with_highdicom_seg_against_independent_readers(ct2_case, tmp_path, 
     )  # fmt: skip
     # (folder names carry descriptions, which the report cleans: compare patient and file)
     assert any(
-        s["input"].startswith("77654033/") and Path(s["input"]).name == stray_file.name
+        s["input"].startswith("77654033/")
+        and Path(s["input"]).name == stray_file.name
         and "single CT slice" in s["reason"]
         for s in report.skipped
     ), report.skipped
@@ -160,9 +161,9 @@ def test_ct2_with_highdicom_seg_against_independent_readers(ct2_case, tmp_path, 
         for src in contiguous:
             z = int(np.argmin(np.abs(ds.z.values - float(src.ImagePositionPatient[2]))))
             expected = np.zeros((16, 16), dtype=bool)
-            if src.SOPInstanceUID in {
-                u for _, _, u in hseg.get_source_image_uids()
-            } and _has_frame(hseg, src.SOPInstanceUID, number):
+            if src.SOPInstanceUID in {u for _, _, u in hseg.get_source_image_uids()} and _has_frame(
+                hseg, src.SOPInstanceUID, number
+            ):
                 arr = hseg.get_pixels_by_source_instance(
                     source_sop_instance_uids=[src.SOPInstanceUID],
                     segment_numbers=[number],
@@ -314,3 +315,33 @@ def test_jpeg2000_ct_slices_decode_like_simpleitk(tmp_path, name):
     ref = _sitk_lps(files)
     np.testing.assert_array_equal(image, sitk.GetArrayFromImage(ref))
     assert verify(dest, source=str(tmp_path / "src"), collection="crlm").exit_code == 0
+
+
+def test_allow_listed_attributes_read_by_stored_bytes_equal_pydicoms_values():
+    """Planning converts each distinct stored value once per chunk of headers; on every real
+    file pydicom ships (explicit and implicit VR, big endian, other character sets, US/SS
+    padding values) the result is pydicom's own value of each attribute, read afresh."""
+    from livercube.sources.dicom_scan import ALLOWED_ATTRIBUTES, allowed_attrs, plain_value
+
+    def reference(ds: pydicom.Dataset) -> dict:
+        out = {}
+        for key in ALLOWED_ATTRIBUTES:
+            v = ds.get(key)
+            if v is not None and v != "":
+                out[key] = plain_value(v)
+        return out
+
+    paths = sorted(p for p in TEST_FILES.rglob("*") if p.is_file() and p.suffix in ("", ".dcm"))
+    shared: dict = {}
+    seen = 0
+    for path in paths:
+        try:
+            fresh = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue  # not DICOM, or deliberately broken
+        want = reference(fresh)
+        for cache in ({}, shared, shared):  # cold, then warm twice
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert allowed_attrs(ds, cache) == want, path.name
+        seen += bool(want)
+    assert seen > 50 and len(shared) > 100  # the corpus really exercised the cache
