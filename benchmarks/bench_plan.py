@@ -11,8 +11,8 @@ headers carry ~100 elements (~3 KB, as a scanner writes them: acquisition, contr
 reconstruction and private vendor tags), 64 patients × 4 series × 40 slices.  Competitors run
 interleaved, ``--rounds`` times each, and the median is printed with the 1-minute load:
 
-* ``client threads``: ``scan()`` in this process (the ``--scheduler threads`` path; 4 threads
-  per chunk on local disk, 16 on object storage) — what every run did before;
+* ``client threads``: ``scan()`` in this process (the ``--scheduler threads`` path; one
+  thread per chunk on local disk, where parsing is CPU-bound, 16 on object storage);
 * ``dask 1 worker`` / ``dask 2 workers``: the same chunks as tasks on a process
   ``LocalCluster`` (one thread per worker), the client only lists and groups;
 * the machine's own 2-process control: one CPU-bound loop alone, then two at once.

@@ -143,6 +143,16 @@ def test_generated_segs_match_and_place(generated: Generated) -> None:
         assert list(got) == list(st.segment_labels)  # SegmentNumber order
         for label, expected in st.masks.items():
             np.testing.assert_array_equal(got[label], expected, err_msg=f"{st.path} {label}")
+        # as the volume task places it: with the frame table planning built
+        assert m.known_frames is not None
+        planned = place_seg(
+            url,
+            generated.targets[m.target_key],
+            collection=generated.collection,
+            known_frames=m.known_frames,
+        )
+        np.testing.assert_array_equal(planned.segments.bits, placed.segments.bits)
+        assert planned.notes == placed.notes
         for seg in placed.segments.segments:
             assert seg.unified == map_segment_label(generated.collection, seg.label)
             codes = seg.codes
@@ -162,6 +172,39 @@ def test_generated_segs_match_and_place(generated: Generated) -> None:
         assert attrs["SeriesNumber"] == st.series_number
         assert attrs["SegmentationType"] == "BINARY"
         assert attrs["Manufacturer"] == "QIICR"
+
+
+def test_a_seg_changed_after_planning_is_placed_from_its_own_frames(crlm, tmp_path) -> None:
+    """The plan's frame table stands in for the task's only while the SEG's stored bytes are
+    the ones it was built from: a frame moved since is placed where the file now says."""
+    from livercube.sources.seg_frames import KnownFrames, frame_table_key, frames_of
+
+    st = crlm.truth.segs[0]
+    url = crlm.seg_url[st.sop_instance_uid]
+    m = match_seg(url, crlm.patient_targets(st.patient_id))
+    target = crlm.targets[m.target_key]
+    before = place_seg(url, target, collection=crlm.collection)
+
+    ds = pydicom.dcmread(url)
+    assert frames_of(ds, url, KnownFrames(frame_table_key(ds), "planned")) == "planned"
+    ds = pydicom.dcmread(url)
+    pos = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+    pos.ImagePositionPatient = [*pos.ImagePositionPatient[:2], pos.ImagePositionPatient[2] + 1e3]
+    moved = tmp_path / "moved.dcm"
+    ds.save_as(moved)
+    assert frame_table_key(pydicom.dcmread(moved)) != m.known_frames.key
+    after = place_seg(str(moved), target, collection=crlm.collection, known_frames=m.known_frames)
+    fresh = place_seg(str(moved), target, collection=crlm.collection)
+    np.testing.assert_array_equal(after.segments.bits, fresh.segments.bits)
+    assert not np.array_equal(after.segments.bits, before.segments.bits)  # frame 0 left the grid
+
+    # sequences of undefined length are parsed as the file is read: no digest, no shortcut
+    ds = pydicom.dcmread(url)
+    ds["PerFrameFunctionalGroupsSequence"].is_undefined_length = True
+    undefined = tmp_path / "undefined.dcm"
+    ds.save_as(undefined)
+    assert frame_table_key(pydicom.dcmread(undefined)) is None
+    assert match_seg(str(undefined), crlm.patient_targets(st.patient_id)).known_frames is None
 
 
 def test_hcc_quirks(hcc: Generated) -> None:

@@ -43,6 +43,8 @@ class DicomVolumeTask:
     seg: SegInstance | None = None
     seg_target: Any = None  # dicom_seg.SegTarget
     seg_notes: list[str] = field(default_factory=list)
+    #: the SEG's frame table as planning built it (used only if the file is unchanged)
+    seg_frames: Any = None  # seg_frames.KnownFrames
     clinical: dict[str, Any] = field(default_factory=dict)
     age: float | None = None
     sex: str | None = None
@@ -290,6 +292,7 @@ def plan(
         task.seg = seg
         task.seg_target = next(t for t in targets if t.key == match.target_key)
         task.seg_notes = [*match.notes, f"matched: {match.reason}"]
+        task.seg_frames = match.known_frames
     columns = dict(table.columns) if table else {}
     return Plan(
         sorted(tasks.values(), key=lambda t: t.key),
@@ -300,9 +303,7 @@ def plan(
     )
 
 
-def _descriptors(
-    acqs: list[Acquisition], segs: list[SegInstance], keep: bool
-) -> Descriptors:
+def _descriptors(acqs: list[Acquisition], segs: list[SegInstance], keep: bool) -> Descriptors:
     """The run's descriptor policy, knowing every raw descriptor the headers carry."""
     texts: list[Any] = []
     for a in acqs:
@@ -362,6 +363,7 @@ def read_volume(
                 task.seg_target,
                 collection=task.collection,
                 storage_options=storage_options,
+                known_frames=task.seg_frames,
             )
             if placed.segments.bits.shape != ct.image.shape:
                 raise SourceError(task.seg.path, "SEG target grid differs from the CT read")
@@ -382,7 +384,7 @@ def read_volume(
                     {
                         "input": rel(task.seg.path),
                         "reason": "segment voxels outside the CT volume they annotate were "
-                        f"dropped: {({k: v for k, v in lost.items() if v})}",
+                        f"dropped: { ({k: v for k, v in lost.items() if v}) }",
                     }
                 )
             if placed.unknown_labels:

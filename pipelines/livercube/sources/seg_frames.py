@@ -3,13 +3,20 @@
 The reading half of the SEG reader (matching is :mod:`~livercube.sources.seg_match`, placement
 :mod:`~livercube.sources.seg_place`).  :func:`frame_table` collects every frame's plane position,
 orientation, pixel spacing, segment number and referenced instances from the per-frame and
-shared functional groups; :class:`Decoder` yields one frame at a time (highdicom, with
-pydicom's per-frame decoder as a fallback); :func:`frame_mask` says which pixels of a decoded
-frame belong to a segment for BINARY, FRACTIONAL and LABELMAP segmentations.
+shared functional groups; :class:`Decoder` yields one frame at a time (numpy for native pixel
+data, pydicom's per-frame decoder for compressed); :func:`frame_mask` says which pixels of a
+decoded frame belong to a segment for BINARY, FRACTIONAL and LABELMAP segmentations.
+
+The frame table is needed twice: to match a SEG to its CT while planning, and to place its
+frames in the volume task.  Parsing the per-frame functional groups is most of a SEG's
+decode cost, so the plan hands its table to the task as :class:`KnownFrames`, keyed by a
+digest of the stored bytes it was computed from (:func:`frame_table_key`); the task uses it
+only when its own copy of the file has the same bytes there, else it builds the table again.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import fsspec
@@ -46,6 +53,52 @@ class Frames:
     def normal(self) -> np.ndarray:
         n = np.cross(self.row_cos, self.col_cos)
         return n / np.linalg.norm(n, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class KnownFrames:
+    """A frame table computed earlier, and :func:`frame_table_key` of the header it came from."""
+
+    key: str
+    frames: Frames
+
+
+#: Everything :func:`frame_table` reads from a SEG's header: the functional-group sequences
+#: (digested as stored) and a few plain values (digested as decoded).
+_FRAME_TABLE_SEQUENCES = tuple(
+    int(pydicom.datadict.tag_for_keyword(k))
+    for k in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
+)
+_FRAME_TABLE_VALUES = ("NumberOfFrames", "Rows", "Columns", "DimensionOrganizationType")
+
+
+def frame_table_key(ds: Dataset) -> str | None:
+    """Digest of everything :func:`frame_table` would read, or ``None`` when a
+    functional-group sequence has been parsed already (undefined-length sequences are parsed
+    as the file is read): then only the table itself could tell, and there is no shortcut.
+
+    Call it before anything reads the sequences: reading one replaces its stored bytes.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for tag in _FRAME_TABLE_SEQUENCES:
+        elem = ds.get_item(tag)
+        if elem is None:
+            h.update(b"absent;")
+            continue
+        if not isinstance(elem, pydicom.dataelem.RawDataElement):
+            return None
+        value = elem.value or b""
+        h.update(f"{elem.is_little_endian}|{elem.is_implicit_VR}|{len(value)};".encode())
+        h.update(value)
+    h.update(repr([ds.get(k) for k in _FRAME_TABLE_VALUES]).encode())
+    return h.hexdigest()
+
+
+def frames_of(ds: Dataset, source: str, known: KnownFrames | None = None) -> Frames:
+    """The frame table of ``ds``: ``known``'s when computed from the same stored bytes."""
+    if known is not None and frame_table_key(ds) == known.key:
+        return known.frames
+    return frame_table(ds, source)
 
 
 def frame_table(ds: Dataset, source: str) -> Frames:
@@ -117,7 +170,6 @@ def _frame_table_unchecked(ds: Dataset, source: str) -> Frames:
     return Frames(rows, cols, pos, rc, cc, ps, th, seg, refs)
 
 
-
 def plane_spacing(frames: Frames) -> tuple[float | None, str | None]:
     """Spacing of the SEG's planes along their normal (gaps of omitted frames allowed)."""
     normal = frames.normal
@@ -134,7 +186,6 @@ def plane_spacing(frames: Frames) -> tuple[float | None, str | None]:
     except GeometryError:
         d = float(np.min(np.diff(distinct)))
         return d, f"SEG planes are not regularly spaced; slab thickness {d:.4g} mm (smallest step)"
-
 
 
 def open_seg(url: str, storage_options: dict | None):
@@ -165,7 +216,6 @@ def segmentation_type(ds: Dataset, url: str) -> SegmentationType:
         raise SourceError(
             url, f"unsupported SegmentationType {ds.get('SegmentationType')!r}"
         ) from None
-
 
 
 class Decoder:

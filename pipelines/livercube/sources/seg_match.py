@@ -17,7 +17,14 @@ from pydicom.dataset import Dataset
 from livercube.sources.dicom_ct import acquisition_layout
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES
 from livercube.sources.dicom_scan import Acquisition
-from livercube.sources.seg_frames import Frames, frame_table, plane_spacing, read_seg_header
+from livercube.sources.seg_frames import (
+    Frames,
+    KnownFrames,
+    frame_table,
+    frame_table_key,
+    plane_spacing,
+    read_seg_header,
+)
 from livercube.volumes.geometry import Grid
 
 #: A frame lies on a grid when its origin, its last row and its last column are within this
@@ -29,6 +36,7 @@ GRID_TOL_VOXEL = 0.05
 SPACING_REL_TOL = DEFAULT_TOLERANCES.spacing_rel
 
 _AI_PATTERN = re.compile(r"\b(ai|aimi)\b|artificial intelligence", re.IGNORECASE)
+
 
 @dataclass(frozen=True)
 class SegTarget:
@@ -51,6 +59,8 @@ class SegMatch:
     referenced: dict[str, int]
     reason: str
     notes: list[str] = field(default_factory=list)
+    #: the SEG's frame table, for the task that places it (``None``: it must build its own)
+    known_frames: KnownFrames | None = None
 
 
 def seg_kind(series_description: str) -> str:
@@ -77,7 +87,6 @@ def target_from_acquisition(
         sop_uids_by_z=lay.sop_uids_by_z(),
         frame_of_reference_uid=frame_of_reference_uid or acq.frame_of_reference_uid or None,
     )
-
 
 
 @dataclass
@@ -140,12 +149,10 @@ def map_frames(frames: Frames, grid: Grid) -> OnGrid:
     return OnGrid(origin, step_row, step_col, lattice, plane_axis, plane_index, inside, touches)
 
 
-
 def grid_spacing_along(grid: Grid, normal: np.ndarray) -> float:
     """Spacing of the grid along the (axis-aligned) direction closest to ``normal`` (x, y, z)."""
     axis_xyz = int(np.argmax(np.abs(normal)))
     return float(grid.spacing[2 - axis_xyz])
-
 
 
 def referenced_series(ds: Dataset) -> set[str]:
@@ -159,8 +166,12 @@ def referenced_series(ds: Dataset) -> set[str]:
 def match_seg(url: str, targets: list[SegTarget], storage_options: dict | None = None) -> SegMatch:
     """Pick the target volume of the SEG at ``url`` from its header only (see module doc)."""
     ds = read_seg_header(url, storage_options)
+    key = frame_table_key(ds)  # before frame_table parses the sequences it digests
     frames = frame_table(ds, url)
-    return _match(ds, frames, targets)
+    match = _match(ds, frames, targets)
+    if key is not None:
+        match.known_frames = KnownFrames(key, frames)
+    return match
 
 
 def _match(ds: Dataset, frames: Frames, targets: list[SegTarget]) -> SegMatch:

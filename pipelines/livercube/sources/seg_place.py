@@ -24,9 +24,10 @@ from livercube.sources.dicom_sop import SegmentationType
 from livercube.sources.seg_frames import (
     Decoder,
     Frames,
+    KnownFrames,
     check_sop_class,
     frame_mask,
-    frame_table,
+    frames_of,
     is_background,
     open_seg,
     plane_spacing,
@@ -58,7 +59,6 @@ class PlacedSeg:
     #: per segment label: foreground pixels in the SEG's frames, voxels stored, and foreground
     #: pixels that fell outside the target (lost; the converter reports them)
     voxel_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-
 
 
 def _code(item: Dataset) -> dict[str, Any]:
@@ -137,7 +137,6 @@ def _seg_attrs(ds: Dataset, seg_type: str) -> dict[str, Any]:
     return attrs
 
 
-
 def _slab_thickness(frames: Frames, grid: Grid, notes: list[str]) -> float:
     """How thick a slab each off-grid frame paints: the SEG's own plane spacing.
 
@@ -159,7 +158,6 @@ def _slab_thickness(frames: Frames, grid: Grid, notes: list[str]) -> float:
     if plane_dz is not None:
         return plane_dz
     return grid_spacing_along(grid, frames.normal[0] if frames.n else np.eye(3)[2])
-
 
 
 def _axis_span(origin: int, sign: int, n: int, size: int) -> tuple[int, int, slice]:
@@ -257,15 +255,19 @@ def _resample_frame(
     return int(sel.sum())
 
 
-
 def place_seg(
     url: str,
     target: SegTarget,
     *,
     collection: str,
     storage_options: dict | None = None,
+    known_frames: KnownFrames | None = None,
 ) -> PlacedSeg:
-    """Paste every segment of the SEG at ``url`` onto ``target.grid`` (see module doc)."""
+    """Paste every segment of the SEG at ``url`` onto ``target.grid`` (see module doc).
+
+    ``known_frames``: the frame table planning built from this SEG's header; used only if
+    the file read here has the same bytes there (:func:`frames_of`).
+    """
     if collection not in label_schema()["collections"]:
         raise UsageError(f"unknown collection {collection!r} for segment label mapping")
     notes: list[str] = []
@@ -284,7 +286,7 @@ def place_seg(
                 f"FRACTIONAL ({ds.get('SegmentationFractionalType', '')}) thresholded at 0.5 "
                 f"(stored value >= {max_fractional}/2)"
             )
-        frames = frame_table(ds, url)
+        frames = frames_of(ds, url, known_frames)
         grid = target.grid
         g = map_frames(frames, grid)
         # frames on the target lattice are pasted where they are, whatever the spacing of the
