@@ -175,9 +175,9 @@ def test_generated_segs_match_and_place(generated: Generated) -> None:
 
 
 def test_a_seg_changed_after_planning_is_placed_from_its_own_frames(crlm, tmp_path) -> None:
-    """The plan's frame table stands in for the task's only while the SEG's stored bytes are
+    """The plan's frame table stands in for the task's only while the SEG's header bytes are
     the ones it was built from: a frame moved since is placed where the file now says."""
-    from livercube.sources.seg_frames import KnownFrames, frame_table_key, frames_of
+    from livercube.sources.seg_frames import Decoder, KnownFrames, frames_of
 
     st = crlm.truth.segs[0]
     url = crlm.seg_url[st.sop_instance_uid]
@@ -185,26 +185,34 @@ def test_a_seg_changed_after_planning_is_placed_from_its_own_frames(crlm, tmp_pa
     target = crlm.targets[m.target_key]
     before = place_seg(url, target, collection=crlm.collection)
 
-    ds = pydicom.dcmread(url)
-    assert frames_of(ds, url, KnownFrames(frame_table_key(ds), "planned")) == "planned"
+    with open(url, "rb") as f:
+        dec = Decoder(f, url, [])
+    assert dec.header_key == m.known_frames.key  # the task sees what planning saw
+    assert frames_of(dec.ds, url, KnownFrames(dec.header_key, "planned"), dec.header_key) == (
+        "planned"
+    )
+
     ds = pydicom.dcmread(url)
     pos = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
     pos.ImagePositionPatient = [*pos.ImagePositionPatient[:2], pos.ImagePositionPatient[2] + 1e3]
     moved = tmp_path / "moved.dcm"
     ds.save_as(moved)
-    assert frame_table_key(pydicom.dcmread(moved)) != m.known_frames.key
     after = place_seg(str(moved), target, collection=crlm.collection, known_frames=m.known_frames)
     fresh = place_seg(str(moved), target, collection=crlm.collection)
     np.testing.assert_array_equal(after.segments.bits, fresh.segments.bits)
     assert not np.array_equal(after.segments.bits, before.segments.bits)  # frame 0 left the grid
 
-    # sequences of undefined length are parsed as the file is read: no digest, no shortcut
+    # sequences of undefined length (as DCMTK writes them) are keyed by the header bytes too
     ds = pydicom.dcmread(url)
     ds["PerFrameFunctionalGroupsSequence"].is_undefined_length = True
     undefined = tmp_path / "undefined.dcm"
     ds.save_as(undefined)
-    assert frame_table_key(pydicom.dcmread(undefined)) is None
-    assert match_seg(str(undefined), crlm.patient_targets(st.patient_id)).known_frames is None
+    mu = match_seg(str(undefined), crlm.patient_targets(st.patient_id))
+    assert mu.known_frames.key != m.known_frames.key
+    planned = place_seg(
+        str(undefined), target, collection=crlm.collection, known_frames=mu.known_frames
+    )
+    np.testing.assert_array_equal(planned.segments.bits, before.segments.bits)
 
 
 def test_hcc_quirks(hcc: Generated) -> None:
@@ -463,6 +471,10 @@ def test_dcmqi_written_seg(dcmqi_case, mode: str) -> None:
         np.testing.assert_array_equal(got[label], lab == n, err_msg=label)
     gall = placed.segments.segments[2]
     assert gall.unified == 0 and gall.codes["SegmentDescription"] == "Gallbladder"
+    # planning's frame table carries over to the task
+    assert m.known_frames is not None
+    planned = place_seg(str(out), target, collection="hcc-tace-seg", known_frames=m.known_frames)
+    np.testing.assert_array_equal(planned.segments.bits, placed.segments.bits)
 
 
 # --------------------------------------------------------------------------- off-grid SEG

@@ -10,14 +10,16 @@ decoded frame belong to a segment for BINARY, FRACTIONAL and LABELMAP segmentati
 The frame table is needed twice: to match a SEG to its CT while planning, and to place its
 frames in the volume task.  Parsing the per-frame functional groups is most of a SEG's
 decode cost, so the plan hands its table to the task as :class:`KnownFrames`, keyed by a
-digest of the stored bytes it was computed from (:func:`frame_table_key`); the task uses it
-only when its own copy of the file has the same bytes there, else it builds the table again.
+digest of the header bytes it was computed from (everything before the pixel data,
+:func:`header_digest`); the task uses it only when its own copy of the file has the same
+header bytes, else it builds the table again.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -57,46 +59,48 @@ class Frames:
 
 @dataclass(frozen=True)
 class KnownFrames:
-    """A frame table computed earlier, and :func:`frame_table_key` of the header it came from."""
+    """A frame table computed earlier, and the :func:`header_digest` of the header it came from."""
 
     key: str
     frames: Frames
 
 
-#: Everything :func:`frame_table` reads from a SEG's header: the functional-group sequences
-#: (digested as stored) and a few plain values (digested as decoded).
-_FRAME_TABLE_SEQUENCES = tuple(
-    int(pydicom.datadict.tag_for_keyword(k))
-    for k in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
-)
-_FRAME_TABLE_VALUES = ("NumberOfFrames", "Rows", "Columns", "DimensionOrganizationType")
+#: Bytes of the PixelData element's tag, VR and length before its value (PS3.5 7.1.2: OB/OW
+#: carry two reserved bytes in explicit VR), by ``is_implicit_VR``.
+_PIXEL_ELEMENT_HEADER = {True: 8, False: 12}
+_PIXEL_DATA = 0x7FE00010
 
 
-def frame_table_key(ds: Dataset) -> str | None:
-    """Digest of everything :func:`frame_table` would read, or ``None`` when a
-    functional-group sequence has been parsed already (undefined-length sequences are parsed
-    as the file is read): then only the table itself could tell, and there is no shortcut.
-
-    Call it before anything reads the sequences: reading one replaces its stored bytes.
-    """
+def header_digest(fileobj: Any, end: int) -> str:
+    """Digest of the first ``end`` bytes of a file: a SEG's header when ``end`` is where its
+    PixelData element starts.  The frame table is a function of those bytes alone."""
+    fileobj.seek(0)
     h = hashlib.blake2b(digest_size=16)
-    for tag in _FRAME_TABLE_SEQUENCES:
-        elem = ds.get_item(tag)
-        if elem is None:
-            h.update(b"absent;")
-            continue
-        if not isinstance(elem, pydicom.dataelem.RawDataElement):
-            return None
-        value = elem.value or b""
-        h.update(f"{elem.is_little_endian}|{elem.is_implicit_VR}|{len(value)};".encode())
-        h.update(value)
-    h.update(repr([ds.get(k) for k in _FRAME_TABLE_VALUES]).encode())
+    left = end
+    while left > 0:
+        block = fileobj.read(min(left, 1 << 20))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    h.update(f"|{end - left}".encode())
     return h.hexdigest()
 
 
-def frames_of(ds: Dataset, source: str, known: KnownFrames | None = None) -> Frames:
-    """The frame table of ``ds``: ``known``'s when computed from the same stored bytes."""
-    if known is not None and frame_table_key(ds) == known.key:
+def pixel_data_start(ds: Dataset) -> int | None:
+    """File offset of the PixelData element of a dataset just read (before it is decoded)."""
+    elem = ds.get_item(_PIXEL_DATA)
+    if not isinstance(elem, pydicom.dataelem.RawDataElement) or elem.value_tell is None:
+        return None
+    return int(elem.value_tell) - _PIXEL_ELEMENT_HEADER[bool(elem.is_implicit_VR)]
+
+
+def frames_of(
+    ds: Dataset, source: str, known: KnownFrames | None = None, key: str | None = None
+) -> Frames:
+    """The frame table of ``ds``: ``known``'s when it was built from a header whose digest is
+    ``key`` (this file's :func:`header_digest`), else built here."""
+    if known is not None and key is not None and key == known.key:
         return known.frames
     return frame_table(ds, source)
 
@@ -193,14 +197,16 @@ def open_seg(url: str, storage_options: dict | None):
     return fs.open(path, "rb")
 
 
-def read_seg_header(url: str, storage_options: dict | None) -> Dataset:
+def read_seg_header(url: str, storage_options: dict | None) -> tuple[Dataset, str]:
+    """A SEG's header (no pixel data) and its :func:`header_digest`."""
     try:
         with open_seg(url, storage_options) as f:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
+            key = header_digest(f, f.tell())  # pydicom stops at the PixelData tag
     except Exception as exc:
         raise UnreadableFileError(url, f"cannot read the DICOM-SEG header: {exc}") from exc
     check_sop_class(ds, url)
-    return ds
+    return ds, key
 
 
 def check_sop_class(ds: Dataset, url: str) -> None:
@@ -235,6 +241,9 @@ class Decoder:
             self.ds: Dataset = pydicom.dcmread(fileobj)
         except Exception as exc:
             raise UnreadableFileError(url, f"cannot read the DICOM-SEG: {exc}") from exc
+        start = pixel_data_start(self.ds)
+        #: :func:`header_digest` of this file (``None``: no pixel data to end the header)
+        self.header_key: str | None = None if start is None else header_digest(fileobj, start)
         ts = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
         self._frames: np.ndarray | None = None
         if ts is not None and not ts.is_compressed and "PixelData" in self.ds:

@@ -21,7 +21,6 @@ from livercube.sources.seg_frames import (
     Frames,
     KnownFrames,
     frame_table,
-    frame_table_key,
     plane_spacing,
     read_seg_header,
 )
@@ -165,12 +164,10 @@ def referenced_series(ds: Dataset) -> set[str]:
 
 def match_seg(url: str, targets: list[SegTarget], storage_options: dict | None = None) -> SegMatch:
     """Pick the target volume of the SEG at ``url`` from its header only (see module doc)."""
-    ds = read_seg_header(url, storage_options)
-    key = frame_table_key(ds)  # before frame_table parses the sequences it digests
+    ds, key = read_seg_header(url, storage_options)
     frames = frame_table(ds, url)
     match = _match(ds, frames, targets)
-    if key is not None:
-        match.known_frames = KnownFrames(key, frames)
+    match.known_frames = KnownFrames(key, frames)
     return match
 
 

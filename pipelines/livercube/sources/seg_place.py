@@ -266,7 +266,7 @@ def place_seg(
     """Paste every segment of the SEG at ``url`` onto ``target.grid`` (see module doc).
 
     ``known_frames``: the frame table planning built from this SEG's header; used only if
-    the file read here has the same bytes there (:func:`frames_of`).
+    the file read here has the same header bytes (:func:`frames_of`).
     """
     if collection not in label_schema()["collections"]:
         raise UsageError(f"unknown collection {collection!r} for segment label mapping")
@@ -286,7 +286,7 @@ def place_seg(
                 f"FRACTIONAL ({ds.get('SegmentationFractionalType', '')}) thresholded at 0.5 "
                 f"(stored value >= {max_fractional}/2)"
             )
-        frames = frames_of(ds, url, known_frames)
+        frames = frames_of(ds, url, known_frames, decoder.header_key)
         grid = target.grid
         g = map_frames(frames, grid)
         # frames on the target lattice are pasted where they are, whatever the spacing of the
