@@ -80,7 +80,30 @@ class _DaskMapper:
         return max(1, sum(self.client.nthreads().values()))
 
     def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return _run_on_cluster(self.client, self.name, self.retries, self.progress, fn, items)
+        """One task per item; results (or the exceptions that stopped them) in item order."""
+        from distributed import as_completed
+        from tqdm import tqdm
+
+        if not items:
+            return []
+        token = uuid.uuid4().hex[:8]
+        futures = self.client.map(
+            fn,
+            list(items),
+            key=[f"livercube-{self.name}-{token}-{i}" for i in range(len(items))],
+            retries=self.retries,
+            pure=False,
+        )
+        index = {f.key: i for i, f in enumerate(futures)}
+        out: list[Any] = [None] * len(futures)
+        bar = tqdm(total=len(futures), desc=self.name, unit="task", disable=not self.progress)
+        for fut in as_completed(futures):
+            i = index[fut.key]
+            out[i] = fut.result() if fut.status == "finished" else fut.exception()
+            fut.release()
+            bar.update(1)
+        bar.close()
+        return out
 
 
 def dask_map(client: Any, *, name: str, retries: int, progress: bool = False) -> ParallelMapper:
@@ -91,37 +114,3 @@ def dask_map(client: Any, *, name: str, retries: int, progress: bool = False) ->
     It knows its cluster's threads (:func:`mapper_slots`), so callers can cut work to fit.
     """
     return _DaskMapper(client, name, retries, progress)
-
-
-def _run_on_cluster(
-    client: Any,
-    name: str,
-    retries: int,
-    progress: bool,
-    fn: Callable[[Any], Any],
-    items: Sequence[Any],
-) -> list[Any]:
-    """One task per item on ``client``'s cluster; results (or exceptions) in item order."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    if not items:
-        return []
-    token = uuid.uuid4().hex[:8]
-    futures = client.map(
-        fn,
-        list(items),
-        key=[f"livercube-{name}-{token}-{i}" for i in range(len(items))],
-        retries=retries,
-        pure=False,
-    )
-    index = {f.key: i for i, f in enumerate(futures)}
-    out: list[Any] = [None] * len(futures)
-    bar = tqdm(total=len(futures), desc=name, unit="task", disable=not progress)
-    for fut in as_completed(futures):
-        i = index[fut.key]
-        out[i] = fut.result() if fut.status == "finished" else fut.exception()
-        fut.release()
-        bar.update(1)
-    bar.close()
-    return out

@@ -241,13 +241,21 @@ class Decoder:
             self.ds: Dataset = pydicom.dcmread(fileobj)
         except Exception as exc:
             raise UnreadableFileError(url, f"cannot read the DICOM-SEG: {exc}") from exc
-        start = pixel_data_start(self.ds)
-        #: :func:`header_digest` of this file (``None``: no pixel data to end the header)
-        self.header_key: str | None = None if start is None else header_digest(fileobj, start)
+        self._fileobj = fileobj
+        self._header_end = pixel_data_start(self.ds)  # before the pixel data is decoded
         ts = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
         self._frames: np.ndarray | None = None
         if ts is not None and not ts.is_compressed and "PixelData" in self.ds:
             self._frames = self._unpack(ts.is_little_endian)
+
+    def header_key(self) -> str | None:
+        """:func:`header_digest` of this file (``None``: no pixel data ends its header).
+
+        Computed only when asked (a frame table from planning is at hand), while the file
+        is still open."""
+        if self._header_end is None:
+            return None
+        return header_digest(self._fileobj, self._header_end)
 
     def _unpack(self, little_endian: bool) -> np.ndarray:
         ds = self.ds

@@ -286,7 +286,8 @@ def place_seg(
                 f"FRACTIONAL ({ds.get('SegmentationFractionalType', '')}) thresholded at 0.5 "
                 f"(stored value >= {max_fractional}/2)"
             )
-        frames = frames_of(ds, url, known_frames, decoder.header_key)
+        key = None if known_frames is None else decoder.header_key()
+        frames = frames_of(ds, url, known_frames, key)
         grid = target.grid
         g = map_frames(frames, grid)
         # frames on the target lattice are pasted where they are, whatever the spacing of the
