@@ -9,14 +9,29 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from dask_cluster import dask_cluster
 from dicom_factory import Study, canonical_test_array, write_ct_series
 
-from livercube.fanout import balanced_size, chunks, dask_map, local_map, mapper_slots
-from livercube.sources.dicom_scan import _Interner, read_header_chunk, scan
+from livercube.fanout import (
+    balanced_size,
+    chunks,
+    dask_map,
+    local_map,
+    mapper_slots,
+    results_in_order,
+)
+from livercube.sources.dicom_scan import (
+    Grouping,
+    HeaderChunk,
+    ScanResult,
+    _Interner,
+    read_header_chunk,
+    scan,
+)
 
 
 def _collection(root: Path) -> Path:
@@ -96,6 +111,93 @@ def test_a_chunk_that_could_not_be_read_loses_each_of_its_files(collection):
     assert all("RuntimeError: worker lost" in n.reason for n in lost)
     used = {s.path for a in result.acquisitions for s in a.slices}
     assert used and not used & set(files[4:8])
+
+
+class _Streaming:
+    """A streaming mapper that logs when it computes each chunk, run here."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def __call__(self, fn, items):
+        return list(self.imap(fn, items))
+
+    def imap(self, fn, items):
+        for i, x in enumerate(items):
+            self.log.append(f"read {i}")
+            yield fn(x)
+
+
+def test_each_chunk_is_grouped_before_the_next_is_waited_for(collection, monkeypatch):
+    """The client's share of planning overlaps the workers' reads: a streamed chunk is
+    folded in as soon as it is back, not after the last one."""
+    log: list[str] = []
+    added = Grouping.add
+
+    def logged_add(self, part, got):
+        log.append(f"group {len(log) // 2}")
+        return added(self, part, got)
+
+    monkeypatch.setattr(Grouping, "add", logged_add)
+    streamed = scan(str(collection), chunk_files=4, mapper=_Streaming(log))
+    n = len(chunks(range(streamed.n_files), 4))
+    assert n > 2
+    assert log == [f"{what} {i}" for i in range(n) for what in ("read", "group")]
+    monkeypatch.setattr(Grouping, "add", added)
+    assert _seen(streamed) == _seen(scan(str(collection)))
+
+
+def test_results_in_order_streams_only_what_can_stream():
+    calls: list[int] = []
+
+    def job(x):
+        calls.append(x)
+        return x * 10
+
+    lazy = results_in_order(None, job, [1, 2, 3])
+    assert calls == [] and next(lazy) == 10 and calls == [1]  # runs when asked
+    assert list(lazy) == [20, 30]
+    plain = lambda fn, items: [fn(x) for x in items]  # noqa: E731
+    assert list(results_in_order(plain, job, [4])) == [40]
+    log: list[str] = []
+    assert list(results_in_order(_Streaming(log), job, [5, 6])) == [50, 60]
+    assert log == ["read 0", "read 1"]
+
+
+def test_groups_built_as_chunks_arrive_equal_groups_built_from_all_slices(tmp_path):
+    """A clean collection takes the incremental path; regrouping everything at the end (the
+    path taken when an instance repeats) must give the very same plan."""
+    a = canonical_test_array((9, 8, 8), seed=4)
+    study = Study("P")
+    write_ct_series(tmp_path / "s1", a, study=study, series_number=1)
+    write_ct_series(tmp_path / "s2", a[:, :, ::-1], study=study, series_number=2)
+    write_ct_series(tmp_path / "s3", a, study=Study("Q"), series_number=1, skip={4})
+    files = sorted((str(p), p.stat().st_size) for p in tmp_path.rglob("*.dcm"))
+    parts = chunks(files, 5)
+    outcomes = [read_header_chunk(p, source=str(tmp_path), storage_options=None) for p in parts]
+
+    def plan(regroup: bool) -> ScanResult:
+        grouping = Grouping(ScanResult(source=str(tmp_path), n_files=len(files)))
+        grouping._regroup = regroup
+        for part, got in zip(parts, outcomes, strict=True):
+            grouping.add(part, got)
+        assert grouping._regroup is regroup  # nothing repeats: the fast path stayed
+        return grouping.finish()
+
+    incremental = plan(False)
+    assert len(incremental.acquisitions) == 3
+    assert _seen(incremental) == _seen(plan(True))
+
+
+def test_a_repeated_instance_in_a_later_chunk_is_still_resolved(collection):
+    """The truncated copy of a slice sits in a later chunk than the complete one (and a
+    truncated slice with no copy in another): the plan keeps the complete copy and loses the
+    truncated-only slice, whatever chunk each lands in."""
+    for size in (1, 2, 5):
+        result = scan(str(collection), chunk_files=size)
+        assert _seen(result) == _seen(scan(str(collection), chunk_files=10_000))
+    assert isinstance(read_header_chunk([], source=str(collection), storage_options=None),
+                      HeaderChunk)  # fmt: skip
 
 
 def test_chunk_results_carry_no_pydicom_objects_and_are_small(collection):
@@ -246,6 +348,22 @@ def test_plan_on_a_real_cluster_equals_the_local_plan(hcc_with_defects, tmp_path
 
         remote = plan_collection(str(hcc_with_defects), "hcc-tace-seg", mapper=spy)
         assert ran_on == set(client.scheduler_info()["workers"])
+
+        def first_is_slowest(i):  # later items finish first; item 3 raises
+            time.sleep(0.8 if i == 0 else 0.01)
+            if i == 3:
+                raise ValueError("chunk 3 is damaged")
+            return i
+
+        got = list(mapper.imap(first_is_slowest, range(6)))
+        assert [g if isinstance(g, int) else type(g).__name__ for g in got] == [
+            0, 1, 2, "ValueError", 4, 5,
+        ]  # fmt: skip
+        for _ in range(200):  # releases reach the client's event loop asynchronously
+            if not client.futures:
+                break
+            time.sleep(0.05)
+        assert not client.futures  # every result fetched and released
     assert len(ran_on) == 2
     assert _plan_signature(remote) == _plan_signature(local)
 

@@ -7,13 +7,18 @@ and never knows where ``fn`` ran: :func:`local_map` runs it here, :func:`dask_ma
 workers of a Dask client.  An item whose job could not be run (it raised after its retries,
 its workers kept dying) comes back as the exception instead of a result, so the caller can
 name every input it lost instead of failing the whole plan.
+
+A mapper that can also hand its results over one by one, in item order, as they come in
+(:class:`StreamingMapper`, as :func:`dask_map`'s does) lets the caller fold each result in
+while the workers are still busy with the next: :func:`results_in_order` uses that when it is
+there, so what the client does per result overlaps the workers' work instead of following it.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
@@ -30,6 +35,31 @@ class ParallelMapper(Protocol):
     def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]: ...
 
     def slots(self) -> int: ...
+
+
+@runtime_checkable
+class StreamingMapper(Protocol):
+    """A :data:`Mapper` that can also yield its results one by one, in item order."""
+
+    def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]: ...
+
+    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]: ...
+
+
+def results_in_order(
+    mapper: Mapper | None, fn: Callable[[Any], Any], items: Sequence[Any]
+) -> Iterator[Any]:
+    """``mapper(fn, items)`` one result at a time, in item order.
+
+    A :class:`StreamingMapper` hands each result over as soon as it and every earlier one
+    are in; any other mapper runs to the end first.  Without a mapper each job runs here when
+    its result is asked for.
+    """
+    if mapper is None:
+        return (fn(item) for item in items)
+    if isinstance(mapper, StreamingMapper):
+        return mapper.imap(fn, items)
+    return iter(mapper(fn, items))
 
 
 def mapper_slots(mapper: Mapper | None) -> int:
@@ -69,7 +99,7 @@ def local_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R | BaseExceptio
     return [fn(item) for item in items]
 
 
-class _DaskMapper:
+class DaskMapper:
     """A :data:`ParallelMapper` running each job as one task on ``client``'s cluster."""
 
     def __init__(self, client: Any, name: str, retries: int, progress: bool) -> None:
@@ -81,11 +111,20 @@ class _DaskMapper:
 
     def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """One task per item; results (or the exceptions that stopped them) in item order."""
+        return list(self.imap(fn, items))
+
+    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+        """One task per item; each result (or the exception that stopped it) is yielded, in
+        item order, as soon as it and all before it have come back.
+
+        Tasks are submitted in item order and mostly finish so; one that finishes early waits
+        here (already fetched and released on the cluster) until its turn.
+        """
         from distributed import as_completed
         from tqdm import tqdm
 
         if not items:
-            return []
+            return
         token = uuid.uuid4().hex[:8]
         futures = self.client.map(
             fn,
@@ -95,22 +134,31 @@ class _DaskMapper:
             pure=False,
         )
         index = {f.key: i for i, f in enumerate(futures)}
-        out: list[Any] = [None] * len(futures)
+        waiting: dict[int, Any] = {}
+        following = 0
         bar = tqdm(total=len(futures), desc=self.name, unit="task", disable=not self.progress)
-        for fut in as_completed(futures):
-            i = index[fut.key]
-            out[i] = fut.result() if fut.status == "finished" else fut.exception()
-            fut.release()
-            bar.update(1)
-        bar.close()
-        return out
+        try:
+            for fut in as_completed(futures):
+                waiting[index[fut.key]] = (
+                    fut.result() if fut.status == "finished" else fut.exception()
+                )
+                fut.release()
+                bar.update(1)
+                while following in waiting:
+                    yield waiting.pop(following)
+                    following += 1
+        finally:
+            bar.close()
+            for fut in futures[following:]:  # the caller stopped early: free the cluster
+                fut.release()
 
 
-def dask_map(client: Any, *, name: str, retries: int, progress: bool = False) -> ParallelMapper:
+def dask_map(client: Any, *, name: str, retries: int, progress: bool = False) -> DaskMapper:
     """A :data:`Mapper` running each job as one task on ``client``'s cluster.
 
     Results are collected as tasks finish and released at once, so the scheduler never holds
     more than the jobs still running; ``retries`` absorbs lost workers and transient errors.
-    It knows its cluster's threads (:func:`mapper_slots`), so callers can cut work to fit.
+    It knows its cluster's threads (:func:`mapper_slots`), so callers can cut work to fit, and
+    it streams (:class:`StreamingMapper`), so they can fold results in as they arrive.
     """
-    return _DaskMapper(client, name, retries, progress)
+    return DaskMapper(client, name, retries, progress)

@@ -63,7 +63,7 @@ import pydicom
 from fsspec.implementations.local import LocalFileSystem
 
 from livercube.errors import GeometryError, SlantedStackError
-from livercube.fanout import Mapper, balanced_size, chunks, local_map, mapper_slots
+from livercube.fanout import Mapper, balanced_size, chunks, mapper_slots, results_in_order
 from livercube.sources import dicom_sop
 from livercube.sources.dicom_frames import frame_view, n_frames
 from livercube.sources.dicom_geometry import (
@@ -560,9 +560,10 @@ def scan(
     Listing and grouping happen here; the headers are read in chunks of ``chunk_files``
     (default: about :data:`HEADER_TASKS_PER_SLOT` chunks per thread of the mapper, between
     :data:`MIN_HEADER_CHUNK_FILES` and :data:`HEADER_CHUNK_FILES` files) by
-    :func:`read_header_chunk` through ``mapper`` (:func:`livercube.fanout.local_map` by
-    default, :func:`livercube.fanout.dask_map` to read them on a cluster's workers).  The
-    result does not depend on the mapper or the chunk size.
+    :func:`read_header_chunk` through ``mapper`` (here, one chunk after another, by default;
+    :func:`livercube.fanout.dask_map` reads them on a cluster's workers and hands each chunk
+    back as it comes, so grouping it (:class:`Grouping`) overlaps the reading of the rest).
+    The result does not depend on the mapper or the chunk size.
     """
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
@@ -589,8 +590,10 @@ def scan(
         header_bytes=header_bytes,
         max_workers=max_workers,
     )
-    outcomes = (mapper or local_map)(job, parts)
-    return group_outcomes(result, parts, outcomes, tol)
+    grouping = Grouping(result, tol)
+    for part, got in zip(parts, results_in_order(mapper, job, parts), strict=True):
+        grouping.add(part, got)
+    return grouping.finish()
 
 
 def group_outcomes(
@@ -599,36 +602,77 @@ def group_outcomes(
     outcomes: Sequence[HeaderChunk | BaseException],
     tol: Tolerances = DEFAULT_TOLERANCES,
 ) -> ScanResult:
-    """Fill ``result`` from the chunks' outcomes (client side, no I/O): the same notes in
-    the same order as a file-by-file scan.  A chunk whose task failed loses each of its files,
-    named with the error, so nothing read by a dead worker vanishes from the report."""
-    with _gc_paused():
-        images: list[_Image] = []
-        for part, got in zip(parts, outcomes, strict=True):
-            if isinstance(got, BaseException):
-                reason = (
-                    f"header not read: the task reading it failed ({type(got).__name__}: {got})"
-                )
-                result.left_out.extend(ScanNote(path, reason) for path, _size in part)
-                continue
-            result.left_out.extend(got.lost)
-            result.notes.extend(got.notes)
-            result.segs.extend(got.segs)
-            images.extend(got.images())
+    """Fill ``result`` from all the chunks' outcomes at once (see :class:`Grouping`)."""
+    grouping = Grouping(result, tol)
+    for part, got in zip(parts, outcomes, strict=True):
+        grouping.add(part, got)
+    return grouping.finish()
 
-        images = _drop_duplicate_instances(images, result)
-        _build_acquisitions(images, result, result.source, tol)
-    result.acquisitions.sort(
-        key=lambda a: (
-            a.patient_id,
-            a.study_date,
-            a.study_uid,
-            a.series_number or 0,
-            a.series_uid,
-            a.index_in_series,
+
+class Grouping:
+    """Turns the chunks' outcomes into acquisitions on the client (no I/O), chunk by chunk.
+
+    The scan hands each chunk over in file order as soon as its task is back, so most of the
+    client's work per file (unpacking the slices, noting each SOP instance, sorting slices
+    into geometry groups) happens while the workers still read the next chunks; only
+    splitting the groups into volumes waits for the last chunk (:meth:`finish`), since a
+    series may straddle any number of chunks.  The notes come out the same, in the same
+    order, as from a file-by-file scan.  A chunk whose task failed loses each of its files,
+    named with the error, so nothing read by a dead worker vanishes from the report.
+    """
+
+    def __init__(self, result: ScanResult, tol: Tolerances = DEFAULT_TOLERANCES) -> None:
+        self.result, self.tol = result, tol
+        self._images: list[_Image] = []
+        self._instances: dict[tuple[str, int | None], _Image] = {}
+        #: set once an instance repeats or a copy is truncated: :meth:`finish` then picks
+        #: the copies to keep and sorts them into groups again, from all the slices
+        self._regroup = False
+        self._groups = _GeometryGroups(tol)
+
+    def add(self, part: Sequence[tuple[str, int]], got: HeaderChunk | BaseException) -> None:
+        """Fold in the outcome of the chunk of ``part``'s files (chunks in file order)."""
+        result = self.result
+        if isinstance(got, BaseException):
+            reason = f"header not read: the task reading it failed ({type(got).__name__}: {got})"
+            result.left_out.extend(ScanNote(path, reason) for path, _size in part)
+            return
+        result.left_out.extend(got.lost)
+        result.notes.extend(got.notes)
+        result.segs.extend(got.segs)
+        with _gc_paused():
+            images = got.images()
+            self._images.extend(images)
+            seen = self._instances
+            for im in images:
+                key = (im.sop, im.frame)
+                if key in seen or im.complete is False:
+                    self._regroup = True
+                seen.setdefault(key, im)
+                if not self._regroup:
+                    self._groups.add(im)
+
+    def finish(self) -> ScanResult:
+        """The scan's result, once every chunk has been added."""
+        result = self.result
+        with _gc_paused():
+            groups = self._groups
+            if self._regroup:
+                groups = _GeometryGroups(self.tol)
+                for im in _drop_duplicate_instances(self._images, result):
+                    groups.add(im)
+            _build_acquisitions(groups, result, result.source, self.tol)
+        result.acquisitions.sort(
+            key=lambda a: (
+                a.patient_id,
+                a.study_date,
+                a.study_uid,
+                a.series_number or 0,
+                a.series_uid,
+                a.index_in_series,
+            )
         )
-    )
-    return result
+        return result
 
 
 @contextmanager
@@ -874,8 +918,10 @@ def partition_series(
     """
     if normal is None:
         normal = slice_normal(group[0].orientation)
-    for im in group:
-        im.offset = float(np.dot(normal, im.position))
+    # one product for the group, as slice_grid computes them (not one np.dot per slice)
+    offsets = (np.array([im.position for im in group], dtype=np.float64) @ normal).tolist()
+    for im, offset in zip(group, offsets, strict=True):
+        im.offset = offset
     out: list[tuple[list[_Image], list[str]]] = []
     if has_duplicates([im.offset for im in group], tol):
         pieces, why = _split_duplicates(group, tol)
@@ -902,14 +948,17 @@ def _same_spacing(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return all(abs(x - y) <= 1e-4 + 1e-4 * abs(y) for x, y in zip(a, b, strict=True))
 
 
-def _build_acquisitions(
-    images: list[_Image], result: ScanResult, source: str, tol: Tolerances
-) -> None:
-    # (study, series) -> list of geometry groups
-    series: dict[tuple[str, str], list[list[_Image]]] = defaultdict(list)
-    for im in images:
-        key = im.series.key
-        for g in series[key]:
+class _GeometryGroups:
+    """Slices sorted by (study, series), then into groups of one orientation, matrix and
+    pixel spacing (each group's first slice stands for it), in the order they come."""
+
+    def __init__(self, tol: Tolerances) -> None:
+        self.tol = tol
+        self.series: dict[tuple[str, str], list[list[_Image]]] = defaultdict(list)
+
+    def add(self, im: _Image) -> None:
+        groups = self.series[im.series.key]
+        for g in groups:
             ref = g[0]
             if (
                 ref.rows == im.rows
@@ -918,15 +967,19 @@ def _build_acquisitions(
                 # tolerant comparisons only decide for the few slices that differ
                 and (
                     ref.orientation == im.orientation
-                    or same_orientation(ref.orientation, im.orientation, tol)
+                    or same_orientation(ref.orientation, im.orientation, self.tol)
                 )
                 and (ref.spacing == im.spacing or _same_spacing(ref.spacing, im.spacing))
             ):
                 g.append(im)
-                break
-        else:
-            series[key].append([im])
+                return
+        groups.append([im])
 
+
+def _build_acquisitions(
+    grouped: _GeometryGroups, result: ScanResult, source: str, tol: Tolerances
+) -> None:
+    series = grouped.series
     # each group's slice normal, computed once (np.cross costs more than a group's loop)
     normals = {id(g): slice_normal(g[0].orientation) for gs in series.values() for g in gs}
     # study's main slice normal: that of its largest geometry group
