@@ -10,8 +10,8 @@ request and byte counters giving GETs and bytes per patch:
 
 * livercube ``ShardReader`` over ``http://`` (fsspec's HTTP, the default there; also through
   its own keep-alive client, ``transport="client"``), with its default coalescing rule
-  (``overfetch`` 0.25) and with ``overfetch`` 0 (exact ranges) and unlimited (one GET per
-  shard object, the old behaviour);
+  (``overfetch`` 0: exact ranges, adjacent chunks merged) and with ``overfetch`` 0.25 (the
+  default before 2026-12-03) and unlimited (one GET per shard object, the oldest rule);
 * TensorStore's ``zarr3`` driver with its ``http`` kvstore (cache pool 0);
 * ``PatchSampler`` over the same URL (catalog + lazily read volume metadata), whose start-up
   requests are counted too.
@@ -19,6 +19,13 @@ request and byte counters giving GETs and bytes per patch:
 The server's own ceiling — a trivial loop of concurrent 64 KiB ranged GETs, nothing decoded —
 is printed beside it.  Shard indexes are warm for every engine (each reads every index once
 before timing).  Ratios are what to read: the machine is shared.  Not a test.
+
+With many patches in flight over three volumes, concurrent patches overlap and both engines
+share those chunk fetches, so bytes and GETs per patch there measure the sharing as much as
+the reader.  A second table therefore reads patches **one at a time**, where every byte a
+patch costs is its own, beside the minimum it can cost: the compressed size of the non-empty
+chunks it touches, from the shard indexes.  The server's CPU per patch is printed too: on a
+2-core machine client and server share the cores, which caps patches/s for every engine.
 """
 
 from __future__ import annotations
@@ -161,15 +168,66 @@ def tensorstore_engine(base: str, metas: dict):
     return read
 
 
-def run_engine(base: str, read, patches, inflight: int) -> dict[str, float]:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def minimum_bytes(url: str, patches) -> tuple[float, float]:
+    """(bytes, objects) per patch that reading image and label can at least cost: the stored
+    size of every non-empty chunk the patch touches, from the shard indexes on disk."""
+    import itertools
+
+    total = objects = 0
+    for path, start in patches:
+        for key in ("image", "label"):
+            meta = json.loads(Path(url, path, key, "zarr.json").read_text())
+            shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            sharding = meta["codecs"][0]["configuration"]
+            inner = sharding["chunk_shape"]
+            per = [a // b for a, b in zip(shard, inner, strict=True)]
+            n = int(np.prod(per))
+            index_bytes = n * 16 + 4  # (offset, nbytes) uint64 per chunk, then crc32c
+            spans = [
+                range(s // c, (min(s + q, d) - 1) // c + 1)
+                for s, q, c, d in zip(start, PATCH, inner, meta["shape"], strict=True)
+            ]
+            seen: dict[tuple[int, ...], np.ndarray | None] = {}
+            for idx in itertools.product(*spans):
+                where = tuple(i // k for i, k in zip(idx, per, strict=True))
+                if where not in seen:
+                    f = Path(url, path, key, "c", *map(str, where))
+                    if f.exists():
+                        with f.open("rb") as fh:
+                            fh.seek(-index_bytes, 2)
+                            raw = fh.read(n * 16)
+                        seen[where] = np.frombuffer(raw, "<u8").reshape([*per, 2])
+                    else:
+                        seen[where] = None
+                index = seen[where]
+                if index is None:
+                    continue
+                offset, nbytes = index[tuple(i % k for i, k in zip(idx, per, strict=True))]
+                if offset != 2**64 - 1:
+                    total += int(nbytes)
+            objects += sum(v is not None for v in seen.values())
+    return total / len(patches), objects / len(patches)
+
+
+def run_engine(
+    base: str, read, patches, inflight: int, server_pid: int | None = None
+) -> dict[str, float]:
     with ThreadPoolExecutor(inflight) as pool:
         # warm: the same patches once untimed, so every shard index they need is cached (as
         # after the first patches of a run; TensorStore reads indexes through its own cache)
         list(pool.map(lambda ps: read(*ps), patches))
         server_stats(base, reset=True)
+        served = process_cpu_s(server_pid) if server_pid else 0.0
         t, cpu = time.perf_counter(), time.process_time()
         list(pool.map(lambda ps: read(*ps), patches))
         dt, cpu = time.perf_counter() - t, time.process_time() - cpu
+        served = (process_cpu_s(server_pid) - served) if server_pid else float("nan")
     st = server_stats(base)
     n = len(patches)
     return {
@@ -177,6 +235,7 @@ def run_engine(base: str, read, patches, inflight: int) -> dict[str, float]:
         "gets": st["requests"] / n,
         "mb": st["bytes"] / n / 1e6,
         "cpu_ms": 1000 * cpu / n,  # client process CPU (fetch + decode), server excluded
+        "server_ms": 1000 * served / n,
     }
 
 
@@ -187,6 +246,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=192)
     ap.add_argument("--latency-ms", type=float, default=50.0)
     ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--single", type=int, default=48, help="patches read one at a time")
     ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -213,11 +273,11 @@ def main() -> None:
     try:
         patches = random_patches(url, paths, args.n, seed=3)
         engines = {
-            "livercube ShardReader (default, overfetch 0.25)": livercube_engine(base, metas, None),
+            "livercube ShardReader (default: exact ranges)": livercube_engine(base, metas, None),
             "livercube ShardReader, own client (transport='client')": livercube_engine(
                 base, metas, None, "client"
             ),
-            "livercube ShardReader, overfetch 0 (exact)": livercube_engine(base, metas, 0.0),
+            "livercube ShardReader, overfetch 0.25": livercube_engine(base, metas, 0.25),
             "livercube ShardReader, overfetch unlimited": livercube_engine(
                 base, metas, float("inf")
             ),
@@ -242,10 +302,23 @@ def main() -> None:
             for name in rng.permutation([*order, "sampler"]):
                 if name == "sampler":
                     positions = [(r * 10_000 + i,) for i in range(args.n)]
-                    res = run_engine(base, sampler_read, positions, args.inflight)
+                    res = run_engine(base, sampler_read, positions, args.inflight, proc.pid)
                 else:
-                    res = run_engine(base, engines[name], patches, args.inflight)
+                    res = run_engine(base, engines[name], patches, args.inflight, proc.pid)
                 results[name].append(res)
+        # one patch at a time: no overlap to share, every byte is the patch's own
+        alone = patches[: args.single]
+        single_names = [
+            "livercube ShardReader (default: exact ranges)",
+            "livercube ShardReader, overfetch 0.25",
+            "TensorStore zarr3 + http kvstore",
+        ]
+        single = {
+            name: run_engine(base, engines[name], alone, 1, proc.pid)
+            for name in single_names
+            if name in engines
+        }
+        least_bytes, least_objects = minimum_bytes(url, alone)
         shard = next(Path(url, paths[0], "image", "c").rglob("*"))
         while shard.is_dir():
             shard = next(shard.iterdir())
@@ -260,7 +333,8 @@ def main() -> None:
         f"{args.n} patches x {rounds} rounds, 1-min load {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"{'engine':52s} patches/s  GETs/patch  MB/patch  MB / TensorStore's  client CPU ms/patch"
+        f"{'engine':52s} patches/s  GETs/patch  MB/patch  MB / TensorStore's  "
+        "client CPU ms/patch  server CPU ms/patch"
     )
     ts_mb = min(r["mb"] for r in results[ts_name]) if ts_name in results else float("nan")
     for name in [*order, "sampler"]:
@@ -268,9 +342,20 @@ def main() -> None:
         label = "livercube PatchSampler(prefetch) over http://" if name == "sampler" else name
         print(
             f"  {label:50s} {best['patches_s']:8.1f}  {best['gets']:10.2f}  {best['mb']:8.2f}  "
-            f"{best['mb'] / ts_mb:8.2f}x  {best['cpu_ms']:10.1f}"
+            f"{best['mb'] / ts_mb:8.2f}x  {best['cpu_ms']:10.1f}  {best['server_ms']:10.1f}"
         )
     print(f"server ceiling: {gets_s:.0f} GETs/s with {args.inflight} in flight, nothing decoded")
+    print(
+        f"\none patch at a time, {len(alone)} patches: at least {least_bytes / 1e6:.2f} MB "
+        f"and {least_objects:.2f} objects (one GET each) per patch (non-empty chunks touched)"
+    )
+    print(f"{'engine':52s} patches/s  GETs/patch  MB/patch  MB / minimum  MB / TensorStore's")
+    ts_alone = single.get(ts_name, {}).get("mb", float("nan"))
+    for name, res in single.items():
+        print(
+            f"  {name:50s} {res['patches_s']:8.1f}  {res['gets']:10.2f}  {res['mb']:8.2f}  "
+            f"{res['mb'] * 1e6 / least_bytes:10.3f}x  {res['mb'] / ts_alone:10.3f}x"
+        )
     print(
         f"PatchSampler start-up over HTTP: {startup_gets} requests, {startup_s:.2f} s "
         f"({len(paths)} volumes in the catalog)"
