@@ -214,6 +214,49 @@ def test_a_seg_changed_after_planning_is_placed_from_its_own_frames(crlm, tmp_pa
     np.testing.assert_array_equal(planned.segments.bits, before.segments.bits)
 
 
+def _bit_frames_file(frames: np.ndarray, *, drop_bytes: int = 0):
+    """A minimal file with 1-bit ``frames`` packed back to back as PS3.5 8.1.1 says."""
+    import io
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    ds.SOPClassUID = SegmentationStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.5"
+    n, ds.Rows, ds.Columns = frames.shape
+    ds.NumberOfFrames, ds.BitsAllocated, ds.BitsStored, ds.HighBit = n, 1, 1, 0
+    packed = np.packbits(frames.ravel(), bitorder="little").tobytes()
+    ds.PixelData = packed[: len(packed) - drop_bytes] if drop_bytes else packed
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3), (3, 8, 8), (5, 7, 9), (1, 1, 1)])
+def test_one_bit_frames_unpack_wherever_they_start_in_a_byte(shape) -> None:
+    """Frames of 15 or 63 pixels start inside a byte; each must come out as written."""
+    from livercube.sources.seg_frames import Decoder
+
+    frames = np.random.default_rng(sum(shape)).integers(0, 2, shape, dtype=np.uint8)
+    dec = Decoder(_bit_frames_file(frames), "mem.dcm", [])
+    for f in range(shape[0]):
+        assert np.array_equal(dec.frame(f), frames[f]), f"frame {f + 1}"
+
+
+def test_one_bit_pixel_data_short_of_its_frames_is_refused() -> None:
+    from livercube.errors import UnreadableFileError
+    from livercube.sources.seg_frames import Decoder
+
+    frames = np.ones((4, 8, 8), dtype=np.uint8)
+    with pytest.raises(UnreadableFileError, match="holds 240 of the 256 pixels"):
+        Decoder(_bit_frames_file(frames, drop_bytes=2), "mem.dcm", [])
+
+
 def test_hcc_quirks(hcc: Generated) -> None:
     segs = {(s.patient_id, s.kind): s for s in hcc.truth.segs}
     # multi-acquisition SEG without ReferencedSeriesSequence

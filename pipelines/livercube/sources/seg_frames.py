@@ -245,8 +245,9 @@ class Decoder:
         self._header_end = pixel_data_start(self.ds)  # before the pixel data is decoded
         ts = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
         self._frames: np.ndarray | None = None
+        self._packed: np.ndarray | None = None  # 1-bit frames, unpacked one at a time
         if ts is not None and not ts.is_compressed and "PixelData" in self.ds:
-            self._frames = self._unpack(ts.is_little_endian)
+            self._unpack(ts.is_little_endian)
 
     def header_key(self) -> str | None:
         """:func:`header_digest` of this file (``None``: no pixel data ends its header).
@@ -257,27 +258,51 @@ class Decoder:
             return None
         return header_digest(self._fileobj, self._header_end)
 
-    def _unpack(self, little_endian: bool) -> np.ndarray:
+    def _unpack(self, little_endian: bool) -> None:
+        """Check the native pixel data holds every frame and make frames readable.
+
+        8- and 16-bit frames are a view of the pixel data.  1-bit frames stay packed and are
+        unpacked when asked for (:meth:`frame`): unpacking all of them at once builds a
+        8-bit copy of every frame, empty ones included (47 MB for 179 frames of 512², whose
+        fresh pages cost more than the unpacking).
+        """
         ds = self.ds
         n, rows, cols = n_frames(ds), int(ds.Rows), int(ds.Columns)
         bits = int(ds.get("BitsAllocated", 1) or 1)
         need = n * rows * cols
         raw = np.frombuffer(ds.PixelData, dtype=np.uint8)
         if bits == 1:
-            flat = np.unpackbits(raw, count=min(need, raw.size * 8), bitorder="little")
+            have = raw.size * 8
         elif bits in (8, 16):
             flat = raw.view(np.dtype(f"{'<' if little_endian else '>'}u{bits // 8}"))
+            have = flat.size
         else:
             raise UnreadableFileError(self.url, f"unsupported BitsAllocated {bits} in a SEG")
-        if flat.size < need:
+        if have < need:
             raise UnreadableFileError(
                 self.url,
-                f"pixel data holds {flat.size} of the {need} pixels of {n} frames "
-                "(truncated file?)",
+                f"pixel data holds {have} of the {need} pixels of {n} frames (truncated file?)",
             )
-        return flat[:need].reshape(n, rows, cols)
+        self._shape = (rows, cols)
+        if bits == 1:
+            self._packed = raw
+        else:
+            self._frames = flat[:need].reshape(n, rows, cols)
+
+    def _bit_frame(self, f: int) -> np.ndarray:
+        """Frame ``f`` of 1-bit pixel data, unpacked (it may start inside a byte)."""
+        assert self._packed is not None
+        rows, cols = self._shape
+        size = rows * cols
+        first = f * size  # bit offset of the frame; frames are packed back to back
+        lo, skip = divmod(first, 8)
+        hi = (first + size + 7) // 8
+        bits = np.unpackbits(self._packed[lo:hi], bitorder="little")
+        return bits[skip : skip + size].reshape(rows, cols)
 
     def frame(self, f: int) -> np.ndarray:
+        if self._packed is not None:
+            return self._bit_frame(f)
         if self._frames is not None:
             return self._frames[f]
         try:

@@ -107,7 +107,8 @@ class SegmentField:
         bit = len(self.segments)
         m = np.asarray(mask, dtype=bool)
         np.bitwise_or(self.bits, self.dtype.type(1 << bit), out=self.bits, where=m)
-        info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(m.sum()))
+        # count_nonzero: a tenth of bool.sum()'s time on a volume-sized mask
+        info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(np.count_nonzero(m)))
         self.segments.append(info)
         return info
 
