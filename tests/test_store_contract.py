@@ -293,6 +293,21 @@ def test_class_locations_are_capped_and_deterministic():
     assert len(np.unique(a[a[:, 0] == 1], axis=0)) == 500  # no duplicates
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 4), (1, 3, 3), (16, 5, 5), (17, 5, 5), (40, 9, 7)])
+def test_foreground_indices_equal_numpys_across_slab_edges(shape):
+    """The slabbed foreground search finds exactly ``np.flatnonzero``'s voxels, in order,
+    with classes up to 255 and foreground on the first and last voxel."""
+    from livercube.volumes.volume import _flat_foreground
+
+    rng = np.random.default_rng(sum(shape))
+    label = (rng.random(shape) < 0.2).astype(np.uint8) * rng.integers(1, 256, shape, np.uint8)
+    if label.size:
+        label.flat[0] = label.flat[-1] = 255
+    got = _flat_foreground(label)
+    np.testing.assert_array_equal(got, np.flatnonzero(label))
+    assert got.dtype == np.intp
+
+
 def test_interrupted_upload_leaves_an_invisible_group(plc_store, tmp_path):
     """Arrays uploaded but no group document (the writer was killed): not a volume."""
     import shutil
