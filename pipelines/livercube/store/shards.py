@@ -173,11 +173,24 @@ def iter_shards(
 ) -> Iterator[tuple[tuple[int, ...], bytes | None]]:
     """(shard coords, object or None) for every shard of ``data``, in C order (z-slabs first).
 
-    ``data`` may be a strided view (browse levels): only one chunk at a time is copied.
+    ``data`` may be a strided view (browse levels): it is copied one slab of shards at a
+    time, never whole.  Copying chunks straight out of a view gathers every other voxel,
+    which cost more than encoding a label level; one contiguous copy of the slab first
+    makes each chunk's copy a plain one.
     """
     scratch = ChunkScratch()
-    for coords in np.ndindex(*layout.grid):
-        yield coords, encode_shard(data, layout, coords, blosc, fill, pool, scratch)
+    if data.flags.c_contiguous or data.ndim == 0:
+        for coords in np.ndindex(*layout.grid):
+            yield coords, encode_shard(data, layout, coords, blosc, fill, pool, scratch)
+        return
+    depth = layout.shard[0]
+    for z in range(layout.grid[0]):
+        slab = np.ascontiguousarray(data[z * depth : (z + 1) * depth])
+        local = ShardLayout(slab.shape, layout.chunks, layout.shard)
+        for rest in np.ndindex(*layout.grid[1:]):
+            coords = (z, *rest)
+            yield coords, encode_shard(slab, local, (0, *rest), blosc, fill, pool, scratch)
+        del slab
 
 
 def shard_key(coords: tuple[int, ...]) -> str:
