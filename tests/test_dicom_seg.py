@@ -246,6 +246,8 @@ def test_one_bit_frames_unpack_wherever_they_start_in_a_byte(shape) -> None:
     dec = Decoder(_bit_frames_file(frames), "mem.dcm", [])
     for f in range(shape[0]):
         assert np.array_equal(dec.frame(f), frames[f]), f"frame {f + 1}"
+    with pytest.raises(IndexError):
+        dec.frame(shape[0])  # padding bits after the last frame are no frame
 
 
 def test_one_bit_pixel_data_short_of_its_frames_is_refused() -> None:

@@ -624,7 +624,7 @@ class Grouping:
     def __init__(self, result: ScanResult, tol: Tolerances = DEFAULT_TOLERANCES) -> None:
         self.result, self.tol = result, tol
         self._images: list[_Image] = []
-        self._instances: dict[tuple[str, int | None], _Image] = {}
+        self._instances: set[tuple[str, int | None]] = set()
         #: set once an instance repeats or a copy is truncated: :meth:`finish` then picks
         #: the copies to keep and sorts them into groups again, from all the slices
         self._regroup = False
@@ -648,7 +648,7 @@ class Grouping:
                 key = (im.sop, im.frame)
                 if key in seen or im.complete is False:
                     self._regroup = True
-                seen.setdefault(key, im)
+                seen.add(key)
                 if not self._regroup:
                     self._groups.add(im)
 

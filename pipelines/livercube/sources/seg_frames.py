@@ -283,7 +283,7 @@ class Decoder:
                 self.url,
                 f"pixel data holds {have} of the {need} pixels of {n} frames (truncated file?)",
             )
-        self._shape = (rows, cols)
+        self._n, self._shape = n, (rows, cols)
         if bits == 1:
             self._packed = raw
         else:
@@ -292,6 +292,8 @@ class Decoder:
     def _bit_frame(self, f: int) -> np.ndarray:
         """Frame ``f`` of 1-bit pixel data, unpacked (it may start inside a byte)."""
         assert self._packed is not None
+        if not 0 <= f < self._n:
+            raise IndexError(f"frame index {f} outside the SEG's {self._n} frames")
         rows, cols = self._shape
         size = rows * cols
         first = f * size  # bit offset of the frame; frames are packed back to back
