@@ -174,43 +174,41 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def minimum_bytes(url: str, patches) -> tuple[float, float]:
+def minimum_bytes(url: str, metas: dict, patches) -> tuple[float, float]:
     """(bytes, objects) per patch that reading image and label can at least cost: the stored
-    size of every non-empty chunk the patch touches, from the shard indexes on disk."""
+    size of every non-empty chunk the patch touches, from the shard indexes on disk (parsed
+    and checked by the reader's own :class:`ShardIndex`)."""
     import itertools
+
+    from livercube.sampling import ArrayInfo
+    from livercube.sampling.shard_index import ShardIndex
 
     total = objects = 0
     for path, start in patches:
         for key in ("image", "label"):
-            meta = json.loads(Path(url, path, key, "zarr.json").read_text())
-            shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            sharding = meta["codecs"][0]["configuration"]
-            inner = sharding["chunk_shape"]
-            per = [a // b for a, b in zip(shard, inner, strict=True)]
-            n = int(np.prod(per))
-            index_bytes = n * 16 + 4  # (offset, nbytes) uint64 per chunk, then crc32c
+            info = ArrayInfo.from_metadata(f"{path}/{key}", metas[path][key])
             spans = [
                 range(s // c, (min(s + q, d) - 1) // c + 1)
-                for s, q, c, d in zip(start, PATCH, inner, meta["shape"], strict=True)
+                for s, q, c, d in zip(start, PATCH, info.inner_shape, info.shape, strict=True)
             ]
-            seen: dict[tuple[int, ...], np.ndarray | None] = {}
+            seen: dict[tuple[int, ...], ShardIndex | None] = {}
             for idx in itertools.product(*spans):
-                where = tuple(i // k for i, k in zip(idx, per, strict=True))
+                where = tuple(i // k for i, k in zip(idx, info.grid, strict=True))
                 if where not in seen:
-                    f = Path(url, path, key, "c", *map(str, where))
+                    f = Path(url, info.object_key(where))
+                    seen[where] = None
                     if f.exists():
                         with f.open("rb") as fh:
-                            fh.seek(-index_bytes, 2)
-                            raw = fh.read(n * 16)
-                        seen[where] = np.frombuffer(raw, "<u8").reshape([*per, 2])
-                    else:
-                        seen[where] = None
+                            fh.seek(-info.index_nbytes, 2)
+                            raw = fh.read()
+                        seen[where] = ShardIndex.parse(raw, info, url=url, key=str(f))
                 index = seen[where]
                 if index is None:
                     continue
-                offset, nbytes = index[tuple(i % k for i, k in zip(idx, per, strict=True))]
-                if offset != 2**64 - 1:
-                    total += int(nbytes)
+                local = tuple(i % k for i, k in zip(idx, info.grid, strict=True))
+                span = index.locate(int(np.ravel_multi_index(local, info.grid)))
+                if span is not None:
+                    total += span[1] - span[0]
             objects += sum(v is not None for v in seen.values())
     return total / len(patches), objects / len(patches)
 
@@ -318,7 +316,7 @@ def main() -> None:
             for name in single_names
             if name in engines
         }
-        least_bytes, least_objects = minimum_bytes(url, alone)
+        least_bytes, least_objects = minimum_bytes(url, metas, alone)
         shard = next(Path(url, paths[0], "image", "c").rglob("*"))
         while shard.is_dir():
             shard = next(shard.iterdir())

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -590,19 +590,18 @@ def scan(
         header_bytes=header_bytes,
         max_workers=max_workers,
     )
-    grouping = Grouping(result, tol)
-    for part, got in zip(parts, results_in_order(mapper, job, parts), strict=True):
-        grouping.add(part, got)
-    return grouping.finish()
+    return group_outcomes(result, parts, results_in_order(mapper, job, parts), tol)
 
 
 def group_outcomes(
     result: ScanResult,
     parts: Sequence[Sequence[tuple[str, int]]],
-    outcomes: Sequence[HeaderChunk | BaseException],
+    outcomes: Iterable[HeaderChunk | BaseException],
     tol: Tolerances = DEFAULT_TOLERANCES,
 ) -> ScanResult:
-    """Fill ``result`` from all the chunks' outcomes at once (see :class:`Grouping`)."""
+    """Fill ``result`` from the chunks' outcomes, one per part in order, each folded in as it
+    is taken from ``outcomes`` (a stream overlaps the grouping with the reads; see
+    :class:`Grouping`)."""
     grouping = Grouping(result, tol)
     for part, got in zip(parts, outcomes, strict=True):
         grouping.add(part, got)

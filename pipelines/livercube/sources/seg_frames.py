@@ -246,6 +246,7 @@ class Decoder:
         ts = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
         self._frames: np.ndarray | None = None
         self._packed: np.ndarray | None = None  # 1-bit frames, unpacked one at a time
+        self._n, self._shape = 0, (0, 0)  # frames, (rows, columns) of native pixel data
         if ts is not None and not ts.is_compressed and "PixelData" in self.ds:
             self._unpack(ts.is_little_endian)
 

@@ -179,7 +179,7 @@ def iter_shards(
     makes each chunk's copy a plain one.
     """
     scratch = ChunkScratch()
-    if data.flags.c_contiguous or data.ndim == 0:
+    if data.flags.c_contiguous:
         for coords in np.ndindex(*layout.grid):
             yield coords, encode_shard(data, layout, coords, blosc, fill, pool, scratch)
         return
