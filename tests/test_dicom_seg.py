@@ -644,6 +644,43 @@ def test_resampling_path_equals_copy_on_grid(crlm: Generated, monkeypatch) -> No
             np.testing.assert_array_equal(mask, st.masks[label], err_msg=label)
 
 
+def test_segments_are_added_through_the_box_their_frames_cover(crlm: Generated, monkeypatch):
+    """Placement hands each segment's bounding box to the bit field: every voxel of the mask
+    lies inside it, and a tumour's box is a few slices, not the volume."""
+    from livercube.volumes.volume import SegmentField
+
+    seen: list[tuple[str, tuple[slice, ...], int]] = []
+    real_add = SegmentField.add
+
+    def spy(self, mask, *, within=None, **kw):
+        assert within is not None, "placement must pass the segment's box"
+        outside = mask.copy()
+        outside[within] = False
+        assert not outside.any(), f"{kw['label']}: voxels outside its box {within}"
+        seen.append((kw["label"], within, mask.shape[0]))
+        return real_add(self, mask, within=within, **kw)
+
+    monkeypatch.setattr(SegmentField, "add", spy)
+    for st in crlm.truth.segs:
+        url = crlm.seg_url[st.sop_instance_uid]
+        placed = place_seg(url, crlm.targets[st.referenced_volumes[0]], collection="crlm")
+        for label, mask in masks_by_label(placed).items():
+            np.testing.assert_array_equal(mask, st.masks[label], err_msg=label)
+    tumours = [(w, n) for label, w, n in seen if label.startswith("Tumor")]
+    assert tumours and all(w[0].stop - w[0].start < n for w, n in tumours), tumours
+
+
+def test_extent_is_the_union_of_pasted_boxes() -> None:
+    from livercube.sources.seg_place import Extent
+
+    e = Extent()
+    assert e.box() is None
+    e.include(None)
+    e.include((slice(3, 4), slice(2, 9), slice(0, 5)))
+    e.include((slice(1, 2), slice(4, 6), slice(3, 8)))
+    assert e.box() == (slice(1, 4), slice(2, 9), slice(0, 8))
+
+
 def test_placement_does_not_depend_on_highdicom(crlm: Generated, monkeypatch) -> None:
     """The hot path unpacks frames with numpy; highdicom stays an independent reference."""
 

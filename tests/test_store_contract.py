@@ -162,6 +162,26 @@ def test_segments_recover_overlaps_and_instances():
     assert unified_labels()[2] == "tumor"
 
 
+def test_segment_added_within_its_box_equals_adding_the_whole_mask():
+    """A segment OR-ed in through its bounding box sets exactly the bits (and counts exactly
+    the voxels) the whole-volume pass does, and leaves other segments' bits alone."""
+    rng = np.random.default_rng(3)
+    shape = (9, 7, 5)
+    liver = rng.random(shape) < 0.5
+    tumour = np.zeros(shape, bool)
+    box = (slice(2, 5), slice(1, 6), slice(0, 3))
+    tumour[box] = rng.random((3, 5, 3)) < 0.4
+    whole, boxed = SegmentField(shape, 3), SegmentField(shape, 3)
+    for f, within in ((whole, None), (boxed, box)):
+        f.add(liver, label="Liver", number=1, unified=1)
+        f.add(tumour, label="Tumor", number=2, unified=2, within=within)
+        f.add(np.zeros(shape, bool), label="Empty", number=3, unified=3, within=(slice(0, 0),) * 3)
+    np.testing.assert_array_equal(boxed.bits, whole.bits)
+    assert [s.voxels for s in boxed.segments] == [s.voxels for s in whole.segments]
+    assert boxed.segments[1].voxels == int(tumour.sum()) > 0 and boxed.segments[2].voxels == 0
+    np.testing.assert_array_equal(boxed.mask(0), liver)
+
+
 def test_segment_bits_grow_to_64_then_refuse():
     from livercube.errors import SegmentLimitError
     from livercube.volumes.volume import bits_dtype

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -173,24 +173,63 @@ def _axis_span(origin: int, sign: int, n: int, size: int) -> tuple[int, int, sli
     return a0, a1, slice(origin - a1 + 1, origin - a0 + 1)
 
 
-def _copy_frame(mask: np.ndarray, g: OnGrid, f: int, values: np.ndarray) -> tuple[int, int]:
-    """Copy an on-lattice frame into its grid plane.
+#: The box of a segment no frame wrote into: adding it reads nothing.
+_EMPTY_BOX = (slice(0, 0),) * 3
 
-    Returns (pixels falling outside the grid, foreground pixels among them).
+
+class Pasted(NamedTuple):
+    """What pasting one frame did: pixels that fell outside the grid, foreground pixels
+    among them, and the box of the grid it wrote (``None``: nothing)."""
+
+    outside: int
+    lost: int
+    box: tuple[slice, ...] | None
+
+
+class Extent:
+    """The smallest box holding every box a segment's frames were pasted into.
+
+    A tumour covers a few slices of a volume: counting its voxels and OR-ing it into the bit
+    field then touch only those slices instead of the whole grid (per segment, and CRLM's
+    SEGs carry up to 40).
     """
+
+    def __init__(self) -> None:
+        self._lo: list[int] | None = None
+        self._hi: list[int] = []
+
+    def include(self, box: tuple[slice, ...] | None) -> None:
+        if box is None:
+            return
+        lo, hi = [int(s.start) for s in box], [int(s.stop) for s in box]
+        if self._lo is None:
+            self._lo, self._hi = lo, hi
+        else:
+            self._lo = [min(a, b) for a, b in zip(self._lo, lo, strict=True)]
+            self._hi = [max(a, b) for a, b in zip(self._hi, hi, strict=True)]
+
+    def box(self) -> tuple[slice, ...] | None:
+        """The box as slices; ``None`` if no frame wrote anything."""
+        if self._lo is None:
+            return None
+        return tuple(slice(a, b) for a, b in zip(self._lo, self._hi, strict=True))
+
+
+def _copy_frame(mask: np.ndarray, g: OnGrid, f: int, values: np.ndarray) -> Pasted:
+    """Copy an on-lattice frame into its grid plane."""
     shape = mask.shape
     ar = int(np.argmax(np.abs(g.step_row[f])))
     ac = int(np.argmax(np.abs(g.step_col[f])))
     pa = int(g.plane_axis[f])
     p = int(g.plane_index[f])
     if not 0 <= p < shape[pa]:
-        return int(values.size), int(np.count_nonzero(values))
+        return Pasted(int(values.size), int(np.count_nonzero(values)), None)
     o = np.rint(g.origin[f]).astype(np.int64)
     sr, sc = int(np.sign(g.step_row[f, ar])), int(np.sign(g.step_col[f, ac]))
     r0, r1, t_r = _axis_span(int(o[ar]), sr, values.shape[0], shape[ar])
     c0, c1, t_c = _axis_span(int(o[ac]), sc, values.shape[1], shape[ac])
     if r1 <= r0 or c1 <= c0:
-        return int(values.size), int(np.count_nonzero(values))
+        return Pasted(int(values.size), int(np.count_nonzero(values)), None)
     block = values[r0:r1, c0:c1]
     if sr < 0:
         block = block[::-1]
@@ -203,7 +242,8 @@ def _copy_frame(mask: np.ndarray, g: OnGrid, f: int, values: np.ndarray) -> tupl
     block = block.astype(bool, copy=False)
     mask[tuple(idx)] |= block
     lost = int(np.count_nonzero(values)) - int(np.count_nonzero(block))
-    return int(values.size - (r1 - r0) * (c1 - c0)), lost
+    idx[pa] = slice(p, p + 1)
+    return Pasted(int(values.size - (r1 - r0) * (c1 - c0)), lost, tuple(idx))
 
 
 def _resample_frame(
@@ -214,8 +254,11 @@ def _resample_frame(
     f: int,
     values: np.ndarray,
     half_slab_mm: float,
-) -> int:
-    """Nearest-neighbour pull of target voxel centres in frame ``f``'s slab; returns voxels set."""
+) -> tuple[int, tuple[slice, ...] | None]:
+    """Nearest-neighbour pull of target voxel centres in frame ``f``'s slab.
+
+    Returns the number of target voxels the frame covers and the box it wrote into.
+    """
     shape = np.asarray(mask.shape)
     n = frames.normal[f]
     slab = (n[::-1] * half_slab_mm) / np.asarray(grid.spacing)
@@ -230,7 +273,7 @@ def _resample_frame(
     lo = np.maximum(np.floor(corners.min(axis=0)).astype(np.int64), 0)
     hi = np.minimum(np.ceil(corners.max(axis=0)).astype(np.int64) + 1, shape)
     if np.any(hi <= lo):
-        return 0
+        return 0, None
     zz, yy, xx = (np.arange(lo[a], hi[a]) for a in range(3))
     # patient positions (x, y, z) of the voxel centres in the box, relative to the frame origin
     rel = (
@@ -250,9 +293,9 @@ def _resample_frame(
     )
     hit = np.zeros(sel.shape, dtype=bool)
     hit[sel] = values[row[sel], col[sel]]
-    sub = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    sub |= hit
-    return int(sel.sum())
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    mask[box] |= hit
+    return int(sel.sum()), box
 
 
 def place_seg(
@@ -337,7 +380,9 @@ def place_seg(
                 which = np.arange(frames.n)
             else:
                 which = np.flatnonzero(frames.segment == number)
+            # np.zeros maps untouched pages lazily: only the frames' slices cost memory
             mask = np.zeros(grid.shape, dtype=bool)
+            extent = Extent()
             n_source = n_lost = 0
             for f in which:
                 values = frame_mask(decoder.frame(int(f)), seg_type, number, max_fractional)
@@ -348,18 +393,23 @@ def place_seg(
                 positives = int(np.count_nonzero(values))
                 n_source += positives
                 if copy:
-                    out, lost = _copy_frame(mask, g, int(f), values)
+                    out, lost, box = _copy_frame(mask, g, int(f), values)
+                    extent.include(box)
                     n_lost += lost
                     if out == values.size:
                         frames_outside += 1
                     else:
                         pixels_outside += out
                 else:
-                    got = _resample_frame(mask, frames, grid, g, int(f), values, plane_dz / 2.0)
+                    got, box = _resample_frame(
+                        mask, frames, grid, g, int(f), values, plane_dz / 2.0
+                    )
+                    extent.include(box)
                     if got == 0:
                         frames_empty_target.add(int(f))
                         n_lost += positives
-            stored = int(np.count_nonzero(mask))
+            within = extent.box()
+            stored = int(np.count_nonzero(mask[within])) if within is not None else 0
             counts[name] = {
                 "source_voxels": n_source,
                 "stored_voxels": stored,
@@ -371,7 +421,12 @@ def place_seg(
                     "than one frame (frames at the same position)"
                 )
             field_.add(
-                mask, label=label, number=number, unified=unified, codes=_segment_codes(item)
+                mask,
+                label=label,
+                number=number,
+                unified=unified,
+                codes=_segment_codes(item),
+                within=within if within is not None else _EMPTY_BOX,
             )
             del mask
         seg_attrs = _seg_attrs(ds, seg_type.value)

@@ -98,15 +98,23 @@ class SegmentField:
         number: int,
         unified: int | None,
         codes: dict[str, Any] | None = None,
+        within: tuple[slice, ...] | None = None,
     ) -> SegmentInfo:
-        """OR a boolean mask (same grid) into the field as the next segment bit."""
+        """OR a boolean mask (same grid) into the field as the next segment bit.
+
+        ``within``: a box outside which ``mask`` is all False (a tumour's few slices).  Only
+        that box is read and written, so a small segment does not cost whole-volume passes;
+        the box must hold every True voxel, or those outside it are lost.
+        """
         if len(self.segments) >= self._capacity:
             raise SegmentLimitError(f"segment field was sized for {self._capacity} segments")
         if mask.shape != self.bits.shape:
             raise ValueError(f"mask shape {mask.shape} != grid shape {self.bits.shape}")
         bit = len(self.segments)
-        m = np.asarray(mask, dtype=bool)
-        np.bitwise_or(self.bits, self.dtype.type(1 << bit), out=self.bits, where=m)
+        box = within if within is not None else (slice(None),) * mask.ndim
+        m = np.asarray(mask[box], dtype=bool)
+        bits = self.bits[box]
+        np.bitwise_or(bits, self.dtype.type(1 << bit), out=bits, where=m)
         # count_nonzero: a tenth of bool.sum()'s time on a volume-sized mask
         info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(np.count_nonzero(m)))
         self.segments.append(info)
