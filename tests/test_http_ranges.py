@@ -113,7 +113,8 @@ def test_signed_s3_reads_are_exact_and_the_server_checks_the_signature(signed_s3
 
 @pytest.mark.slow
 def test_forked_worker_reads_after_the_parent_read(signed_s3, array_dir):
-    """A DataLoader worker forked after the parent read a patch must not hang or share sockets."""
+    """A DataLoader worker forked after the parent read a patch must not hang or share sockets,
+    and the parent keeps reading through its own connections afterwards."""
     endpoint, key, secret, bucket = signed_s3
     _, info, data = array_dir
     reader = ShardReader(
@@ -125,6 +126,10 @@ def test_forked_worker_reads_after_the_parent_read(signed_s3, array_dir):
         child = pool.apply_async(reader.read, (info, start, size)).get(timeout=60)
     np.testing.assert_array_equal(child, parent)
     np.testing.assert_array_equal(parent, expected_box(data, start, size, 0))
+    again = (2, 1, 0)
+    np.testing.assert_array_equal(
+        reader.read(info, again, size), expected_box(data, again, size, 0)
+    )
 
 
 # -- plain HTTP --------------------------------------------------------------------------------
@@ -178,7 +183,11 @@ def test_throttled_bucket_is_retried_and_reads_stay_exact(s3_endpoint, array_dir
         assert proxy.injected > 0  # the 503s happened and were absorbed
         hopeless = ShardReader(
             f"s3://{bucket}/store.zarr",
-            {**opts, "endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}},
+            {
+                **opts,
+                "endpoint_url": proxy.url,
+                "config_kwargs": {"retries": {"max_attempts": 1}},
+            },
         )
         proxy.fail_every = 1
         with pytest.raises(RemoteReadError, match=r"after 1 attempts .*503 SlowDown") as exc:
@@ -265,3 +274,66 @@ def test_s3_addressing_follows_botocore():
     assert target("idc-open-data", virtual=False).object_url("us-east-1", "k") == (
         "https://s3.us-east-1.amazonaws.com/idc-open-data/pre%20fix/k"
     )
+
+
+def _s3_location(endpoint: str, **config) -> StoreLocation:
+    return StoreLocation.of(
+        "s3://bucket/prefix",
+        {"key": "k", "secret": "s", "endpoint_url": endpoint, "config_kwargs": config},
+    )
+
+
+def test_an_unreachable_endpoint_fails_with_the_cause_after_the_attempts():
+    """Connection refused is a transport failure: retried, then reported with its cause and
+    the object's name."""
+    from servers import free_port
+
+    loc = _s3_location(f"http://127.0.0.1:{free_port()}", retries={"max_attempts": 2})
+    client = client_for(loc)
+    with pytest.raises(RemoteReadError, match=r"after 2 attempts") as exc:
+        client.fetch([ByteRange("obj", 0, 4), ByteRange("other", 0, 4)])
+    assert "prefix/obj" in str(exc.value)
+    assert "ConnectionRefusedError" in str(exc.value)
+
+
+def test_a_server_that_stops_sending_times_out():
+    """A response that stalls mid-body fails after the read timeout instead of hanging."""
+    import asyncio
+    import contextlib
+
+    release = asyncio.Event()  # lets the stalled handler end once the client gave up
+
+    def make() -> web.Application:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(status=206, headers={"Content-Length": "8"})
+            await resp.prepare(request)
+            await resp.write(b"abcd")
+            with contextlib.suppress(TimeoutError):  # the other 4 bytes never come
+                await asyncio.wait_for(release.wait(), 30)
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", handle)
+        return app
+
+    with LoopbackHttp(make) as server:
+        loc = _s3_location(server.url, retries={"max_attempts": 1}, read_timeout=1)
+        t0 = time.monotonic()
+        with pytest.raises(RemoteReadError, match="after 1 attempts"):
+            client_for(loc).fetch([ByteRange("obj", 0, 8)])
+        assert time.monotonic() - t0 < 15
+        server._loop.call_soon_threadsafe(release.set)
+
+
+def test_many_concurrent_reads_from_many_threads_stay_exact(array_dir):
+    """16 threads × 12 boxes through one client's shared pool: every voxel right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, info, data = array_dir
+    with LoopbackHttp(static_app(str(root))) as server:
+        reader = ShardReader(server.url, transport="client")
+        work = [b for seed in range(16) for b in boxes(12, seed)]
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda b: reader.read(info, *b, fill=-7), work))
+    for (start, size), arr in zip(work, got, strict=True):
+        np.testing.assert_array_equal(arr, expected_box(data, start, size, -7))
