@@ -631,12 +631,15 @@ def test_any_axis_aligned_orientation_and_order_gives_the_same_volume(
 
 
 def _rescale_header(slope: float, intercept: float, representation: int):
+    """The decoder's header of a slice with these rescale attributes (read as pydicom would)."""
     from pydicom.dataset import Dataset
+
+    from livercube.sources.slice_header import slice_header
 
     ds = Dataset()
     ds.RescaleSlope, ds.RescaleIntercept = str(slope), str(intercept)
     ds.PixelRepresentation = representation
-    return ds
+    return slice_header(ds)
 
 
 @pytest.mark.parametrize(
@@ -687,3 +690,171 @@ def test_plain_16_bit_slices_skip_pydicom_decoding_with_identical_values():
         assert _native_int16_pixels(pydicom.dcmread(get_testdata_file(name))) is None
     ds.BitsStored = 12
     assert _native_int16_pixels(ds) is None
+
+
+# -- the header planning read, reused by the task -------------------------------------------
+def _refuse_dcmread(monkeypatch) -> None:
+    import livercube.sources.dicom_ct as ct
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the task parsed a header planning had already read")
+
+    monkeypatch.setattr(ct.pydicom, "dcmread", refuse)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_task_reuses_the_planned_header_of_unchanged_files(tmp_path, monkeypatch, implicit):
+    """Plain slices are decoded from planning's header and a view of their bytes: no second
+    parse, and the same volume SimpleITK reads (padding and rescale included)."""
+    a = canonical_test_array(SHAPE, seed=31)
+    a.flat[:5] = -2000 - 1024  # stored -2000: GE's padding value
+    write_ct_series(tmp_path, a, padding_value=-2000, intercept=-1024.0)
+    if implicit:
+        import pydicom
+
+        for p in sorted(tmp_path.glob("*.dcm")):
+            ds = pydicom.dcmread(p)
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+            ds.save_as(p, enforce_file_format=True)
+    result = scan(str(tmp_path))
+    acq = result.acquisitions[0]
+    assert all(ref.header is not None and ref.header.pixels is not None for ref in acq.slices)
+    _refuse_dcmread(monkeypatch)
+    vol = read_acquisition(acq)
+    monkeypatch.undo()
+    assert_matches_sitk(tmp_path, vol, a)
+    assert vol.attrs["padding_voxels"] == 5 and vol.attrs["padding_values_stored"] == [-2000]
+
+
+def test_a_file_rewritten_after_planning_is_parsed_again(tmp_path):
+    """Different header bytes (a new intercept) mean a different digest: the task reads the
+    file as it is now, not as planning saw it."""
+    import pydicom
+
+    a = canonical_test_array(SHAPE, seed=32)
+    paths = write_ct_series(tmp_path, a)
+    result = scan(str(tmp_path))
+    ds = pydicom.dcmread(paths[3])
+    ds.RescaleIntercept = "-1000"  # same length on disk as "-1024"
+    ds.save_as(paths[3], enforce_file_format=True)
+    vol = read_acquisition(result.acquisitions[0])
+    z = [s for s, uids in vol.sop_uids_by_canonical_z.items() if ds.SOPInstanceUID in uids]
+    (z,) = z
+    np.testing.assert_array_equal(vol.image[z], a[z] + 24)
+    assert sorted(vol.attrs["rescale_intercepts"]) == [-1024.0, -1000.0]
+
+
+def test_pixels_changed_after_planning_are_read_as_they_are_now(tmp_path, monkeypatch):
+    """Only the header is vouched for by planning: new pixel bytes under the same header are
+    read from the file (still without parsing it again)."""
+    import pydicom
+
+    a = canonical_test_array(SHAPE, seed=33)
+    paths = write_ct_series(tmp_path, a)
+    result = scan(str(tmp_path))
+    ds = pydicom.dcmread(paths[1])
+    arr = ds.pixel_array.copy()
+    arr[0, :4] += 7
+    ds.PixelData = arr.tobytes()
+    ds.save_as(paths[1], enforce_file_format=True)
+    _refuse_dcmread(monkeypatch)
+    vol = read_acquisition(result.acquisitions[0])
+    monkeypatch.undo()
+    expected = read_acquisition(scan(str(tmp_path)).acquisitions[0])  # planned afresh
+    np.testing.assert_array_equal(vol.image, expected.image)
+    assert not np.array_equal(vol.image, a)
+
+
+def test_pixel_location_only_for_plain_native_slices():
+    """pydicom's real files: the planned view equals pydicom's decoder wherever a location is
+    given, and nothing compressed, big endian, deflated or not 16-bit gets one."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file, get_testdata_files
+
+    from livercube.sources.slice_header import pixel_location, slice_header
+
+    located = {}
+    for path in get_testdata_files("*.dcm"):
+        blob = Path(path).read_bytes()
+        fp = io.BytesIO(blob)
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        except Exception:
+            continue
+        try:
+            where = pixel_location(ds, blob, fp.tell())
+        except Exception as exc:  # a damaged header may refuse, never crash the scan
+            pytest.fail(f"{Path(path).name}: {exc!r}")
+        if where is None:
+            continue
+        full = pydicom.dcmread(path)
+        view = where.view(blob, int(full.Rows), int(full.Columns))
+        if view is None:  # MR_truncated.dcm: the header announces more than the file holds
+            assert len(blob) < where.start + 2 * int(full.Rows) * int(full.Columns), path
+            with pytest.raises(ValueError):
+                _ = full.pixel_array
+            continue
+        np.testing.assert_array_equal(view, full.pixel_array, err_msg=path)
+        assert view.dtype == full.pixel_array.dtype
+        assert slice_header(ds, where) == slice_header(full, where)
+        located[Path(path).name] = str(full.file_meta.TransferSyntaxUID.name)
+    assert {"CT_small.dcm", "MR_small_implicit.dcm"} <= set(located), located
+    for name in ("MR_small_RLE.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "image_dfl.dcm"):
+        blob = Path(get_testdata_file(name)).read_bytes()
+        fp = io.BytesIO(blob)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        assert pixel_location(ds, blob, fp.tell()) is None, name
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    fp = io.BytesIO(ct)
+    ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    where = pixel_location(ds, ct, fp.tell())
+    frame_end = where.start + 2 * 128 * 128
+    assert where.view(ct[:frame_end], 128, 128) is not None
+    assert where.view(ct[: frame_end - 2], 128, 128) is None  # a frame cut short is not viewed
+    changed = bytearray(ct)
+    changed[200] ^= 1
+    assert where.view(bytes(changed), 128, 128) is None  # nor one under other header bytes
+
+
+def test_planning_cache_gives_the_values_pydicom_gives():
+    """One conversion cache shared across many headers (as a planning chunk shares it) never
+    hands one file another's value: pydicom's real files, and the same padding bytes read as
+    unsigned and as signed (the VR of PixelPaddingValue follows PixelRepresentation)."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_files
+    from pydicom.filebase import DicomBytesIO
+
+    from livercube.sources.slice_header import slice_header
+
+    def implicit_file(rep: int) -> bytes:
+        ds = pydicom.Dataset()
+        ds.SOPInstanceUID = generate_uid()
+        ds.Rows, ds.Columns, ds.PixelRepresentation = 2, 2, rep
+        ds.RescaleSlope, ds.RescaleIntercept = "1", "-1024"
+        ds.add_new(0x00280120, "US" if rep == 0 else "SS", 0xF830 if rep == 0 else -2000)
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        pydicom.filewriter.write_dataset(fp, ds)
+        return fp.getvalue()
+
+    cache: dict = {}
+    headers = []
+    for rep in (0, 1, 0):
+        raw = pydicom.dcmread(io.BytesIO(implicit_file(rep)), force=True)
+        parsed = pydicom.dcmread(io.BytesIO(implicit_file(rep)), force=True)
+        parsed.PixelPaddingValue  # noqa: B018 (converted on its own, no cache)
+        got = slice_header(raw, None, cache)
+        assert got._replace(sop_uid="") == slice_header(parsed)._replace(sop_uid="")
+        headers.append(got.padding_value)
+    assert headers == [0xF830, -2000, 0xF830]
+    for path in get_testdata_files("*.dcm"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            expected = slice_header(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception:
+            continue
+        assert slice_header(ds, None, cache) == expected, path

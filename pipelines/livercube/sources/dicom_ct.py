@@ -40,7 +40,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -48,7 +48,7 @@ import pydicom
 from fsspec.implementations.local import LocalFileSystem
 
 from livercube.errors import GeometryError, IntensityError, SourceError, UnreadableFileError
-from livercube.sources.dicom_frames import frame_view
+from livercube.sources.dicom_frames import frame_view, n_frames
 from livercube.sources.dicom_geometry import (
     DEFAULT_TOLERANCES,
     SliceGrid,
@@ -56,6 +56,7 @@ from livercube.sources.dicom_geometry import (
     slice_grid,
 )
 from livercube.sources.dicom_scan import Acquisition, SliceRef, plain_value
+from livercube.sources.slice_header import SliceHeader, plain_16_bit_dtype, slice_header
 from livercube.volumes.geometry import Grid, Reorientation, canonical_reorientation
 
 #: HU written into missing slices (gaps of a whole number of slice spacings).
@@ -156,12 +157,15 @@ def _open_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 def stored_to_hu(
-    ds: pydicom.Dataset, stored: np.ndarray, *, source: str, padding_hu: int | None = PADDING_HU
+    header: SliceHeader,
+    stored: np.ndarray,
+    *,
+    source: str,
+    padding_hu: int | None = PADDING_HU,
 ) -> tuple[np.ndarray, int]:
     """Exact int16 HU of one decoded slice and the number of padding pixels replaced."""
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    mask = _padding_mask(ds, stored)
+    slope, intercept = header.slope, header.intercept
+    mask = _padding_mask(header, stored)
     n_pad = int(np.count_nonzero(mask)) if mask is not None else 0
     if (
         slope.is_integer()
@@ -208,25 +212,12 @@ def _check_int16_range(lo: int, hi: int, source: str) -> None:
         raise IntensityError(source, f"HU range [{lo}, {hi}] after rescaling does not fit int16")
 
 
-def _signed(value: int, ds: pydicom.Dataset) -> int:
-    """A 16-bit padding value in the signedness of the pixel data (its VR may disagree)."""
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    if signed and value >= 1 << 15:
-        return value - (1 << 16)
-    if not signed and value < 0:
-        return value + (1 << 16)
-    return value
-
-
-def _padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
-    pv = ds.get("PixelPaddingValue")
-    if pv is None or isinstance(pv, bytes):
+def _padding_mask(header: SliceHeader, stored: np.ndarray) -> np.ndarray | None:
+    a, b = header.padding_value, header.padding_limit
+    if a is None:
         return None
-    a = _signed(int(pv), ds)
-    limit = ds.get("PixelPaddingRangeLimit")
-    if limit is None or isinstance(limit, bytes):
+    if b is None:
         return stored == a
-    b = _signed(int(limit), ds)
     lo, hi = min(a, b), max(a, b)
     return (stored >= lo) & (stored <= hi)
 
@@ -242,31 +233,41 @@ class _SliceStats:
 
 
 def _native_int16_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
-    """The stored values of an uncompressed single-frame 16-bit slice, as a view of its bytes.
-
-    Only for the plain case — little-endian native transfer syntax, one sample, BitsStored =
-    BitsAllocated = 16 (no bits to mask or sign-extend), the whole frame present — where it
-    equals ``ds.pixel_array`` without its validation and copies (half a CT read's decode
-    time).  Anything else returns ``None`` and goes through pydicom.
-    """
-    meta = getattr(ds, "file_meta", None)
-    ts = getattr(meta, "TransferSyntaxUID", None)
-    if ts is None or ts.is_compressed or not ts.is_little_endian or "PixelData" not in ds:
-        return None
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return None
-    if int(ds.get("BitsAllocated", 0) or 0) != 16 or int(ds.get("BitsStored", 0) or 0) != 16:
+    """The stored values of a plain 16-bit slice (:func:`plain_16_bit_dtype`) as a view of
+    its pixel bytes: ``ds.pixel_array`` without its validation and copies (half a CT read's
+    decode time).  Anything else returns ``None`` and goes through pydicom."""
+    dtype = plain_16_bit_dtype(ds)
+    if dtype is None or "PixelData" not in ds:
         return None
     rows, cols = int(ds.Rows), int(ds.Columns)
     data = ds.PixelData
     if not isinstance(data, bytes) or len(data) < 2 * rows * cols:
         return None  # truncated: pydicom's error names it
-    dtype = "<i2" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "<u2"
     return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
 
 
-def _decode_file(blob: bytes | Exception, where: str) -> tuple[pydicom.Dataset, np.ndarray]:
-    """One file's dataset and stored pixel values (frames first for multi-frame files)."""
+class _Decoded(NamedTuple):
+    """One file as the slices read from it need it: the dataset (``None`` when the planned
+    header was reused), the header of a single-frame file, and the stored values."""
+
+    ds: pydicom.Dataset | None
+    header: SliceHeader | None
+    stored: np.ndarray
+
+
+def _decode_file(
+    blob: bytes | Exception, where: str, planned: SliceHeader | None = None
+) -> _Decoded:
+    """One file's header and stored pixel values (frames first for multi-frame files).
+
+    ``planned``: the header planning read from this file.  If the bytes before the pixels are
+    still the ones it digested, the header is not parsed again and the pixels are viewed in
+    place (:mod:`livercube.sources.slice_header`); otherwise pydicom reads the whole file.
+    """
+    if isinstance(blob, bytes) and planned is not None and planned.pixels is not None:
+        stored = planned.pixels.view(blob, planned.rows, planned.columns)
+        if stored is not None:
+            return _Decoded(None, planned, stored)
     try:
         if isinstance(blob, Exception):
             raise blob
@@ -281,13 +282,21 @@ def _decode_file(blob: bytes | Exception, where: str) -> tuple[pydicom.Dataset, 
         raise UnreadableFileError(
             where, f"pixel data cannot be decoded (truncated or unsupported codec): {exc}"
         ) from exc
-    return ds, stored
+    header = None if n_frames(ds) > 1 else _header_of(ds, where)
+    return _Decoded(ds, header, stored)
+
+
+def _header_of(view: pydicom.Dataset, where: str) -> SliceHeader:
+    try:
+        return slice_header(view)
+    except (TypeError, ValueError) as exc:
+        raise UnreadableFileError(where, f"header value is not a number: {exc}") from exc
 
 
 def _read_slice(
     ref: SliceRef,
     k: int,
-    decoded: tuple[pydicom.Dataset, np.ndarray],
+    decoded: _Decoded,
     src: np.ndarray,
     acq: Acquisition,
     stats: _SliceStats,
@@ -298,33 +307,40 @@ def _read_slice(
 ) -> None:
     """Put one slice (a file, or a frame of one) into ``src[k]`` after checking it is the
     slice the scan saw."""
-    ds, stored = decoded
+    stored = decoded.stored
     rows, cols = acq.rows, acq.columns
-    if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
-        raise UnreadableFileError(
-            where, f"SOPInstanceUID {ds.get('SOPInstanceUID')} is not the scanned {ref.sop_uid}"
-        )
-    if ref.frame is not None:
-        if stored.ndim != 3 or ref.frame >= stored.shape[0]:
+    if ref.frame is None:
+        h = decoded.header
+        if h is None:  # a multi-frame file where the scan saw a single-frame one
+            raise UnreadableFileError(where, "the file now holds several frames")
+    else:
+        if decoded.ds is None or stored.ndim != 3 or ref.frame >= stored.shape[0]:
             raise UnreadableFileError(where, f"frame {ref.frame + 1} is not in the pixel data")
-        ds, stored = frame_view(ds, ref.frame), stored[ref.frame]
-    if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-        raise GeometryError(where, f"matrix {ds.Rows}×{ds.Columns} != {rows}×{cols}")
-    iop = [float(v) for v in ds.ImageOrientationPatient]
+        h = _header_of(frame_view(decoded.ds, ref.frame), where)
+        stored = stored[ref.frame]
+    if h.sop_uid != ref.sop_uid:
+        raise UnreadableFileError(
+            where, f"SOPInstanceUID {h.sop_uid} is not the scanned {ref.sop_uid}"
+        )
+    if (h.rows, h.columns) != (rows, cols):
+        raise GeometryError(where, f"matrix {h.rows}×{h.columns} != {rows}×{cols}")
+    if len(h.orientation) != 6:
+        raise GeometryError(where, "no usable ImageOrientationPatient")
+    iop = list(h.orientation)
     if max(abs(a - b) for a, b in zip(iop, acq.orientation, strict=True)) > tol.orientation:
         raise GeometryError(where, f"orientation {iop} differs from the series {acq.orientation}")
     if stored.shape != (rows, cols):
         raise UnreadableFileError(where, f"decoded pixel array has shape {stored.shape}")
-    hu, n_pad = stored_to_hu(ds, stored, source=where, padding_hu=padding_hu)
+    hu, n_pad = stored_to_hu(h, stored, source=where, padding_hu=padding_hu)
     src[k] = hu
     stats.padding_voxels += n_pad
-    stats.slopes.add(float(ds.get("RescaleSlope", 1) or 1))
-    stats.intercepts.add(float(ds.get("RescaleIntercept", 0) or 0))
-    stats.pixel_representation.add(int(ds.get("PixelRepresentation", 0) or 0))
-    if ds.get("PixelPaddingValue") is not None:
-        stats.padding_values.add(_signed(int(ds.PixelPaddingValue), ds))
-    if ds.get("SliceThickness") not in (None, ""):
-        stats.thickness.add(float(ds.SliceThickness))
+    stats.slopes.add(h.slope)
+    stats.intercepts.add(h.intercept)
+    stats.pixel_representation.add(h.pixel_representation)
+    if h.padding_value is not None:
+        stats.padding_values.add(h.padding_value)
+    if h.thickness is not None:
+        stats.thickness.add(h.thickness)
 
 
 def read_acquisition(
@@ -368,7 +384,7 @@ def read_acquisition(
     workers = max_workers or (1 if isinstance(fs, LocalFileSystem) else 8)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     damaged: list[tuple[SliceRef, int, str]] = []
-    decoded: dict[str, tuple[pydicom.Dataset, np.ndarray] | SourceError] = {}
+    decoded: dict[str, _Decoded | SourceError] = {}
     try:
         fetched = pool.map(fetch, paths) if pool else map(fetch, paths)
         blobs = dict(zip(paths, fetched, strict=True))
@@ -377,7 +393,7 @@ def read_acquisition(
             if ref.path not in decoded:
                 decoded.clear()  # slices of one file are adjacent: keep one decoded file
                 try:
-                    decoded[ref.path] = _decode_file(blobs.pop(ref.path), where)
+                    decoded[ref.path] = _decode_file(blobs.pop(ref.path), where, ref.header)
                 except SourceError as exc:
                     decoded[ref.path] = exc
             try:

@@ -43,6 +43,15 @@ class Header:
     size: int
     ds: pydicom.Dataset
     complete: bool | None  # uncompressed pixel bytes fully present? None: cannot tell
+    #: offset of the pixel data element (where the header ends; None: not reached) and the
+    #: file's bytes up to and including that element's own header, so the planner can note
+    #: where a plain slice's pixels start and digest what precedes them
+    pixel_at: int | None = None
+    head: bytes = b""
+
+
+#: Bytes of a pixel data element's own header (tag, VR, reserved, length) at most.
+_ELEMENT_HEADER = 12
 
 
 def _dcmread_header(buf: io.BytesIO | Any) -> pydicom.Dataset:
@@ -96,7 +105,11 @@ def read_header(
         with fs.open(path, "rb") as f:
             ds = _dcmread_header(f)
             end = f.tell() if _stopped_at_pixels(f) else None
-        return Header(path, size, ds, _completeness(ds, size, end))
+            head = b""
+            if end is not None:
+                f.seek(0)
+                head = f.read(end + _ELEMENT_HEADER)
+        return Header(path, size, ds, _completeness(ds, size, end), end, head)
     prefix = fs.cat_file(path, start=0, end=min(size, header_bytes))
     if len(prefix) < size:
         plausible = prefix[128:132] == b"DICM"
@@ -104,7 +117,9 @@ def read_header(
         try:
             ds = _dcmread_header(buf)
             if _stopped_at_pixels(buf, prefix):
-                return Header(path, size, ds, _completeness(ds, size, buf.tell()))
+                end = buf.tell()
+                head = prefix[: end + _ELEMENT_HEADER]
+                return Header(path, size, ds, _completeness(ds, size, end), end, head)
             plausible = True  # parsed, but the header may go on beyond the prefix
         except Exception:
             pass
@@ -114,7 +129,8 @@ def read_header(
     buf = io.BytesIO(prefix)
     ds = _dcmread_header(buf)
     end = buf.tell() if _stopped_at_pixels(buf, prefix) else None
-    return Header(path, size, ds, _completeness(ds, len(prefix), end))
+    head = prefix[: end + _ELEMENT_HEADER] if end is not None else b""
+    return Header(path, size, ds, _completeness(ds, len(prefix), end), end, head)
 
 
 def _walk_local(root: str) -> list[tuple[str, int]]:

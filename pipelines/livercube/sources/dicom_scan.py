@@ -83,6 +83,7 @@ from livercube.sources.dicom_headers import (
     list_files,
     read_header,
 )
+from livercube.sources.slice_header import SliceHeader, pixel_location, slice_header
 
 T = TypeVar("T")
 
@@ -153,6 +154,9 @@ class SliceRef(NamedTuple):
     sop_uid: str
     position: tuple[float, float, float]
     frame: int | None = None
+    #: the header as planning read it, for the task to reuse when the file is unchanged
+    #: (single-frame slices; see :mod:`livercube.sources.slice_header`)
+    header: SliceHeader | None = None
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,7 @@ class _Image:
     slice_thickness: Any
     attrs: dict[str, Any]  # allowed_attrs of the file
     frame: int | None = None
+    header: SliceHeader | None = None  # what the decoder needs (single-frame slices)
     offset: float = 0.0  # along the group's normal; set by partition_series, never shipped
 
 
@@ -395,7 +400,7 @@ class _Image:
 _WIRE_FIELDS = (
     "orientation", "spacing", "series", "attrs", "acq_time", "acquisition_time",
     "slice_thickness", "rows", "cols", "complete", "acq_number", "frame", "instance",
-    "size", "position", "sop", "path",
+    "size", "position", "sop", "path", "header",
 )  # fmt: skip
 #: :class:`_Image`'s positional arguments (every field but ``offset``).
 _IMAGE_ARGS = tuple(f.name for f in fields(_Image) if f.name != "offset")
@@ -465,6 +470,8 @@ class _Interner:
         self._seen: dict[Any, Any] = {}
         #: allow-listed values converted so far, by stored bytes (see :func:`allowed_attrs`)
         self.converted: dict[tuple, Any] = {}
+        #: the decoder's values likewise (see :func:`~livercube.sources.slice_header.slice_header`)
+        self.decoder: dict[tuple, Any] = {}
 
     def __call__(self, value: T) -> T:
         if isinstance(value, list):  # mutable: share its items, never the list
@@ -735,6 +742,7 @@ def _classify(hdr: Header, source: str, intern: _Interner) -> _Outcome:
             )
         )
     views = [frame_view(ds, f) for f in range(n_frames(ds))] if multiframe else [ds]
+    header = None if multiframe else _decoder_header(hdr, intern.decoder)
     series = intern(_series_fields(ds))
     attrs = intern.attrs(allowed_attrs(ds, intern.converted))
     acq_number = _int_or_none(ds.get("AcquisitionNumber"))
@@ -776,9 +784,22 @@ def _classify(hdr: Header, source: str, intern: _Interner) -> _Outcome:
                 slice_thickness=thickness,
                 attrs=attrs,
                 frame=f if multiframe else None,
+                header=header,
             )
         )
     return _Outcome(images=tuple(images))
+
+
+def _decoder_header(hdr: Header, cache: dict) -> SliceHeader | None:
+    """The slice's :class:`SliceHeader` for the task, or ``None`` when a value is not what
+    the decoder can use (the task then parses the file and reports what is wrong)."""
+    try:
+        pixels = None
+        if hdr.pixel_at is not None:
+            pixels = pixel_location(hdr.ds, hdr.head, hdr.pixel_at, cache)
+        return slice_header(hdr.ds, pixels, cache)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _plane(view: pydicom.Dataset):
@@ -1082,7 +1103,7 @@ def _make_acquisition(
         acquisition_number=numbers[0] if numbers else None,
         acquisition_time=acq_time,
         index_in_series=index,
-        slices=tuple(SliceRef(im.path, im.sop, im.position, im.frame) for im in imgs),
+        slices=tuple(SliceRef(im.path, im.sop, im.position, im.frame, im.header) for im in imgs),
         orientation=first.orientation,  # type: ignore[arg-type]
         pixel_spacing=first.spacing,
         rows=first.rows,
