@@ -9,6 +9,7 @@ complete one, and must not be decoded as a slice).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,12 @@ from pydicom.errors import InvalidDicomError
 #: How much of a remote file is fetched first; if the header is longer the whole file is read.
 HEADER_PREFIX_BYTES = 64 * 1024
 
-_PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
+#: The (7FE0,0010) PixelData tag as stored, little and big endian.
+PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
 _PIXEL_TAG_BE = b"\x7f\xe0\x00\x10"
+#: Bytes of the PixelData element's tag, VR and length before its value (PS3.5 7.1.2: OB/OW
+#: carry two reserved bytes in explicit VR), by ``is_implicit_VR``.
+PIXEL_ELEMENT_HEADER = {True: 8, False: 12}
 #: Transfer syntaxes whose pixel bytes can be counted from the header (deflate compresses all).
 _UNCOMPRESSED = frozenset(
     str(u)
@@ -51,7 +56,24 @@ class Header:
 
 
 #: Bytes of a pixel data element's own header (tag, VR, reserved, length) at most.
-_ELEMENT_HEADER = 12
+_ELEMENT_HEADER = max(PIXEL_ELEMENT_HEADER.values())
+
+
+def header_digest(fileobj: Any, end: int) -> str:
+    """Digest of the first ``end`` bytes of a file: its header when ``end`` is where the
+    pixel data (or their value) start.  What planning derives from a header is a function of
+    those bytes alone, so a task may reuse it for a file with the same digest."""
+    fileobj.seek(0)
+    h = hashlib.blake2b(digest_size=16)
+    left = end
+    while left > 0:
+        block = fileobj.read(min(left, 1 << 20))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    h.update(f"|{end - left}".encode())
+    return h.hexdigest()
 
 
 def _dcmread_header(buf: io.BytesIO | Any) -> pydicom.Dataset:
@@ -75,7 +97,7 @@ def _stopped_at_pixels(buf: io.BytesIO | Any, data: bytes | None = None) -> bool
         buf.seek(pos)
     else:
         head = data[pos : pos + 4]
-    return head in (_PIXEL_TAG_LE, _PIXEL_TAG_BE)
+    return head in (PIXEL_TAG_LE, _PIXEL_TAG_BE)
 
 
 def _completeness(ds: pydicom.Dataset, size: int, header_end: int | None) -> bool | None:
@@ -93,7 +115,7 @@ def _completeness(ds: pydicom.Dataset, size: int, header_end: int | None) -> boo
         )
     except (AttributeError, TypeError, ValueError):
         return None
-    element_header = 8 if ts == "1.2.840.10008.1.2" else 12
+    element_header = PIXEL_ELEMENT_HEADER[ts == pydicom.uid.ImplicitVRLittleEndian]
     return size >= header_end + element_header + expected
 
 

@@ -17,9 +17,7 @@ header bytes, else it builds the table again.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 import fsspec
 import numpy as np
@@ -30,6 +28,7 @@ from livercube.errors import GeometryError, SourceError, UnreadableFileError
 from livercube.sources import dicom_sop
 from livercube.sources.dicom_frames import first_item, functional_group, n_frames
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, analyse_spacing, slice_normal
+from livercube.sources.dicom_headers import PIXEL_ELEMENT_HEADER, header_digest
 from livercube.sources.dicom_sop import SegmentationType
 
 
@@ -65,26 +64,7 @@ class KnownFrames:
     frames: Frames
 
 
-#: Bytes of the PixelData element's tag, VR and length before its value (PS3.5 7.1.2: OB/OW
-#: carry two reserved bytes in explicit VR), by ``is_implicit_VR``.
-_PIXEL_ELEMENT_HEADER = {True: 8, False: 12}
 _PIXEL_DATA = 0x7FE00010
-
-
-def header_digest(fileobj: Any, end: int) -> str:
-    """Digest of the first ``end`` bytes of a file: a SEG's header when ``end`` is where its
-    PixelData element starts.  The frame table is a function of those bytes alone."""
-    fileobj.seek(0)
-    h = hashlib.blake2b(digest_size=16)
-    left = end
-    while left > 0:
-        block = fileobj.read(min(left, 1 << 20))
-        if not block:
-            break
-        h.update(block)
-        left -= len(block)
-    h.update(f"|{end - left}".encode())
-    return h.hexdigest()
 
 
 def pixel_data_start(ds: Dataset) -> int | None:
@@ -92,7 +72,7 @@ def pixel_data_start(ds: Dataset) -> int | None:
     elem = ds.get_item(_PIXEL_DATA)
     if not isinstance(elem, pydicom.dataelem.RawDataElement) or elem.value_tell is None:
         return None
-    return int(elem.value_tell) - _PIXEL_ELEMENT_HEADER[bool(elem.is_implicit_VR)]
+    return int(elem.value_tell) - PIXEL_ELEMENT_HEADER[bool(elem.is_implicit_VR)]
 
 
 def frames_of(

@@ -16,24 +16,20 @@ so the planned and the parsed slice are decoded by the same code.
 
 from __future__ import annotations
 
-import hashlib
+import io
 from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
+
+from livercube.sources.dicom_headers import PIXEL_ELEMENT_HEADER, PIXEL_TAG_LE, header_digest
 
 #: Transfer syntaxes whose pixel data are the file's own bytes after the header (no deflate,
 #: no encapsulation, little endian).
 NATIVE_LITTLE_ENDIAN = frozenset(
     (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian)
 )
-_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def header_digest(head: bytes | memoryview) -> bytes:
-    """The key that says two files have the same bytes before their pixels."""
-    return hashlib.blake2b(head, digest_size=16).digest()
 
 
 class PixelLocation(NamedTuple):
@@ -42,13 +38,13 @@ class PixelLocation(NamedTuple):
 
     start: int  # first byte of the pixel values (after the pixel data element's header)
     dtype: str  # "<u2" or "<i2" (PixelRepresentation)
-    digest: bytes  # header_digest(file[:start])
+    digest: str  # header_digest of the file's first ``start`` bytes
 
     def view(self, blob: bytes, rows: int, columns: int) -> np.ndarray | None:
         """The stored values as a view of ``blob``; ``None`` unless its header is the one
         planned (same digest) and the whole frame is there."""
         end = self.start + 2 * rows * columns
-        if len(blob) < end or header_digest(memoryview(blob)[: self.start]) != self.digest:
+        if len(blob) < end or header_digest(io.BytesIO(blob), self.start) != self.digest:
             return None
         return np.frombuffer(
             blob, dtype=self.dtype, count=rows * columns, offset=self.start
@@ -202,27 +198,24 @@ def pixel_location(
         need = 2 * int(ds.Rows) * int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
         return None
-    if dtype is None or head[at : at + 4] != _PIXEL_DATA_TAG:
+    if dtype is None or head[at : at + 4] != PIXEL_TAG_LE:
         return None
-    vr = head[at + 4 : at + 6]
-    if vr in (b"OW", b"OB"):  # explicit VR: tag, VR, 2 reserved bytes, 4-byte length
-        if len(head) < at + 12:
-            return None
-        length, start = int.from_bytes(head[at + 8 : at + 12], "little"), at + 12
-    else:  # implicit VR: tag, 4-byte length (always even, so never reads as "OW"/"OB")
-        if len(head) < at + 8:
-            return None
-        length, start = int.from_bytes(head[at + 4 : at + 8], "little"), at + 8
+    # explicit VR: tag, VR, 2 reserved bytes, 4-byte length; implicit VR: tag, 4-byte length
+    # (an implicit length is even, so it never reads as "OW"/"OB")
+    implicit = head[at + 4 : at + 6] not in (b"OW", b"OB")
+    start = at + PIXEL_ELEMENT_HEADER[implicit]
+    if len(head) < start:
+        return None
+    length = int.from_bytes(head[start - 4 : start], "little")
     if length == _UNDEFINED_LENGTH or length < need:
         return None
-    return PixelLocation(start, dtype, header_digest(head[:start]))
+    return PixelLocation(start, dtype, header_digest(io.BytesIO(head), start))
 
 
 __all__ = [
     "NATIVE_LITTLE_ENDIAN",
     "PixelLocation",
     "SliceHeader",
-    "header_digest",
     "pixel_location",
     "plain_16_bit_dtype",
     "slice_header",
