@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,37 @@ def header_digest(fileobj: Any, end: int) -> str:
         left -= len(block)
     h.update(f"|{end - left}".encode())
     return h.hexdigest()
+
+
+#: What :func:`stored_value` returns for an element the dataset does not hold.
+MISSING = object()
+
+
+def stored_value(
+    ds: pydicom.Dataset,
+    tag: int,
+    cache: dict | None,
+    context: Any = None,
+    convert: Callable[[Any], Any] = lambda value: value,
+) -> Any:
+    """``convert(ds[tag].value)``, or :data:`MISSING`; with ``cache``, converted once per
+    distinct stored value.
+
+    The files of a series repeat most attribute values, and converting a pydicom element
+    costs ~10 µs where looking its stored bytes up costs ~1 µs.  The key is the element's
+    raw bytes, VR and encoding plus ``context``: whatever else its conversion reads (the
+    character set, PixelRepresentation for a US-or-SS value).
+    """
+    elem = ds.get_item(tag)
+    if elem is None:
+        return MISSING
+    if cache is None or not isinstance(elem, pydicom.dataelem.RawDataElement):
+        return convert(ds[tag].value)
+    ident = (tag, elem.VR, elem.value, elem.is_little_endian, elem.is_implicit_VR, context)
+    value = cache.get(ident, MISSING)
+    if value is MISSING:
+        value = cache[ident] = convert(ds[tag].value)
+    return value
 
 
 def _dcmread_header(buf: io.BytesIO | Any) -> pydicom.Dataset:

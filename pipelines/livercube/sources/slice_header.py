@@ -22,7 +22,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pydicom
 
-from livercube.sources.dicom_headers import PIXEL_ELEMENT_HEADER, PIXEL_TAG_LE, header_digest
+from livercube.sources.dicom_headers import (
+    MISSING,
+    PIXEL_ELEMENT_HEADER,
+    PIXEL_TAG_LE,
+    header_digest,
+    stored_value,
+)
 
 #: Transfer syntaxes whose pixel data are the file's own bytes after the header (no deflate,
 #: no encapsulation, little endian).
@@ -80,17 +86,10 @@ def _signed(value: int, pixel_representation: int) -> int:
     return value
 
 
-_MISSING = object()
-
-
 class _Values:
-    """Attribute values of one dataset, each converted once per distinct stored value.
-
-    At planning a chunk's files repeat most of these values (slope, intercept, bits), and
-    pydicom spends ~10 µs converting an element where looking its stored bytes up costs
-    ~1 µs; the cache is keyed like :func:`livercube.sources.dicom_scan.allowed_attrs`'s,
-    with PixelRepresentation, which decides the VR of the padding values (US or SS).
-    """
+    """Attribute values of one dataset, each converted once per distinct stored value with
+    a planning chunk's ``cache`` (:func:`~livercube.sources.dicom_headers.stored_value`);
+    PixelRepresentation is the context, since it decides the VR of the padding values."""
 
     def __init__(self, ds: pydicom.Dataset, cache: dict | None) -> None:
         self._ds = ds
@@ -99,25 +98,8 @@ class _Values:
         self._context = None if rep is None else (rep.VR, rep.value)
 
     def get(self, keyword: str, default: Any = None) -> Any:
-        ds, cache = self._ds, self._cache
-        tag = _TAGS[keyword]
-        elem = ds.get_item(tag)
-        if elem is None:
-            return default
-        if cache is None or not isinstance(elem, pydicom.dataelem.RawDataElement):
-            return ds[tag].value
-        ident = (
-            tag,
-            elem.VR,
-            elem.value,
-            elem.is_little_endian,
-            elem.is_implicit_VR,
-            self._context,
-        )
-        value = cache.get(ident, _MISSING)
-        if value is _MISSING:
-            value = cache[ident] = ds[tag].value
-        return value
+        value = stored_value(self._ds, _TAGS[keyword], self._cache, self._context)
+        return default if value is MISSING else value
 
 
 _KEYWORDS = (
