@@ -268,8 +268,8 @@ def test_verify_source_catches_the_converters_own_mistakes(ct2_case, tmp_path, m
     else:
         real_copy = seg_place._copy_frame
 
-        def flipped(mask, g, f, values):
-            return real_copy(mask, g, f, values[::-1])
+        def flipped(mask, g, f, values, positives):
+            return real_copy(mask, g, f, values[::-1], positives)
 
         monkeypatch.setattr(seg_place, "_copy_frame", flipped)
     dest = str(tmp_path / "s.zarr")

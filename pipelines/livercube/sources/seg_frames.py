@@ -281,7 +281,8 @@ class Decoder:
         lo, skip = divmod(first, 8)
         hi = (first + size + 7) // 8
         bits = np.unpackbits(self._packed[lo:hi], bitorder="little")
-        return bits[skip : skip + size].reshape(rows, cols)
+        # unpacked bits are 0 or 1: a boolean view of them is the frame's mask as it is
+        return bits[skip : skip + size].view(bool).reshape(rows, cols)
 
     def frame(self, f: int) -> np.ndarray:
         if self._packed is not None:
@@ -315,4 +316,5 @@ def frame_mask(
     if seg_type is SegmentationType.FRACTIONAL:
         # probability/occupancy >= 0.5: stored / MaximumFractionalValue >= 0.5
         return raw.astype(np.int64) * 2 >= max_fractional
-    return raw != 0
+    # 1-bit frames arrive unpacked as booleans already (Decoder.frame)
+    return raw if raw.dtype == bool else raw != 0

@@ -114,7 +114,16 @@ class SegmentField:
         box = within if within is not None else (slice(None),) * mask.ndim
         m = np.asarray(mask[box], dtype=bool)
         bits = self.bits[box]
-        np.bitwise_or(bits, self.dtype.type(1 << bit), out=bits, where=m)
+        value = self.dtype.type(1 << bit)
+        # bits |= m * value, slab by slab: a where= masked OR branches per voxel and ran 10-30x
+        # slower on masks with ragged edges; the slab keeps the product's temporary small
+        for z0 in range(0, m.shape[0], _SLAB):
+            part = bits[z0 : z0 + _SLAB]
+            np.bitwise_or(
+                part,
+                np.multiply(m[z0 : z0 + _SLAB].view(np.uint8), value, dtype=self.dtype),
+                out=part,
+            )
         # count_nonzero: a tenth of bool.sum()'s time on a volume-sized mask
         info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(np.count_nonzero(m)))
         self.segments.append(info)
