@@ -109,12 +109,49 @@ def test_catalog_disagreeing_with_a_volume_is_a_problem(store_copy):
     victim = livercube.open(str(store_copy)).paths()[2]
     group = zarr.open_group(str(store_copy / victim), mode="r+", zarr_format=3)
     meta = dict(group.attrs["livercube"])
-    meta["checksum"] = meta["complete"]["checksum"] = "sha256:" + "0" * 64
+    meta["checksum"] = meta["complete"]["checksum"] = "blake3:" + "0" * 64
     group.attrs["livercube"] = meta
     report = verify(str(store_copy))
     assert [v.path for v in report.damaged] == [victim]
     assert any("catalog checksum" in p for p in report.damaged[0].problems)
     assert any("consolidated metadata is stale" in p for p in report.problems)
+
+
+def _restamp_checksum(store: Path, victim: str, checksum: str) -> None:
+    """Give a volume another checksum everywhere it is recorded (group, completion record,
+    catalog, consolidated metadata), as a store written that way would hold it."""
+    import zarr
+
+    from livercube.store.catalog import write_catalog
+
+    group = zarr.open_group(str(store / victim), mode="r+", zarr_format=3)
+    meta = dict(group.attrs["livercube"])
+    meta["checksum"] = checksum
+    meta["complete"] = {**meta["complete"], "checksum": checksum}
+    group.attrs["livercube"] = meta
+    write_catalog(str(store))
+
+
+def test_checksum_is_recomputed_by_the_algorithm_it_names(store_copy):
+    """A volume whose checksum is SHA-256 (stores before contract 2.2) is checked with SHA-256;
+    a checksum naming no known algorithm is a problem, not a silent pass."""
+    from livercube.volumes.volume import content_checksum
+
+    store = livercube.open(str(store_copy))
+    victim = store.paths()[1]
+    ds = store.volume(1)
+    arrays = {n: ds[n].values for n in ("image", "label", "segments") if n in ds}
+    sha = content_checksum(arrays, "sha256")
+    assert sha.startswith("sha256:") and sha != content_checksum(arrays)
+    _restamp_checksum(store_copy, victim, sha)
+    (vol,) = [v for v in verify(str(store_copy)).volumes if v.path == victim]
+    assert vol.computed == sha, vol.problems  # the content matches its SHA-256
+    # ... and the only complaint is the contract's: a 2.2 volume's checksum is BLAKE3
+    assert vol.problems and all("does not match '^blake3:" in p for p in vol.problems)
+
+    _restamp_checksum(store_copy, victim, "crc7:" + "0" * 8)
+    (vol,) = [v for v in verify(str(store_copy)).volumes if v.path == victim]
+    assert any("names no known algorithm" in p for p in vol.problems), vol.problems
 
 
 def test_source_comparison_is_clean_against_the_release(plc_store, plc_release, plc_overrides):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 #: Version of the on-disk contract written into every store root and volume group.
-STORE_SCHEMA_VERSION = "2.1"
+STORE_SCHEMA_VERSION = "2.2"
 
 #: Phase vocabulary of the catalog and of every volume.
 PHASES = ("non_contrast", "arterial", "portal_venous", "delayed", "unknown")

@@ -9,7 +9,8 @@ For every complete volume group (see ``schemas/store-contract.md``):
   hold only the fill value, so a missing shard is damage only when the content checksum no
   longer matches; otherwise it is noted as an all-fill shard;
 * the arrays decode and their content checksum (:func:`~livercube.volumes.volume.
-  content_checksum` over ``image``/``label``/``segments``) equals the stored one; a missing or
+  content_checksum` over ``image``/``label``/``segments``, by the algorithm the stored one
+  names) equals the stored one; a missing or
   damaged shard object reads as fill values or fails to decode, so either way it is caught;
 * the group still satisfies the contract (metadata schema, coordinates, OME metadata), and
   ``class_locations`` rows point at voxels of their class;
@@ -47,7 +48,12 @@ from livercube.store.completion import CompletionRecord, is_complete
 from livercube.store.contract import check_volume_group
 from livercube.store.layout import FULL_RES, in_collection_tree, task_path
 from livercube.store.location import StoreLocation, with_retries
-from livercube.volumes.volume import content_checksum, segment_mask
+from livercube.volumes.volume import (
+    CHECKSUM_HASHES,
+    checksum_algorithm,
+    content_checksum,
+    segment_mask,
+)
 
 #: Exit status of ``livercube verify`` when any damage or mismatch is found.
 EXIT_DAMAGED = 4
@@ -292,8 +298,11 @@ def verify_volume(
         if name in CHECKSUM_ARRAYS:
             arrays[name] = data
     present = [n for n in CHECKSUM_ARRAYS if n in names]
-    if present and len(arrays) == len(present):
-        res.computed = content_checksum(arrays)
+    algorithm = checksum_algorithm(res.checksum)
+    if algorithm not in CHECKSUM_HASHES:
+        res.problems.append(f"stored checksum {res.checksum!r} names no known algorithm")
+    elif present and len(arrays) == len(present):
+        res.computed = content_checksum(arrays, algorithm)
         if res.computed != res.checksum:
             res.problems.append(f"content checksum {res.computed} != stored {res.checksum}")
     for name, absent in missing.items():
@@ -404,7 +413,10 @@ def dicom_reference_check(
         return problems, notes
     numbers = [int(s["number"]) for s in segs]
     masks, checked, why = reference_segments(
-        file_url(task.seg.source, task.seg.path), coords, numbers, storage_options=source_options  # type: ignore[arg-type]
+        file_url(task.seg.source, task.seg.path),
+        coords,
+        numbers,
+        storage_options=source_options,  # type: ignore[arg-type]
     )
     if checked is None:
         notes += [f"segments not independently checked: {w}" for w in why]

@@ -8,9 +8,11 @@ source files, so every collection is stored the same way.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
 import numpy as np
 
 from livercube.errors import SegmentLimitError
@@ -201,18 +203,35 @@ class Volume:
         return unified_label_map(self.segments.bits, self.segments.segments)
 
 
-def content_checksum(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over named arrays' shapes, dtypes and C-order bytes, in name order.
+#: Hashes a content checksum may name, by the prefix it carries (``blake3:…``).  BLAKE3 is
+#: written: 4x SHA-256's speed here (9 vs 37 ms for a 100-slice CT, one thread), which was a
+#: seventh of a conversion task's CPU.  SHA-256 stays readable for stores written before 2.2.
+CHECKSUM_HASHES: dict[str, Callable[[], Any]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
+CHECKSUM_ALGORITHM = "blake3"
+
+
+def content_checksum(arrays: dict[str, np.ndarray], algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    """``<algorithm>:<hex>`` over named arrays' shapes, dtypes and C-order bytes, in name order.
 
     Computed from decoded voxels, so it identifies content independently of codecs and
     chunking: a store re-encoded with other compressors keeps its checksums.
     """
-    h = hashlib.sha256()
+    try:
+        h = CHECKSUM_HASHES[algorithm]()
+    except KeyError:
+        raise ValueError(
+            f"unknown content checksum algorithm {algorithm!r} (known: {sorted(CHECKSUM_HASHES)})"
+        ) from None
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
         h.update(memoryview(a).cast("B"))
-    return "sha256:" + h.hexdigest()
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def checksum_algorithm(checksum: str) -> str:
+    """The algorithm a stored content checksum names (``blake3:…`` → ``blake3``)."""
+    return checksum.split(":", 1)[0] if ":" in checksum else ""
 
 
 #: Voxel locations kept per unified class for foreground-oversampled patch sampling.
