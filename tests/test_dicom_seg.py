@@ -671,7 +671,7 @@ def test_segments_are_added_through_the_box_their_frames_cover(crlm: Generated, 
 
 
 def test_extent_is_the_union_of_pasted_boxes() -> None:
-    from livercube.sources.seg_place import Extent
+    from livercube.volumes.volume import Extent
 
     e = Extent()
     assert e.box() is None

@@ -152,3 +152,88 @@ def test_a_reused_chunk_buffer_never_leaks_into_the_next_chunk():
         expect = np.full((4, 16, 16), fill, np.int16)
         expect[: block.shape[0], : block.shape[1], : block.shape[2]] = block
         assert np.array_equal(got, expect)
+
+
+def _tight_volume():
+    """A phantom whose segments were added through their bounding boxes (as SEG placement
+    adds them), so its occupied box is a strict part of the grid in every axis."""
+    from livercube.volumes.volume import SegmentField
+
+    vol = phantom_volume(shape=(60, 150, 140), seed=5)
+    assert vol.segments is not None
+    masks = [vol.segments.mask(s.bit) for s in vol.segments.segments]
+    masks[0][:9] = masks[0][41:] = False  # a liver of slices 9-40: whole shards of background
+    tight = SegmentField(vol.image.shape, len(masks))
+    for s, m in zip(vol.segments.segments, masks, strict=True):
+        nz = np.nonzero(m)
+        assert nz[0].size, f"the phantom's {s.label} is empty"
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
+        tight.add(m, label=s.label, number=s.number, unified=s.unified, within=box)
+    vol.segments = tight
+    return vol
+
+
+def test_the_occupied_box_changes_no_stored_byte(tmp_path, monkeypatch):
+    """Label and segment chunks outside the segments' occupied box are skipped unseen; the
+    store is byte for byte the one written by looking at every chunk."""
+    import json
+    from pathlib import Path
+
+    from livercube.volumes.volume import SegmentField
+
+    vol = _tight_volume()
+    occupied = vol.segments.occupied
+    assert all(s.stop - s.start < n for s, n in zip(occupied, vol.image.shape, strict=True))
+    fast = tmp_path / "fast.zarr"
+    zarr.open_group(str(fast), mode="w", zarr_format=3)
+    rec = write_volume(str(fast), vol, fingerprint="x", chunking=SMALL)
+    monkeypatch.setattr(SegmentField, "occupied", property(lambda self: None))
+    slow = tmp_path / "slow.zarr"
+    zarr.open_group(str(slow), mode="w", zarr_format=3)
+    write_volume(str(slow), vol, fingerprint="x", chunking=SMALL)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    a, b = files(fast / rec["path"]), files(slow / rec["path"])
+    assert a.keys() == b.keys()
+    assert any(k.startswith("0/label/c/") for k in a)
+    for key in a:
+        if key.endswith("zarr.json"):
+            doc_a, doc_b = json.loads(a[key]), json.loads(b[key])
+            if doc_a.get("node_type") == "array":
+                assert doc_a == doc_b, key  # fill_shards and all
+        else:
+            assert a[key] == b[key], key
+    # some label shard holds only background: not written either way
+    label_shards = SMALL.chunk_and_shard(vol.image.shape)[1][0]
+    n_z = -(-vol.image.shape[0] // label_shards)
+    assert sum(k.startswith("0/label/c/") for k in a) < n_z
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_occupied_boxes_skip_exactly_the_empty_chunks(strided):
+    """Random boxes and boxes whose first or last voxel is a chunk's first or last voxel:
+    skipping the chunks outside the box gives every shard encoding all chunks gives."""
+    rng = np.random.default_rng(11)
+    shape = (27, 40, 37) if not strided else (54, 80, 74)
+    step = (1, 1, 1) if not strided else (2, 2, 2)
+    view_shape = (27, 40, 37)
+    chunks, shards = SMALL.chunk_and_shard(view_shape)
+    edges = [(slice(4, 9), slice(16, 33), slice(0, 17)), (slice(3, 8), slice(15, 32), slice(1, 16))]
+    boxes = edges + [
+        tuple(
+            slice(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(lo, view_shape, strict=True)
+        )
+        for lo in ([int(rng.integers(0, n)) for n in view_shape] for _ in range(12))
+    ]
+    layout = ShardLayout(view_shape, chunks, shards)
+    blosc = numcodecs_blosc(LABEL_COMPRESSOR, np.dtype(np.uint8))
+    with encoder_pool(2) as pool:
+        for box in boxes:
+            data = np.zeros(shape, np.uint8)
+            view = data[:: step[0], :: step[1], :: step[2]]
+            view[box] = rng.integers(1, 4, view[box].shape, dtype=np.uint8)
+            ours = dict(iter_shards(view, layout, blosc, 0, pool, box))
+            every = dict(iter_shards(view, layout, blosc, 0, pool))
+            assert ours == every, box

@@ -351,6 +351,37 @@ def test_class_locations_are_capped_and_deterministic():
     assert len(np.unique(a[a[:, 0] == 1], axis=0)) == 500  # no duplicates
 
 
+def test_occupied_box_gives_the_labels_and_locations_of_the_whole_volume():
+    """Painting the label and picking class locations inside the field's occupied box (set
+    by the segments' own boxes) gives exactly what whole-volume passes give."""
+    from livercube.volumes.volume import class_locations
+
+    rng = np.random.default_rng(7)
+    shape = (30, 40, 50)
+    field_ = SegmentField(shape, 3)
+    boxes = [
+        (slice(5, 20), slice(8, 30), slice(10, 44)),
+        (slice(9, 12), slice(10, 14), slice(20, 26)),
+        (slice(18, 27), slice(2, 9), slice(30, 49)),
+    ]
+    for k, box in enumerate(boxes):
+        m = np.zeros(shape, bool)
+        m[box] = rng.random(m[box].shape) < 0.5
+        field_.add(m, label=f"S{k}", number=k + 1, unified=(1, 2, 5)[k], within=box)
+    assert field_.occupied == (slice(5, 27), slice(2, 30), slice(10, 49))
+    whole = unified_label_map(field_.bits, field_.segments)
+    boxed = unified_label_map(field_.bits, field_.segments, within=field_.occupied)
+    np.testing.assert_array_equal(boxed, whole)
+    np.testing.assert_array_equal(
+        class_locations(whole, per_class=300, within=field_.occupied),
+        class_locations(whole, per_class=300),
+    )
+    empty = SegmentField(shape, 1)
+    empty.add(np.zeros(shape, bool), label="E", number=1, unified=1)
+    assert empty.occupied == (slice(0, 0),) * 3  # an empty segment occupies nothing
+    assert class_locations(np.zeros(shape, np.uint8), within=empty.occupied).shape == (0, 4)
+
+
 @pytest.mark.parametrize("shape", [(0, 4, 4), (1, 3, 3), (16, 5, 5), (17, 5, 5), (40, 9, 7)])
 def test_foreground_indices_equal_numpys_across_slab_edges(shape):
     """The slabbed foreground search finds exactly ``np.flatnonzero``'s voxels, in order,

@@ -43,7 +43,7 @@ from livercube.sources.seg_match import (
     seg_kind,
 )
 from livercube.volumes.geometry import Grid
-from livercube.volumes.volume import SegmentField, unique_segment_names
+from livercube.volumes.volume import EMPTY_BOX, Extent, SegmentField, unique_segment_names
 
 
 @dataclass
@@ -173,10 +173,6 @@ def _axis_span(origin: int, sign: int, n: int, size: int) -> tuple[int, int, sli
     return a0, a1, slice(origin - a1 + 1, origin - a0 + 1)
 
 
-#: The box of a segment no frame wrote into: adding it reads nothing.
-_EMPTY_BOX = (slice(0, 0),) * 3
-
-
 class Pasted(NamedTuple):
     """What pasting one frame did: pixels that fell outside the grid, foreground pixels
     among them, and the box of the grid it wrote (``None``: nothing)."""
@@ -184,35 +180,6 @@ class Pasted(NamedTuple):
     outside: int
     lost: int
     box: tuple[slice, ...] | None
-
-
-class Extent:
-    """The smallest box holding every box a segment's frames were pasted into.
-
-    A tumour covers a few slices of a volume: counting its voxels and OR-ing it into the bit
-    field then touch only those slices instead of the whole grid (per segment, and CRLM's
-    SEGs carry up to 40).
-    """
-
-    def __init__(self) -> None:
-        self._lo: list[int] | None = None
-        self._hi: list[int] = []
-
-    def include(self, box: tuple[slice, ...] | None) -> None:
-        if box is None:
-            return
-        lo, hi = [int(s.start) for s in box], [int(s.stop) for s in box]
-        if self._lo is None:
-            self._lo, self._hi = lo, hi
-        else:
-            self._lo = [min(a, b) for a, b in zip(self._lo, lo, strict=True)]
-            self._hi = [max(a, b) for a, b in zip(self._hi, hi, strict=True)]
-
-    def box(self) -> tuple[slice, ...] | None:
-        """The box as slices; ``None`` if no frame wrote anything."""
-        if self._lo is None:
-            return None
-        return tuple(slice(a, b) for a, b in zip(self._lo, self._hi, strict=True))
 
 
 def _copy_frame(mask: np.ndarray, g: OnGrid, f: int, values: np.ndarray, positives: int) -> Pasted:
@@ -420,7 +387,7 @@ def place_seg(
                 number=number,
                 unified=unified,
                 codes=_segment_codes(item),
-                within=within if within is not None else _EMPTY_BOX,
+                within=within if within is not None else EMPTY_BOX,
             ).voxels
             counts[name] = {
                 "source_voxels": n_source,

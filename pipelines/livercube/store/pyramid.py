@@ -78,6 +78,22 @@ def subsample(data: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
     return data[:: factor[0], :: factor[1], :: factor[2]]
 
 
+def subsampled_box(
+    box: tuple[slice, ...] | None, factor: tuple[int, int, int]
+) -> tuple[slice, ...] | None:
+    """The box of :func:`subsample`'s view holding every voxel it takes from ``box``.
+
+    Level voxel ``i`` is level-0 voxel ``i * f``, so ``[a, b)`` maps to ``[⌈a/f⌉, ⌈b/f⌉)``.
+    """
+    if box is None:
+        return None
+    out = []
+    for s, f in zip(box, factor, strict=True):
+        lo, hi = -(-int(s.start) // f), -(-int(s.stop) // f)
+        out.append(slice(lo, max(lo, hi)))
+    return tuple(out)
+
+
 def omero(n_slices: int, window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> dict:
     """OME ``omero`` rendering metadata: one greyscale CT channel in the given HU window."""
     start, end = window_bounds(window)

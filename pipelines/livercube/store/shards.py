@@ -123,6 +123,14 @@ def encode_chunk(
     return bytes(frame) + _crc32c(frame)
 
 
+def _disjoint(region: tuple[slice, ...], box: tuple[slice, ...]) -> bool:
+    """Whether two boxes share no voxel."""
+    return any(
+        r.start >= b.stop or b.start >= r.stop or b.start >= b.stop
+        for r, b in zip(region, box, strict=True)
+    )
+
+
 def encode_shard(
     data: np.ndarray,
     layout: ShardLayout,
@@ -131,8 +139,13 @@ def encode_shard(
     fill: Any,
     pool: Executor,
     scratch: ChunkScratch | None = None,
+    occupied: tuple[slice, ...] | None = None,
 ) -> bytes | None:
-    """The object of shard ``coords`` of ``data``, or None when it holds only ``fill``."""
+    """The object of shard ``coords`` of ``data``, or None when it holds only ``fill``.
+
+    ``occupied``: a box of ``data`` outside which every voxel is ``fill``; chunks outside it
+    are left out without being copied or looked at (most of a label volume is background).
+    """
     scratch = scratch or ChunkScratch()
     # chunks are stored in zarr-python's order (Morton / Z-order: same bytes as zarr, and a
     # patch's chunks tend to share one byte range); the index itself is in C order
@@ -150,6 +163,8 @@ def encode_shard(
         )
         if any(r.start >= r.stop for r in region):
             return None  # chunk wholly outside the array (edge shard)
+        if occupied is not None and _disjoint(region, occupied):
+            return None  # all fill: nothing of the occupied box is in it
         return encode_chunk(data[region], layout.chunks, fill, blosc, scratch)
 
     # a pool hop costs ~0.1 ms of CPU here, more than lz4 spends on a label chunk: hand the
@@ -169,27 +184,45 @@ def encode_shard(
 
 
 def iter_shards(
-    data: np.ndarray, layout: ShardLayout, blosc: Blosc, fill: Any, pool: Executor
+    data: np.ndarray,
+    layout: ShardLayout,
+    blosc: Blosc,
+    fill: Any,
+    pool: Executor,
+    occupied: tuple[slice, ...] | None = None,
 ) -> Iterator[tuple[tuple[int, ...], bytes | None]]:
     """(shard coords, object or None) for every shard of ``data``, in C order (z-slabs first).
 
     ``data`` may be a strided view (browse levels): it is copied one slab of shards at a
     time, never whole.  Copying chunks straight out of a view gathers every other voxel,
     which cost more than encoding a label level; one contiguous copy of the slab first
-    makes each chunk's copy a plain one.
+    makes each chunk's copy a plain one.  ``occupied``: see :func:`encode_shard`; a slab
+    outside it is not copied at all.
     """
     scratch = ChunkScratch()
     if data.flags.c_contiguous:
         for coords in np.ndindex(*layout.grid):
-            yield coords, encode_shard(data, layout, coords, blosc, fill, pool, scratch)
+            yield coords, encode_shard(data, layout, coords, blosc, fill, pool, scratch, occupied)
         return
     depth = layout.shard[0]
     for z in range(layout.grid[0]):
-        slab = np.ascontiguousarray(data[z * depth : (z + 1) * depth])
+        z0, z1 = z * depth, min((z + 1) * depth, layout.shape[0])
+        local_box = None
+        if occupied is not None:
+            zs = occupied[0]
+            local_box = (slice(zs.start - z0, zs.stop - z0), *occupied[1:])
+            if _disjoint((slice(z0, z1), *(slice(0, n) for n in layout.shape[1:])), occupied):
+                for rest in np.ndindex(*layout.grid[1:]):
+                    yield (z, *rest), None
+                continue
+        slab = np.ascontiguousarray(data[z0:z1])
         local = ShardLayout(slab.shape, layout.chunks, layout.shard)
         for rest in np.ndindex(*layout.grid[1:]):
             coords = (z, *rest)
-            yield coords, encode_shard(slab, local, (0, *rest), blosc, fill, pool, scratch)
+            yield (
+                coords,
+                encode_shard(slab, local, (0, *rest), blosc, fill, pool, scratch, local_box),
+            )
         del slab
 
 

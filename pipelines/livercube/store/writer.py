@@ -35,6 +35,7 @@ from livercube.store.pyramid import (
     omero,
     pyramid_factors,
     subsample,
+    subsampled_box,
 )
 from livercube.store.shards import (
     ShardLayout,
@@ -130,6 +131,9 @@ class ShardedArray:
     data: np.ndarray
     compressor: BloscCodec
     attrs: dict[str, Any]
+    #: a box of ``data`` outside which every voxel is fill (``None``: anywhere): the encoder
+    #: knows those chunks are empty without copying or looking at them
+    occupied: tuple[slice, ...] | None = None
 
     def layout(self, chunking: Chunking) -> ShardLayout:
         chunks, shards = chunking.chunk_and_shard(self.data.shape)
@@ -146,6 +150,7 @@ def sharded_arrays(volume: Volume, arrays: dict[str, np.ndarray]) -> list[Sharde
             {"units": "HU", "long_name": "CT attenuation (Hounsfield units)"},
         )
     ]
+    occupied = volume.segments.occupied if volume.segments else None
     if "label" in arrays:
         names = unified_labels()
         out.append(
@@ -158,6 +163,7 @@ def sharded_arrays(volume: Volume, arrays: dict[str, np.ndarray]) -> list[Sharde
                     "flag_values": list(names),
                     "flag_meanings": " ".join(names.values()),
                 },
+                occupied,
             )
         )
         segs = volume.segments.segments if volume.segments else []
@@ -170,6 +176,7 @@ def sharded_arrays(volume: Volume, arrays: dict[str, np.ndarray]) -> list[Sharde
                     "long_name": "source segments as a bit field: bit k set = voxel in segment k",
                     "segments": [s.to_attrs() for s in segs],
                 },
+                occupied,
             )
         )
     for k, f in enumerate(pyramid_factors(volume.grid.shape, volume.grid.spacing), start=1):
@@ -188,6 +195,7 @@ def sharded_arrays(volume: Volume, arrays: dict[str, np.ndarray]) -> list[Sharde
                     subsample(arrays["label"], f),
                     LABEL_COMPRESSOR,
                     {"subsampling": list(f)},
+                    subsampled_box(occupied, f),
                 )
             )
     return out
@@ -244,7 +252,8 @@ def metadata_objects(
         parent, name = arr.path.split("/")
         _declare(groups[parent], name, arr, chunking, fills[arr.path])
     if "label" in arrays:
-        _class_locations(groups[FULL_RES], class_locations(arrays["label"]))
+        within = volume.segments.occupied if volume.segments else None
+        _class_locations(groups[FULL_RES], class_locations(arrays["label"], within=within))
     centres = [volume.grid.centres(axis) for axis in range(3)]
     _coordinates(groups[FULL_RES], centres)
     for k, f in enumerate(factors, start=1):
@@ -389,7 +398,7 @@ async def _put_shards(
                 for arr in sharded:
                     layout = arr.layout(chunking)
                     blosc = numcodecs_blosc(arr.compressor, arr.data.dtype)
-                    shards = iter_shards(arr.data, layout, blosc, 0, pool)
+                    shards = iter_shards(arr.data, layout, blosc, 0, pool, arr.occupied)
                     fills[arr.path] = []
                     while (item := await asyncio.to_thread(next, shards, None)) is not None:
                         coords, obj = item

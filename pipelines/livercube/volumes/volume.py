@@ -79,6 +79,52 @@ def unique_segment_names(labels: list[str]) -> list[str]:
     return out
 
 
+class Extent:
+    """The smallest box holding every box included so far (``None`` until one is).
+
+    A tumour covers a few slices of a volume: knowing where a segment's voxels can be lets
+    counting, OR-ing, label painting and encoding touch only those slices instead of the whole
+    grid (per segment, and CRLM's SEGs carry up to 40).
+    """
+
+    def __init__(self) -> None:
+        self._lo: list[int] | None = None
+        self._hi: list[int] = []
+
+    def include(self, box: tuple[slice, ...] | None) -> None:
+        if box is None:
+            return
+        lo, hi = [int(s.start) for s in box], [int(s.stop) for s in box]
+        if self._lo is None:
+            self._lo, self._hi = lo, hi
+        else:
+            self._lo = [min(a, b) for a, b in zip(self._lo, lo, strict=True)]
+            self._hi = [max(a, b) for a, b in zip(self._hi, hi, strict=True)]
+
+    def box(self) -> tuple[slice, ...] | None:
+        """The box as slices; ``None`` if nothing was included."""
+        if self._lo is None:
+            return None
+        return tuple(slice(a, b) for a, b in zip(self._lo, self._hi, strict=True))
+
+
+#: The box of nothing: painting or counting within it reads nothing.
+EMPTY_BOX = (slice(0, 0),) * 3
+
+
+def resolved_box(box: tuple[slice, ...] | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` (``None``: everything) as plain ``start:stop`` slices inside ``shape``."""
+    if box is None:
+        return tuple(slice(0, n) for n in shape)
+    out = []
+    for s, n in zip(box, shape, strict=True):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"a box takes contiguous slices, got step {step}")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
 class SegmentField:
     """Accumulates binary segment masks into one bit field on a fixed grid.
 
@@ -91,6 +137,17 @@ class SegmentField:
         self.bits = np.zeros(shape, dtype=self.dtype)
         self.segments: list[SegmentInfo] = []
         self._capacity = n_segments
+        self._occupied = Extent()
+
+    @property
+    def occupied(self) -> tuple[slice, ...]:
+        """The smallest box holding every set bit (:data:`EMPTY_BOX` if none is set).
+
+        Bits change only through :meth:`add`, inside each segment's box, so nothing outside
+        this box needs painting, searching or encoding: liver and tumours fill a fraction of
+        an abdominal CT's slices and plane.
+        """
+        return self._occupied.box() or EMPTY_BOX
 
     def add(
         self,
@@ -113,7 +170,7 @@ class SegmentField:
         if mask.shape != self.bits.shape:
             raise ValueError(f"mask shape {mask.shape} != grid shape {self.bits.shape}")
         bit = len(self.segments)
-        box = within if within is not None else (slice(None),) * mask.ndim
+        box = resolved_box(within, self.bits.shape)
         m = np.asarray(mask[box], dtype=bool)
         bits = self.bits[box]
         value = self.dtype.type(1 << bit)
@@ -129,16 +186,21 @@ class SegmentField:
         # count_nonzero: a tenth of bool.sum()'s time on a volume-sized mask
         info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(np.count_nonzero(m)))
         self.segments.append(info)
+        if info.voxels:
+            self._occupied.include(box)
         return info
 
     def mask(self, bit: int) -> np.ndarray:
         return ((self.bits >> self.dtype.type(bit)) & self.dtype.type(1)).astype(bool)
 
 
-def unified_label_map(bits: np.ndarray, segments: list[SegmentInfo]) -> np.ndarray:
+def unified_label_map(
+    bits: np.ndarray, segments: list[SegmentInfo], within: tuple[slice, ...] | None = None
+) -> np.ndarray:
     """Paint the unified uint8 label volume from the bit field, honouring precedence.
 
-    Painted in slabs of slices so the temporaries stay a few MB instead of two extra
+    ``within``: a box outside which no bit is set (:attr:`SegmentField.occupied`); only it is
+    painted.  Painted in slabs of slices so the temporaries stay a few MB instead of two extra
     volume-sized arrays (this runs at the memory peak of a conversion task).
     """
     label = np.zeros(bits.shape, dtype=np.uint8)
@@ -151,8 +213,10 @@ def unified_label_map(bits: np.ndarray, segments: list[SegmentInfo]) -> np.ndarr
                 selector |= dt(1) << dt(s.bit)
         if selector:
             selectors.append((value, selector))
-    for z0 in range(0, bits.shape[0] if bits.ndim else 0, _SLAB):
-        b, out = bits[z0 : z0 + _SLAB], label[z0 : z0 + _SLAB]
+    box = resolved_box(within, bits.shape)
+    inner, painted = bits[box], label[box]
+    for z0 in range(0, inner.shape[0], _SLAB):
+        b, out = inner[z0 : z0 + _SLAB], painted[z0 : z0 + _SLAB]
         for value, selector in selectors:
             out[(b & selector) != 0] = value
     return label
@@ -200,7 +264,8 @@ class Volume:
         if not self.annotated:
             return None
         assert self.segments is not None
-        return unified_label_map(self.segments.bits, self.segments.segments)
+        field_ = self.segments
+        return unified_label_map(field_.bits, field_.segments, within=field_.occupied)
 
 
 #: Hashes a content checksum may name, by the prefix it carries (``blake3:…``).  BLAKE3 is
@@ -256,26 +321,34 @@ def _flat_foreground(label: np.ndarray) -> np.ndarray:
 
 
 def class_locations(
-    label: np.ndarray, *, per_class: int = CLASS_LOCATIONS_PER_CLASS, seed: int = 0
+    label: np.ndarray,
+    *,
+    per_class: int = CLASS_LOCATIONS_PER_CLASS,
+    seed: int = 0,
+    within: tuple[slice, ...] | None = None,
 ) -> np.ndarray:
     """Up to ``per_class`` voxel indices of every present unified class, as (n, 4) int32 rows
     ``(class, z, y, x)``, sorted by class.
 
     Precomputed at conversion (like nnU-Net's class locations) so a sampler can centre a patch
     on a tumour voxel without reading the whole label volume; a fixed seed keeps the store
-    deterministic.
+    deterministic.  ``within``: a box outside which ``label`` is 0 (only it is searched); the
+    result is the same, since C order inside a box is C order of the volume.
     """
     rng = np.random.default_rng(seed)
     rows = []
+    box = resolved_box(within, label.shape)
+    inner = np.ascontiguousarray(label[box])
+    offset = np.array([s.start for s in box], dtype=np.intp)
     # Foreground first: it is a few percent of the volume, so no per-class pass (nor a
     # bincount's int64 copy, 8x the label's size) ever touches the background.
-    foreground = _flat_foreground(label)
-    values = label.ravel()[foreground]
+    foreground = _flat_foreground(inner)
+    values = inner.ravel()[foreground]
     for value in np.unique(values):
         idx = foreground[values == value]
         if idx.size > per_class:
             idx = np.sort(rng.choice(idx, size=per_class, replace=False))
-        zyx = np.stack(np.unravel_index(idx, label.shape), axis=1)
+        zyx = np.stack(np.unravel_index(idx, inner.shape), axis=1) + offset
         rows.append(np.column_stack([np.full(len(idx), value), zyx]))
     if not rows:
         return np.zeros((0, 4), dtype=np.int32)
