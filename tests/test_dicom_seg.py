@@ -710,3 +710,40 @@ def test_encapsulated_seg_frames(tmp_path: Path) -> None:
     )  # fmt: skip
     placed = place_seg(str(url), target, collection="crlm")
     np.testing.assert_array_equal(masks_by_label(placed)["Liver"], lab == 1)
+
+
+def test_planning_matches_segs_from_frame_tables_built_beside_the_header_reads(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The SEG frame tables are built where the headers are read (a cluster's workers): the
+    client matches SEGs without reading one again, exactly as when it read them itself, and
+    the volume task places the SEG from that table without building its own."""
+    from livercube.sources import dicom_collection, dicom_scan, seg_frames, seg_match
+
+    src = tmp_path / "src"
+    write_crlm(src, n_patients=2, size="tiny")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a SEG header was parsed again")
+
+    monkeypatch.setattr(seg_match, "read_seg_header", forbidden)
+    plan = dicom_collection.plan(str(src), "crlm")
+    monkeypatch.undo()
+    monkeypatch.setattr(dicom_scan, "_seg_frames", lambda hdr: None)  # the client reads them
+    again = dicom_collection.plan(str(src), "crlm")
+    monkeypatch.undo()
+    with_seg = [t for t in plan.tasks if t.seg is not None]
+    assert len(with_seg) == 2
+    for a, b in zip(plan.tasks, again.tasks, strict=True):
+        assert (a.key, a.seg_notes) == (b.key, b.seg_notes)
+        assert (a.seg is None) == (b.seg is None)
+        if a.seg is None:
+            continue
+        assert a.seg.sop_uid == b.seg.sop_uid and a.seg_frames.key == b.seg_frames.key
+        fa, fb = a.seg_frames.frames, b.seg_frames.frames
+        assert fa.refs == fb.refs
+        for name in ("position", "row_cos", "col_cos", "pixel_spacing", "segment"):
+            np.testing.assert_array_equal(getattr(fa, name), getattr(fb, name), err_msg=name)
+    monkeypatch.setattr(seg_frames, "frame_table", forbidden)
+    volume, _ = with_seg[0].read(None)
+    assert volume.annotated

@@ -273,7 +273,7 @@ def plan(
             skipped.append({"input": where, "reason": "no CT acquisition of its study was found"})
             continue
         try:
-            match = dicom_seg.match_seg(f"{_root_url(seg)}", targets, storage_options)
+            match = dicom_seg.match_scanned_seg(seg, f"{_root_url(seg)}", targets, storage_options)
         except SourceError as exc:
             skipped.append({"input": where, "reason": exc.reason})
             continue

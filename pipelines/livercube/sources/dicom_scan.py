@@ -48,6 +48,7 @@ the UIDs needed to find the data again are never carried.
 from __future__ import annotations
 
 import gc
+import io
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,7 @@ import numpy as np
 import pydicom
 from fsspec.implementations.local import LocalFileSystem
 
-from livercube.errors import GeometryError, SlantedStackError
+from livercube.errors import GeometryError, SlantedStackError, SourceError
 from livercube.fanout import Mapper, balanced_size, chunks, mapper_slots, results_in_order
 from livercube.sources import dicom_sop
 from livercube.sources.dicom_frames import frame_view, n_frames
@@ -81,10 +82,12 @@ from livercube.sources.dicom_headers import (
     MISSING,
     Header,
     NotDicomError,
+    header_digest,
     list_files,
     read_header,
     stored_value,
 )
+from livercube.sources.seg_frames import KnownFrames, frame_table
 from livercube.sources.slice_header import SliceHeader, pixel_location, slice_header
 
 T = TypeVar("T")
@@ -228,6 +231,11 @@ class SegInstance:
     series_description: str
     referenced_series_uids: tuple[str, ...] = ()
     sop_class_uid: str = dicom_sop.SEGMENTATION
+    frame_of_reference_uid: str = ""
+    #: the SEG's frame table, built where its header was read (a worker): matching it to a
+    #: CT on the client then reads nothing.  ``None``: it could not be built there, and the
+    #: client reads the header again and reports why.
+    frames: KnownFrames | None = None
 
 
 @dataclass
@@ -707,7 +715,24 @@ def _seg_instance(hdr: Header, source: str) -> SegInstance:
         series_description=str(ds.get("SeriesDescription", "") or ""),
         referenced_series_uids=tuple(refs),
         sop_class_uid=str(ds.get("SOPClassUID", "")),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+        frames=_seg_frames(hdr),
     )
+
+
+def _seg_frames(hdr: Header) -> KnownFrames | None:
+    """The SEG's frame table and the digest of the header bytes it came from, or ``None``.
+
+    Built here, beside the header read, so a cluster builds the tables of a collection's
+    SEGs in parallel (hundreds of ms each for CRLM's many-segment SEGs) instead of the client
+    re-reading every SEG one after another."""
+    if hdr.pixel_at is None or len(hdr.head) < hdr.pixel_at:
+        return None
+    try:
+        frames = frame_table(hdr.ds, hdr.path)
+    except SourceError:
+        return None  # the client's own read reports the reason
+    return KnownFrames(header_digest(io.BytesIO(hdr.head), hdr.pixel_at), frames)
 
 
 def _classify(hdr: Header, source: str, intern: _Interner) -> _Outcome:

@@ -8,7 +8,8 @@ whose frames cite several acquisitions at identical positions, SEGs that omit em
 flipped in-plane relative to their CT, a SEG citing a CT file that does not exist and a SEG
 whose grid matches no acquisition).
 
-Matching (:func:`match_seg`, SEG header only) ranks candidate :class:`SegTarget` volumes by,
+Matching (:func:`match_seg`; :func:`match_scanned_seg` with the frame table planning's header
+read built, SEG header only) ranks candidate :class:`SegTarget` volumes by,
 in this order:
 
 1. compatibility: a target whose FrameOfReferenceUID or StudyInstanceUID is known and differs
@@ -58,6 +59,7 @@ from livercube.sources.seg_match import (
     GRID_TOL_VOXEL,
     SegMatch,
     SegTarget,
+    match_scanned_seg,
     match_seg,
     seg_kind,
     target_from_acquisition,
@@ -69,6 +71,7 @@ __all__ = [
     "PlacedSeg",
     "SegMatch",
     "SegTarget",
+    "match_scanned_seg",
     "match_seg",
     "place_seg",
     "seg_kind",

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 
 from livercube.sources.dicom_ct import acquisition_layout
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES
-from livercube.sources.dicom_scan import Acquisition
+from livercube.sources.dicom_scan import Acquisition, SegInstance
 from livercube.sources.seg_frames import (
     Frames,
     KnownFrames,
@@ -162,20 +162,54 @@ def referenced_series(ds: Dataset) -> set[str]:
     }
 
 
+@dataclass(frozen=True)
+class SegFacts:
+    """What matching needs of a SEG's header besides its frame table."""
+
+    frame_of_reference_uid: str | None
+    study_uid: str | None
+    referenced_series: frozenset[str]
+
+    @classmethod
+    def of(cls, ds: Dataset) -> SegFacts:
+        return cls(
+            str(ds.get("FrameOfReferenceUID", "") or "") or None,
+            str(ds.get("StudyInstanceUID", "") or "") or None,
+            frozenset(referenced_series(ds)),
+        )
+
+
 def match_seg(url: str, targets: list[SegTarget], storage_options: dict | None = None) -> SegMatch:
     """Pick the target volume of the SEG at ``url`` from its header only (see module doc)."""
     ds, key = read_seg_header(url, storage_options)
     frames = frame_table(ds, url)
-    match = _match(ds, frames, targets)
+    match = _match(SegFacts.of(ds), frames, targets)
     match.known_frames = KnownFrames(key, frames)
     return match
 
 
-def _match(ds: Dataset, frames: Frames, targets: list[SegTarget]) -> SegMatch:
+def match_scanned_seg(
+    seg: SegInstance, url: str, targets: list[SegTarget], storage_options: dict | None = None
+) -> SegMatch:
+    """:func:`match_seg` for a SEG found by planning: with the frame table its header read
+    built (on a worker), nothing is read here; without one, the header is read again."""
+    if seg.frames is None:
+        return match_seg(url, targets, storage_options)
+    facts = SegFacts(
+        seg.frame_of_reference_uid or None,
+        seg.study_uid or None,
+        frozenset(seg.referenced_series_uids),
+    )
+    match = _match(facts, seg.frames.frames, targets)
+    match.known_frames = seg.frames
+    return match
+
+
+def _match(facts: SegFacts, frames: Frames, targets: list[SegTarget]) -> SegMatch:
     notes: list[str] = []
-    seg_for = str(ds.get("FrameOfReferenceUID", "") or "") or None
-    seg_study = str(ds.get("StudyInstanceUID", "") or "") or None
-    ref_series = referenced_series(ds)
+    seg_for = facts.frame_of_reference_uid
+    seg_study = facts.study_uid
+    ref_series = facts.referenced_series
     if not ref_series:
         notes.append("SEG has no ReferencedSeriesSequence")
     if not any(frames.refs):
