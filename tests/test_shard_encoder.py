@@ -237,3 +237,39 @@ def test_occupied_boxes_skip_exactly_the_empty_chunks(strided):
             ours = dict(iter_shards(view, layout, blosc, 0, pool, box))
             every = dict(iter_shards(view, layout, blosc, 0, pool))
             assert ours == every, box
+
+
+def test_small_arrays_hold_the_chunks_zarr_writes():
+    """Coordinates and class locations, whose one chunk the writer encodes itself: every such
+    chunk is byte for byte what zarr-python writes for the same array and values."""
+    import json
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    from livercube.store.writer import metadata_objects, sharded_arrays
+
+    vol = _tight_volume()
+    arrays = {"image": vol.image, "label": vol.label(), "segments": vol.segments.bits}
+    sharded = sharded_arrays(vol, arrays)
+    objects = metadata_objects(vol, {}, arrays, sharded, {a.path: [] for a in sharded}, SMALL)
+    proto = default_buffer_prototype()
+    checked = []
+    for key, doc in objects.items():
+        if not key.endswith("zarr.json") or key == "zarr.json":
+            continue
+        meta = json.loads(doc.to_bytes())
+        if meta.get("node_type") != "array":
+            continue
+        path = key[: -len("/zarr.json")]
+        values = zarr.open_array(MemoryStore(objects), path=path, mode="r")[...]
+        theirs: dict = {"a/zarr.json": proto.buffer.from_bytes(doc.to_bytes())}
+        zarr.open_array(MemoryStore(theirs), path="a", mode="r+")[...] = values
+        ours = {
+            k[len(path) + 1 :]: v.to_bytes()
+            for k, v in objects.items()
+            if k.startswith(f"{path}/c")
+        }
+        assert ours == {k[2:]: v.to_bytes() for k, v in theirs.items() if k.startswith("a/c")}, path
+        checked.append(path.rsplit("/", 1)[-1])
+    assert {"class_locations", "x", "y", "z"} <= set(checked)
+    assert len(checked) >= 7  # level 0 and at least one browse level

@@ -30,8 +30,8 @@ from typing import Any
 
 import google_crc32c
 import numpy as np
-from numcodecs import Blosc
-from zarr.codecs import BloscCodec
+from numcodecs import Blosc, Zstd
+from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.indexing import morton_order_iter
 
 #: Index entry of a chunk absent from its shard (the sharding codec's "empty" marker).
@@ -56,6 +56,11 @@ def numcodecs_blosc(codec: BloscCodec, dtype: np.dtype) -> Blosc:
         blocksize=codec.blocksize,
         typesize=np.dtype(dtype).itemsize,
     )
+
+
+def numcodecs_zstd(codec: ZstdCodec) -> Zstd:
+    """The numcodecs compressor zarr-python's ``ZstdCodec`` encodes with (same bytes)."""
+    return Zstd(level=codec.level, checksum=codec.checksum)
 
 
 def _crc32c(data: bytes | memoryview) -> bytes:
