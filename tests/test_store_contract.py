@@ -605,3 +605,21 @@ def test_writing_the_catalog_does_not_import_dask_array(plc_store, tmp_path):
         [sys.executable, "-c", code, str(copy)], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_a_subsampled_box_holds_every_voxel_the_level_takes_from_the_box():
+    from livercube.store.pyramid import subsample, subsampled_box
+
+    rng = np.random.default_rng(5)
+    shape = (23, 17, 19)
+    for _ in range(50):
+        lo = [int(rng.integers(0, n)) for n in shape]
+        box = tuple(slice(a, int(rng.integers(a, n + 1))) for a, n in zip(lo, shape, strict=True))
+        factor = tuple(int(f) for f in rng.integers(1, 5, 3))
+        level0 = np.zeros(shape, np.uint8)
+        level0[box] = 1
+        level = subsample(level0, factor)
+        inside = np.zeros(level.shape, bool)
+        inside[subsampled_box(box, factor)] = True
+        np.testing.assert_array_equal(level.astype(bool), inside, err_msg=f"{box} {factor}")
+    assert subsampled_box(None, (1, 2, 2)) is None
