@@ -607,6 +607,20 @@ def test_writing_the_catalog_does_not_import_dask_array(plc_store, tmp_path):
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
 
 
+def test_segment_bits_change_only_through_add():
+    """The occupied box the writer trusts covers every set bit only if bits are set through
+    add(): writing them directly is refused, not silently left out of the store."""
+    field_ = SegmentField((4, 5, 6), 2)
+    with pytest.raises(ValueError, match="read-only"):
+        field_.bits[0, 0, 0] = 1
+    m = np.zeros((4, 5, 6), bool)
+    m[1, 2, 3] = True
+    field_.add(m, label="L", number=1, unified=1, within=(slice(1, 2), slice(2, 3), slice(3, 4)))
+    assert field_.bits[1, 2, 3] == 1 and not field_.bits.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        field_.bits |= 2
+
+
 def test_a_subsampled_box_holds_every_voxel_the_level_takes_from_the_box():
     from livercube.store.pyramid import subsample, subsampled_box
 

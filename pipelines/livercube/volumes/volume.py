@@ -135,6 +135,10 @@ class SegmentField:
     def __init__(self, shape: tuple[int, int, int], n_segments: int) -> None:
         self.dtype = bits_dtype(max(n_segments, 1))
         self.bits = np.zeros(shape, dtype=self.dtype)
+        # read-only outside add(): the occupied box (what the writer encodes) is right only
+        # if every bit is set there, so a bit written any other way fails loudly instead of
+        # being left out of the store
+        self.bits.flags.writeable = False
         self.segments: list[SegmentInfo] = []
         self._capacity = n_segments
         self._occupied = Extent()
@@ -172,17 +176,21 @@ class SegmentField:
         bit = len(self.segments)
         box = resolved_box(within, self.bits.shape)
         m = np.asarray(mask[box], dtype=bool)
-        bits = self.bits[box]
         value = self.dtype.type(1 << bit)
-        # bits |= m * value, slab by slab: a where= masked OR branches per voxel (114 ms against
-        # 3 ms on a 20 MB mask of scattered voxels); the slab keeps the temporary small
-        for z0 in range(0, m.shape[0], _SLAB):
-            part = bits[z0 : z0 + _SLAB]
-            np.bitwise_or(
-                part,
-                np.multiply(m[z0 : z0 + _SLAB].view(np.uint8), value, dtype=self.dtype),
-                out=part,
-            )
+        self.bits.flags.writeable = True
+        try:
+            bits = self.bits[box]
+            # bits |= m * value, slab by slab: a where= masked OR branches per voxel (114 ms
+            # against 3 ms on a 20 MB mask of scattered voxels); slabs keep the temporary small
+            for z0 in range(0, m.shape[0], _SLAB):
+                part = bits[z0 : z0 + _SLAB]
+                np.bitwise_or(
+                    part,
+                    np.multiply(m[z0 : z0 + _SLAB].view(np.uint8), value, dtype=self.dtype),
+                    out=part,
+                )
+        finally:
+            self.bits.flags.writeable = False
         # count_nonzero: a tenth of bool.sum()'s time on a volume-sized mask
         info = SegmentInfo(bit, label, number, unified, dict(codes or {}), int(np.count_nonzero(m)))
         self.segments.append(info)
