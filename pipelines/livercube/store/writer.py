@@ -152,7 +152,7 @@ def sharded_arrays(volume: Volume, arrays: dict[str, np.ndarray]) -> list[Sharde
             {"units": "HU", "long_name": "CT attenuation (Hounsfield units)"},
         )
     ]
-    occupied = volume.segments.occupied if volume.segments else None
+    occupied = volume.occupied
     if "label" in arrays:
         names = unified_labels()
         out.append(
@@ -254,8 +254,7 @@ def metadata_objects(
         parent, name = arr.path.split("/")
         _declare(groups[parent], name, arr, chunking, fills[arr.path])
     if "label" in arrays:
-        within = volume.segments.occupied if volume.segments else None
-        locations = class_locations(arrays["label"], within=within)
+        locations = class_locations(arrays["label"], within=volume.occupied)
         _class_locations(groups[FULL_RES], objects, locations)
     centres = [volume.grid.centres(axis) for axis in range(3)]
     _coordinates(groups[FULL_RES], objects, centres)
