@@ -172,7 +172,11 @@ def _volume_task(
 
 
 def _client(scheduler: str, workers: int | None):
-    """A distributed Client: embedded threads, an embedded process cluster, or a remote one."""
+    """A distributed Client: an embedded process cluster (``local``) or a remote one.
+
+    ``threads`` needs no cluster: :func:`run_tasks` runs its graph on Dask's threaded
+    scheduler in this process.
+    """
     import logging
 
     from distributed import Client, LocalCluster
@@ -182,15 +186,11 @@ def _client(scheduler: str, workers: int | None):
     check_scheduler(scheduler)
     if scheduler.startswith(REMOTE_SCHEDULERS):
         return Client(scheduler)
-    n = workers or 2
-    if scheduler == "threads":
-        cluster = LocalCluster(
-            n_workers=1, threads_per_worker=n, processes=False, dashboard_address=":0"
-        )
-    elif scheduler == "local":
-        cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
+    if scheduler != "local":
+        raise UsageError(f"scheduler {scheduler!r} runs without a cluster")
+    cluster = LocalCluster(
+        n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    )
     return Client(cluster)
 
 
@@ -202,8 +202,8 @@ def shared_client(scheduler: str, workers: int | None) -> Iterator[Any]:
     """The cluster a whole run uses for planning and volumes; ``None`` for ``threads``.
 
     With a process cluster or a remote one, header reading runs on its workers too and the
-    cluster is started (or reached) once.  The embedded thread pool plans in this process
-    (the same header tasks, run here) and starts its pool for the volume tasks only.
+    cluster is started (or reached) once.  ``threads`` plans in this process (the same
+    header tasks, run here) and runs the volume tasks on Dask's threaded scheduler.
     """
     if scheduler == "threads":
         yield None
@@ -242,19 +242,38 @@ def run_tasks(
     progress: bool,
     client: Any = None,
 ) -> Iterable[tuple[Any, dict[str, Any]]]:
-    """Map ``fn(task, *args)`` over tasks on a Dask cluster; yields (task, record) as they end.
+    """Map ``fn(task, *args)`` over tasks as a Dask graph; yields (task, record) as they end.
 
-    A task that raised after its retries (or whose workers kept dying) yields a ``failed``
-    record with the error and traceback: one bad input never stops the others.  ``client``:
-    a cluster the run already holds (:func:`shared_client`); else one is started here.
+    ``threads``: Dask's threaded scheduler in this process (``workers`` threads); otherwise
+    a distributed cluster, ``client`` if the run already holds one (:func:`shared_client`),
+    else one started here.  A task that raised after its retries (or whose workers kept
+    dying) yields a ``failed`` record with the error and traceback: one bad input never
+    stops the others.
     """
     import sys
 
-    from distributed import as_completed
     from tqdm import tqdm
 
     if not tasks:
         return
+    bar = tqdm(total=len(tasks), desc="convert", unit="vol", disable=not progress)
+    if client is None and scheduler == "threads":
+        # this process's threads: Dask's threaded scheduler, no cluster to start
+        from livercube.local_graph import TaskFailure, run_threaded
+
+        for i, result in run_threaded(
+            fn, tasks, args, threads=workers or 2, retries=TASK_RETRIES, name="livercube"
+        ):
+            bar.update(1)
+            if isinstance(result, TaskFailure):
+                yield tasks[i], _failed(tasks[i], result.error, result.traceback)
+            else:
+                yield tasks[i], result
+        bar.close()
+        return
+
+    from distributed import as_completed
+
     held = contextlib.nullcontext(client) if client is not None else _client(scheduler, workers)
     with held as client:
         if scheduler != "threads":  # worker processes: cap their encode threads
@@ -272,31 +291,29 @@ def run_tasks(
             pure=False,
         )
         task_of = {f.key: t for f, t in zip(futures, tasks, strict=True)}
-        bar = tqdm(total=len(futures), desc="convert", unit="vol", disable=not progress)
         for fut in as_completed(futures):
             bar.update(1)
             task = task_of[fut.key]
             if fut.status == "finished":
                 yield task, fut.result()
             else:
-                exc = fut.exception()
                 tb = "".join(traceback.format_tb(fut.traceback())) if fut.traceback() else ""
-                yield (
-                    task,
-                    {
-                        "status": "failed",
-                        "input": task.key,
-                        "reason": f"{type(exc).__name__}: {exc}",
-                        "traceback": tb,
-                    },
-                )
+                yield task, _failed(task, fut.exception(), tb)
             fut.release()
         bar.close()
 
 
-def _prepare_root(
-    store: StoreLocation, collection: str, clinical_columns: dict[str, Any]
-) -> None:
+def _failed(task: Any, exc: BaseException, tb: str) -> dict[str, Any]:
+    """The report record of a task that raised after its retries."""
+    return {
+        "status": "failed",
+        "input": task.key,
+        "reason": f"{type(exc).__name__}: {exc}",
+        "traceback": tb,
+    }
+
+
+def _prepare_root(store: StoreLocation, collection: str, clinical_columns: dict[str, Any]) -> None:
     root = store.open_root(mode="a")
     meta = dict(root.attrs.get("livercube", {}))
     meta["schema_version"] = STORE_SCHEMA_VERSION
@@ -410,9 +427,7 @@ def _hide_rewrites(store: StoreLocation, tasks: list[Any], overwrite: bool) -> s
     current = {p: getattr(CompletionRecord.of(m), "fingerprint", None) for p, m in existing}
     paths = {task_path(t): t for t in tasks}
     doomed = {
-        p
-        for p, t in paths.items()
-        if p in current and (overwrite or current[p] != t.fingerprint)
+        p for p, t in paths.items() if p in current and (overwrite or current[p] != t.fingerprint)
     }
     if doomed and has_catalog:
         write_catalog(store, exclude=doomed)
