@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from livercube.errors import MissingShardError, StoreIntegrityError
 from livercube.sampling import ArrayInfo, ShardReader
 from livercube.sampling.plan import Box
+from livercube.sampling.reader import DECODE_TASKS, decode_shares
 
 
 @pytest.fixture()
@@ -174,3 +175,25 @@ def test_a_chunk_that_fails_to_decode_fails_the_reads_sharing_it(array, tmp_path
     assert isinstance(got_a, StoreIntegrityError)
     assert isinstance(got_b, StoreIntegrityError)
     assert not reader._inflight
+
+
+def test_one_read_alone_spreads_its_decode_over_the_cores_many_do_not():
+    assert decode_shares(1, 50) == DECODE_TASKS
+    assert decode_shares(1, 1) == 1  # never more shares than chunks
+    assert decode_shares(64, 50) == 1  # the other reads keep the cores busy
+    assert decode_shares(0, 50) == DECODE_TASKS  # a count that raced below one is one
+
+
+def test_reads_in_flight_are_counted_back_down_after_failures_too(array, tmp_path):
+    """A read that fails must not stay counted: the reader would split no read again."""
+    url, info, data = array
+    reader = ShardReader(url, fs=LocalFileSystem())
+    box = Box(info, (0, 0, 0), (16, 24, 20))
+    np.testing.assert_array_equal(reader.read_boxes([box])[0], data)
+    for shard in (tmp_path / "s.zarr" / "img" / "c").rglob("*"):
+        if shard.is_file():
+            shard.write_bytes(shard.read_bytes()[:-7])  # torn index: every read fails
+    reader = ShardReader(url, fs=LocalFileSystem())
+    with pytest.raises(StoreIntegrityError):
+        reader.read_boxes([box])
+    assert reader._reading == 0

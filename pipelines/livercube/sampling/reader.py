@@ -80,6 +80,23 @@ TRANSPORTS = ("auto", "client", "fsspec")
 DECODE_TASKS = max(1, min(8, os.cpu_count() or 1))
 
 
+#: What ``_init_runtime`` rebuilds in each process: never pickled.
+_RUNTIME_STATE = frozenset(
+    {"_pool", "_lru", "_lru_size", "_lock", "_inflight", "_reading", "fs", "stats", "_ts"}
+)
+
+
+def decode_shares(reads_in_flight: int, chunks: int) -> int:
+    """Decode tasks for one read while ``reads_in_flight`` reads (this one included) run.
+
+    One read alone spreads its chunks over the cores.  Many concurrent reads already keep
+    every core busy, and splitting each of them further only adds hand-offs: with 64 patches
+    in flight over HTTP, one share per read gave ~6 % more patches/s for ~5 % less client CPU
+    than one share per core (``benchmarks/README.md``).
+    """
+    return max(1, min(chunks, DECODE_TASKS // max(1, reads_in_flight)))
+
+
 @dataclass
 class ReaderStats:
     requests: int = 0  # data GETs / preads (after coalescing)
@@ -179,6 +196,7 @@ class ShardReader:
         self._lru_size = 0
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, tuple[int, ...]], Future] = {}
+        self._reading = 0  # read_boxes calls running now (decode_shares)
         self._ts: _TensorStoreEngine | None = None
         if self._user_fs is not None:
             self.fs, self.root = self._user_fs, fsspec.core.url_to_fs(self.url)[1]
@@ -190,11 +208,7 @@ class ShardReader:
             self.fs, self.root = None, os.path.abspath(self.url.removeprefix("file://"))
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {
-            k: v
-            for k, v in self.__dict__.items()
-            if k not in {"_pool", "_lru", "_lru_size", "_lock", "_inflight", "fs", "stats", "_ts"}
-        }
+        state = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_STATE}
         state["_index"] = dict(self._index)
         return state
 
@@ -328,10 +342,20 @@ class ShardReader:
         if not plan.uses:
             return plan.outputs
         self._check_pid()
-        if self.fs is None and self._client is None and not (self.cache_bytes or self.cache_dir):
-            self._read_streamed(plan)
-        else:
-            self._read_shared(plan)
+        with self._lock:
+            self._reading += 1
+        try:
+            if (
+                self.fs is None
+                and self._client is None
+                and not (self.cache_bytes or self.cache_dir)
+            ):
+                self._read_streamed(plan)
+            else:
+                self._read_shared(plan)
+        finally:
+            with self._lock:
+                self._reading -= 1
         return plan.outputs
 
     def _read_shared(self, plan: ReadPlan) -> None:
@@ -385,7 +409,7 @@ class ShardReader:
             requests=len(requests),
             bytes_fetched=sum(r.range.nbytes or 0 for r in requests),
         )
-        shares = _shares(requests, cids, plan, min(len(requests), DECODE_TASKS))
+        shares = _shares(requests, cids, plan, decode_shares(self._reading, len(requests)))
 
         def run(reqs: list[Request], extra: list[ChunkId]) -> None:
             data: dict[ChunkId, Any] = dict.fromkeys(extra)  # all-fill chunks: None
@@ -565,12 +589,12 @@ class ShardReader:
         publish: dict[ChunkId, Future],
     ) -> None:
         """Decode ``cids`` into the outputs (disjoint regions), in a few shares."""
-        # one share per core, not a task per chunk: a 96³ patch touches ~50 chunks and a
-        # future per chunk costs more in scheduling than the decode itself (profiled in
-        # benchmarks/README.md)
+        # at most one share per core, not a task per chunk: a 96³ patch touches ~50 chunks
+        # and a future per chunk costs more in scheduling than the decode itself (profiled
+        # in benchmarks/README.md)
         if not cids:
             return
-        k = max(1, min(len(cids), DECODE_TASKS))
+        k = decode_shares(self._reading, len(cids))
         self._run_shares(
             lambda part: self._decode_chunks(plan, data, part, publish),
             [cids[i::k] for i in range(k)],
