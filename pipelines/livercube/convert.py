@@ -276,10 +276,11 @@ def run_tasks(
 
     held = contextlib.nullcontext(client) if client is not None else _client(scheduler, workers)
     with held as client:
-        if scheduler != "threads":  # worker processes: cap their encode threads
-            from livercube.dask_plugins import EncodeThreads
+        # worker processes: cap their encode threads, let them recycle freed buffers
+        from livercube.dask_plugins import EncodeThreads, ReuseFreedMemory
 
-            client.register_plugin(EncodeThreads(), name=EncodeThreads.name)
+        for plugin in (EncodeThreads(), ReuseFreedMemory()):
+            client.register_plugin(plugin, name=plugin.name)
         if progress and client.dashboard_link and scheduler.startswith(("tcp://", "tls://")):
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         futures = client.map(
