@@ -164,6 +164,13 @@ def versions() -> str:
 # --------------------------------------------------------------------------- parts
 
 
+#: What a ``convert --scheduler threads`` run imports before it converts anything: the
+#: interpreter + library floor its CPU and memory are compared against.
+CLI_IMPORTS = (
+    "import livercube.cli, livercube.convert, livercube.local_graph, dask.threaded, zarr, pydicom"
+)
+
+
 def convert_cli(src: Path, dest: Path, *, scheduler: str, workers: int) -> list[str]:
     return [
         LIVERCUBE,
@@ -211,7 +218,7 @@ def bench_throughput(one: Path, series_dir: Path, work: Path, repeats: int, log:
                 [
                     sys.executable,
                     "-c",
-                    "import livercube.cli, livercube.convert, distributed, zarr, pydicom",
+                    CLI_IMPORTS,
                 ],
                 log,
             )
@@ -438,7 +445,7 @@ def bench_rss(largest: Path, work: Path, raw_mb: float, log: Path) -> dict:
         [
             sys.executable,
             "-c",
-            "import livercube.cli, livercube.convert, distributed, zarr, pydicom",
+            CLI_IMPORTS,
         ],
         log,
     )
