@@ -747,3 +747,110 @@ def test_planning_matches_segs_from_frame_tables_built_beside_the_header_reads(
     monkeypatch.setattr(seg_frames, "frame_table", forbidden)
     volume, _ = with_seg[0].read(None)
     assert volume.annotated
+
+
+# --------------------------------------------------------------------------- frame tables
+
+
+def _keyword_frame_table(ds: pydicom.Dataset) -> dict[str, list]:
+    """Every frame's geometry, segment and references through pydicom's keyword access: the
+    fully converted values the frame table's raw-bytes reads must reproduce."""
+    shared_seq = ds.get("SharedFunctionalGroupsSequence") or []
+    shared = shared_seq[0] if len(shared_seq) else None
+
+    def group(item, keyword):
+        for holder in (item, shared):
+            if holder is not None and len(holder.get(keyword) or []):
+                return holder.get(keyword)[0]
+        return None
+
+    out: dict[str, list] = {k: [] for k in ("pos", "iop", "ps", "th", "seg", "refs")}
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        m = group(item, "PixelMeasuresSequence")
+        out["pos"].append(
+            [float(v) for v in group(item, "PlanePositionSequence").ImagePositionPatient]
+        )
+        out["iop"].append(
+            [float(v) for v in group(item, "PlaneOrientationSequence").ImageOrientationPatient]
+        )
+        out["ps"].append([float(v) for v in m.PixelSpacing])
+        thickness = m.get("SliceThickness")
+        out["th"].append(float(thickness) if thickness not in (None, "") else np.nan)
+        ident = group(item, "SegmentIdentificationSequence")
+        number = None if ident is None else ident.get("ReferencedSegmentNumber")
+        out["seg"].append(0 if number is None else int(number))
+        uids = [
+            str(src.ReferencedSOPInstanceUID)
+            for der in item.get("DerivationImageSequence") or []
+            for src in der.get("SourceImageSequence") or []
+            if src.get("ReferencedSOPInstanceUID")
+        ]
+        out["refs"].append(tuple(dict.fromkeys(uids)))
+    return out
+
+
+def _reencoded(url: str, tmp_path: Path, syntax: str) -> str:
+    """The SEG rewritten in another uncompressed transfer syntax (headers only matter here)."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    uid = {"explicit-le": ExplicitVRLittleEndian, "implicit-le": ImplicitVRLittleEndian,
+           "explicit-be": ExplicitVRBigEndian}[syntax]  # fmt: skip
+    ds = pydicom.dcmread(url)
+    if "PixelData" in ds:  # never decoded here; dropping it keeps big-endian writing simple
+        del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = uid
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / f"{syntax}.dcm"
+    pydicom.dcmwrite(
+        out, ds, implicit_vr=uid.is_implicit_VR, little_endian=uid.is_little_endian,
+        force_encoding=True,
+    )  # fmt: skip
+    return str(out)
+
+
+def _highdicom_segs(tmp_path: Path) -> list[str]:
+    shape = (4, 10, 12)
+    write_ct_series(tmp_path / "ct", canonical_test_array(shape))
+    sources = sorted_sources(tmp_path / "ct")
+    lab = np.zeros(shape, np.uint8)
+    lab[1:3, 2:7, 3:9] = 1
+    lab[2:4, 5:9, 1:4] = 2
+    binary = np.stack([lab == 1, lab == 2], axis=-1).astype(np.uint8)
+    return [
+        str(write_hd_seg(tmp_path / "bin.dcm", sources, binary, ["Liver", "Mass"])),
+        str(write_hd_seg(tmp_path / "lm.dcm", sources, lab, ["Liver", "Mass"], "LABELMAP")),
+        str(
+            write_hd_seg(
+                tmp_path / "frac.dcm",
+                sources,
+                binary.astype(np.float32) * 0.75,
+                ["Liver", "Mass"],
+                "FRACTIONAL",
+                max_fractional_value=255,
+            )
+        ),
+    ]
+
+
+@pytest.mark.parametrize("syntax", ["explicit-le", "implicit-le", "explicit-be"])
+def test_frame_tables_equal_pydicoms_converted_values(hcc, crlm, tmp_path, syntax) -> None:
+    from livercube.sources.seg_frames import frame_table
+
+    urls = [*hcc.seg_url.values(), *crlm.seg_url.values(), *_highdicom_segs(tmp_path / "hd")]
+    assert len(urls) >= 7
+    seen_refs = seen_segments = 0
+    for i, url in enumerate(urls):
+        url = _reencoded(url, tmp_path / f"{i}", syntax) if syntax != "explicit-le" else url
+        want = _keyword_frame_table(pydicom.dcmread(url, stop_before_pixels=True))
+        got = frame_table(pydicom.dcmread(url, stop_before_pixels=True), url)  # untouched copy
+        np.testing.assert_array_equal(got.position, want["pos"], err_msg=url)
+        iop = np.asarray(want["iop"])
+        for cos, ref in ((got.row_cos, iop[:, :3]), (got.col_cos, iop[:, 3:])):
+            np.testing.assert_allclose(cos, ref / np.linalg.norm(ref, axis=1, keepdims=True))
+        np.testing.assert_array_equal(got.pixel_spacing, want["ps"])
+        np.testing.assert_array_equal(got.thickness, want["th"])
+        np.testing.assert_array_equal(got.segment, want["seg"])
+        assert got.refs == want["refs"]
+        seen_refs += any(want["refs"])
+        seen_segments += any(want["seg"])
+    assert seen_refs >= 6 and seen_segments >= 6  # the comparison had values to compare

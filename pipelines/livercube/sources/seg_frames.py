@@ -25,8 +25,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from livercube.errors import GeometryError, SourceError, UnreadableFileError
+from livercube.sources import dicom_raw as raw
 from livercube.sources import dicom_sop
-from livercube.sources.dicom_frames import first_item, functional_group, n_frames
+from livercube.sources.dicom_frames import first_item, n_frames
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, analyse_spacing, slice_normal
 from livercube.sources.dicom_headers import PIXEL_ELEMENT_HEADER, header_digest
 from livercube.sources.dicom_sop import SegmentationType
@@ -96,6 +97,28 @@ def frame_table(ds: Dataset, source: str) -> Frames:
         ) from exc
 
 
+#: The per-frame attributes a frame table reads, by tag (see :mod:`.dicom_raw`).
+_PLANE_POSITION = raw.tag("PlanePositionSequence")
+_PLANE_ORIENTATION = raw.tag("PlaneOrientationSequence")
+_PIXEL_MEASURES = raw.tag("PixelMeasuresSequence")
+_SEGMENT_IDENTIFICATION = raw.tag("SegmentIdentificationSequence")
+_DERIVATION_IMAGE = raw.tag("DerivationImageSequence")
+_SOURCE_IMAGE = raw.tag("SourceImageSequence")
+_POSITION = raw.tag("ImagePositionPatient")
+_ORIENTATION = raw.tag("ImageOrientationPatient")
+_PIXEL_SPACING = raw.tag("PixelSpacing")
+_THICKNESS = raw.tag("SliceThickness")
+_SEGMENT_NUMBER = raw.tag("ReferencedSegmentNumber")
+_REFERENCED_SOP = raw.tag("ReferencedSOPInstanceUID")
+
+
+def _present(values: list[float] | None) -> list[float]:
+    """``values``, which must be there: numpy would store a missing one as NaN silently."""
+    if values is None:
+        raise ValueError("missing or empty")
+    return values
+
+
 def _frame_table_unchecked(ds: Dataset, source: str) -> Frames:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     rows, cols = int(ds.Rows), int(ds.Columns)
@@ -118,32 +141,33 @@ def _frame_table_unchecked(ds: Dataset, source: str) -> Frames:
     refs: list[tuple[str, ...]] = []
     for f in range(n):
         item = per_frame[f] if len(per_frame) else None
-        p = functional_group(item, shared, "PlanePositionSequence")
-        o = functional_group(item, shared, "PlaneOrientationSequence")
-        m = functional_group(item, shared, "PixelMeasuresSequence")
+        p = raw.group(item, shared, _PLANE_POSITION)
+        o = raw.group(item, shared, _PLANE_ORIENTATION)
+        m = raw.group(item, shared, _PIXEL_MEASURES)
         try:
-            pos[f] = [float(v) for v in p.ImagePositionPatient]  # type: ignore[union-attr]
-            iop = [float(v) for v in o.ImageOrientationPatient]  # type: ignore[union-attr]
+            pos[f] = _present(raw.decimals(p, _POSITION))  # type: ignore[arg-type]
+            iop = _present(raw.decimals(o, _ORIENTATION))  # type: ignore[arg-type]
             rc[f], cc[f] = iop[:3], iop[3:]
-            ps[f] = [float(v) for v in m.PixelSpacing]  # type: ignore[union-attr]
+            ps[f] = _present(raw.decimals(m, _PIXEL_SPACING))  # type: ignore[arg-type]
         except (AttributeError, TypeError, ValueError) as exc:
             raise GeometryError(
                 source,
                 f"frame {f + 1} has no usable ImagePositionPatient, ImageOrientationPatient or "
                 f"PixelSpacing in patient coordinates ({exc})",
             ) from exc
-        if m.get("SliceThickness") not in (None, ""):  # type: ignore[union-attr]
-            th[f] = float(m.SliceThickness)  # type: ignore[union-attr]
-        ident = functional_group(item, shared, "SegmentIdentificationSequence")
-        if ident is not None and ident.get("ReferencedSegmentNumber") is not None:
-            seg[f] = int(ident.ReferencedSegmentNumber)
+        thickness = raw.decimals(m, _THICKNESS)  # type: ignore[arg-type]
+        if thickness is not None:
+            th[f] = thickness[0]
+        ident = raw.group(item, shared, _SEGMENT_IDENTIFICATION)
+        number = None if ident is None else raw.unsigned(ident, _SEGMENT_NUMBER)
+        if number is not None:
+            seg[f] = number
         uids: list[str] = []
-        if item is not None:
-            for der in item.get("DerivationImageSequence") or []:
-                for src in der.get("SourceImageSequence") or []:
-                    uid = src.get("ReferencedSOPInstanceUID")
-                    if uid:
-                        uids.append(str(uid))
+        for der in raw.items(item, _DERIVATION_IMAGE):
+            for src in raw.items(der, _SOURCE_IMAGE):
+                ref = raw.uid(src, _REFERENCED_SOP)
+                if ref:
+                    uids.append(ref)
         refs.append(tuple(dict.fromkeys(uids)))
     for f in range(n):
         slice_normal(np.concatenate([rc[f], cc[f]]))  # raises GeometryError when degenerate
