@@ -67,3 +67,31 @@ def test_no_items_no_thread():
     before = threading.active_count()
     assert list(run_threaded(pytest.fail, [], threads=2, retries=0)) == []
     assert threading.active_count() == before
+
+
+def test_a_caller_that_stops_early_waits_for_running_tasks_and_starts_no_more():
+    """Closing the iterator (as an error in the caller's loop does) returns only when the
+    running tasks have ended, and none of the rest starts: no write behind its back."""
+    started, finished = [], []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def task(i: int) -> int:
+        with lock:
+            first = not started
+            started.append(i)
+        if not first:
+            release.wait(timeout=30)  # still running when the caller stops
+        with lock:
+            finished.append(i)
+        return i
+
+    results = run_threaded(task, list(range(20)), threads=2, retries=0)
+    i, result = next(results)
+    assert result == i
+    threading.Timer(0.2, release.set).start()
+    results.close()
+    with lock:
+        assert sorted(finished) == sorted(started)  # nothing was still running
+        assert len(started) <= 3  # the first, the one running beside it, at most one more
+    assert release.is_set()  # close() did wait for the running task

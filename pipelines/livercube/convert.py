@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,7 +241,7 @@ def run_tasks(
     workers: int | None,
     progress: bool,
     client: Any = None,
-) -> Iterable[tuple[Any, dict[str, Any]]]:
+) -> Generator[tuple[Any, dict[str, Any]], None, None]:
     """Map ``fn(task, *args)`` over tasks as a Dask graph; yields (task, record) as they end.
 
     ``threads``: Dask's threaded scheduler in this process (``workers`` threads); otherwise
@@ -609,7 +609,7 @@ def _convert_holding_lease(run: ConvertRun) -> ConvertReport:
 def _run(run: ConvertRun) -> None:
     """Run the volume tasks and sort their records into the report."""
     report = run.report
-    for _task, rec in run_tasks(
+    records = run_tasks(
         _volume_task,
         run.tasks,
         (run.store, run.source_options, run.overwrite, run.chunking),
@@ -617,7 +617,17 @@ def _run(run: ConvertRun) -> None:
         workers=run.workers,
         progress=run.progress,
         client=run.client,
-    ):
+    )
+    # closed on the way out, error or not: no task is left running after the run has let go
+    # of its lease
+    with contextlib.closing(records):
+        _sort_records(report, records)
+    report.converted.sort(key=lambda r: r["path"])
+
+
+def _sort_records(report: ConvertReport, records: Iterable[tuple[Any, dict[str, Any]]]) -> None:
+    """File each volume task's record under its outcome in the report."""
+    for _task, rec in records:
         descriptors = getattr(_task, "descriptors", None)  # DICOM: messages may quote them
         if descriptors is not None:
             rec = descriptors.scrub_record(rec)
@@ -632,4 +642,3 @@ def _run(run: ConvertRun) -> None:
             report.skipped.append(rec)
         else:
             report.failed.append(rec)
-    report.converted.sort(key=lambda r: r["path"])

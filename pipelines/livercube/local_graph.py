@@ -31,9 +31,17 @@ class TaskFailure:
     traceback: str
 
 
-def _attempts(fn: Callable[..., Any], item: Any, args: tuple, retries: int) -> Any:
+#: What a task the caller no longer waits for returns without running.
+CANCELLED = object()
+
+
+def _attempts(
+    fn: Callable[..., Any], item: Any, args: tuple, retries: int, stop: threading.Event
+) -> Any:
     """``fn(item, *args)``, tried ``1 + retries`` times; the last error as a TaskFailure."""
     for attempt in range(retries + 1):
+        if stop.is_set():
+            return CANCELLED
         try:
             return fn(item, *args)
         except Exception as exc:  # handed back to the caller, never lost
@@ -60,6 +68,10 @@ def run_threaded(
     ``1 + retries`` attempts.  The graph runs in a background thread so results reach the
     caller while later tasks still run; an error of the scheduler itself (never of a task)
     is raised here after the tasks running at that moment have ended.
+
+    A caller that stops early (an error of its own, ``close()``) gets control back only once
+    the tasks running at that moment have ended, and no task starts after that: nothing
+    keeps writing behind the back of a caller that has moved on (or given up its lease).
     """
     from dask.threaded import get
 
@@ -68,8 +80,9 @@ def run_threaded(
     keys = [f"{name}-{i}" for i in range(len(items))]
     index = {k: i for i, k in enumerate(keys)}
     # each task is a bare callable: dask never looks inside the item or the arguments
+    stop = threading.Event()
     graph = {
-        k: (functools.partial(_attempts, fn, item, args, retries),)
+        k: (functools.partial(_attempts, fn, item, args, retries, stop),)
         for k, item in zip(keys, items, strict=True)
     }
     ended: queue.SimpleQueue = queue.SimpleQueue()
@@ -88,11 +101,15 @@ def run_threaded(
 
     runner = threading.Thread(target=schedule, name=f"{name}-scheduler", daemon=True)
     runner.start()
-    while True:
-        i, result = ended.get()
-        if i is _DONE:
-            runner.join()
-            if result is not None:
-                raise result
-            return
-        yield i, result
+    try:
+        while True:
+            i, result = ended.get()
+            if i is _DONE:
+                runner.join()
+                if result is not None:
+                    raise result
+                return
+            yield i, result
+    finally:
+        stop.set()  # the caller stopped early: start nothing more, wait for what runs
+        runner.join()
