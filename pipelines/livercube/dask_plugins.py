@@ -26,7 +26,12 @@ class EncodeThreads(WorkerPlugin):
 class ReuseFreedMemory(WorkerPlugin):
     """glibc's malloc thresholds put back on the worker, which Dask's nanny had pinned low:
     volume tasks then recycle their freed buffers instead of page-faulting every one of
-    them in afresh (~45 % more CPU per task otherwise; see :mod:`livercube.worker_memory`)."""
+    them in afresh (~45 % more CPU per task otherwise; see :mod:`livercube.worker_memory`).
+
+    On a cluster shared with other work, the thresholds apply to every task the worker runs
+    from then on, until the worker process restarts (unregistering the plugin does not undo
+    them); they are glibc's usual behaviour, not a livercube-specific one.
+    """
 
     name = "livercube-reuse-freed-memory"
 
