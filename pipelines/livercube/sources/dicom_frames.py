@@ -31,11 +31,14 @@ def first_item(seq: Any) -> Dataset | None:
     return seq[0]
 
 
-def functional_group(frame: Dataset | None, shared: Dataset | None, name: str) -> Dataset | None:
-    """The ``name`` macro of one frame: its per-frame item, else the shared one."""
+def functional_group(
+    frame: Dataset | None, shared: Dataset | None, key: str | int
+) -> Dataset | None:
+    """The ``key`` macro (keyword or tag) of one frame: its per-frame item, else the shared
+    one.  Hot loops pass the tag: it skips pydicom's keyword lookup."""
     for holder in (frame, shared):
-        if holder is not None:
-            item = first_item(holder.get(name))
+        if holder is not None and key in holder:
+            item = first_item(holder[key].value)
             if item is not None:
                 return item
     return None

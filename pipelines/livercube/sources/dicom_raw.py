@@ -47,20 +47,6 @@ def items(ds: Dataset | None, at: int) -> list[Dataset]:
     return [] if isinstance(value, bytes | str) or not value else list(value)
 
 
-def first(ds: Dataset | None, at: int) -> Dataset | None:
-    """The first item of sequence ``at``, or ``None``."""
-    if ds is None or at not in ds:
-        return None
-    value = ds[at].value
-    return None if isinstance(value, bytes | str) or not value else value[0]
-
-
-def group(frame: Dataset | None, shared: Dataset | None, at: int) -> Dataset | None:
-    """A functional-group macro of one frame: its per-frame item, else the shared one."""
-    found = first(frame, at)
-    return found if found is not None else first(shared, at)
-
-
 def decimals(ds: Dataset, at: int) -> list[float] | None:
     """A DS attribute as floats; ``None`` when absent or empty.  Raises ValueError for a value
     that is not a number, as ``float`` of pydicom's value would."""

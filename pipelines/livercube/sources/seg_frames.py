@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from livercube.errors import GeometryError, SourceError, UnreadableFileError
 from livercube.sources import dicom_raw as raw
 from livercube.sources import dicom_sop
-from livercube.sources.dicom_frames import first_item, n_frames
+from livercube.sources.dicom_frames import first_item, functional_group, n_frames
 from livercube.sources.dicom_geometry import DEFAULT_TOLERANCES, analyse_spacing, slice_normal
 from livercube.sources.dicom_headers import PIXEL_ELEMENT_HEADER, header_digest
 from livercube.sources.dicom_sop import SegmentationType
@@ -141,9 +141,9 @@ def _frame_table_unchecked(ds: Dataset, source: str) -> Frames:
     refs: list[tuple[str, ...]] = []
     for f in range(n):
         item = per_frame[f] if len(per_frame) else None
-        p = raw.group(item, shared, _PLANE_POSITION)
-        o = raw.group(item, shared, _PLANE_ORIENTATION)
-        m = raw.group(item, shared, _PIXEL_MEASURES)
+        p = functional_group(item, shared, _PLANE_POSITION)
+        o = functional_group(item, shared, _PLANE_ORIENTATION)
+        m = functional_group(item, shared, _PIXEL_MEASURES)
         try:
             pos[f] = _present(raw.decimals(p, _POSITION))  # type: ignore[arg-type]
             iop = _present(raw.decimals(o, _ORIENTATION))  # type: ignore[arg-type]
@@ -158,7 +158,7 @@ def _frame_table_unchecked(ds: Dataset, source: str) -> Frames:
         thickness = raw.decimals(m, _THICKNESS)  # type: ignore[arg-type]
         if thickness is not None:
             th[f] = thickness[0]
-        ident = raw.group(item, shared, _SEGMENT_IDENTIFICATION)
+        ident = functional_group(item, shared, _SEGMENT_IDENTIFICATION)
         number = None if ident is None else raw.unsigned(ident, _SEGMENT_NUMBER)
         if number is not None:
             seg[f] = number
