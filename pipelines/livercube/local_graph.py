@@ -32,7 +32,7 @@ class TaskFailure:
 
 
 #: What a task the caller no longer waits for returns without running.
-CANCELLED = object()
+_CANCELLED = object()
 
 
 def _attempts(
@@ -41,7 +41,7 @@ def _attempts(
     """``fn(item, *args)``, tried ``1 + retries`` times; the last error as a TaskFailure."""
     for attempt in range(retries + 1):
         if stop.is_set():
-            return CANCELLED
+            return _CANCELLED
         try:
             return fn(item, *args)
         except Exception as exc:  # handed back to the caller, never lost
